@@ -1,0 +1,67 @@
+"""The ``prunelab`` command: Hydra composes conf/ and hands the config to the runner.
+
+    prunelab                                            # default experiment
+    prunelab method.importance=random ratio=0.5
+    prunelab -m ratio=0.2,0.5 method.importance=random,magnitude
+    prunelab --cfg job                                  # print the composed config
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from prunelab.errors import ConfigError
+from prunelab.paths import conf_dir
+
+log = logging.getLogger("prunelab")
+
+
+def _run_dir_name(override_dirname: str) -> str:
+    # One directory per distinct set of overrides: the same command resumes the same run.
+    return override_dirname.replace("/", "_") or "default"
+
+
+if not OmegaConf.has_resolver("run_dir_name"):
+    OmegaConf.register_new_resolver("run_dir_name", _run_dir_name)
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """W&B group: ``sweep_name`` if set; in a multirun, the swept keys (same for every job)."""
+    if cfg.sweep_name:
+        return str(cfg.sweep_name)
+    hc = HydraConfig.get()
+    if hc.mode.name == "MULTIRUN":
+        keys = sorted(o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task)
+        return "sweep:" + ",".join(keys) if keys else "sweep"
+    return None
+
+
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    from prunelab.runner import run
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        results = run(cfg, Path(HydraConfig.get().runtime.output_dir), group=sweep_group(cfg))
+    except ConfigError as e:
+        log.error("%s", e)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        sys.exit(2)
+    ppl = results["pruned"]["perplexity"]
+    return float(next(iter(ppl.values()))) if ppl else None  # a metric for sweepers
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Cost of a model: parameters, MACs for a fixed input, memory, prefill and decode speed.
+
+MACs count every linear layer (weights × tokens, lm_head included) plus the attention
+products QKᵀ and A·V over the full ``seq_len × seq_len`` score matrix, for batch 1.
+Memory: the weights' bytes, the process's peak RSS (CPU; process-wide, so it only grows)
+and the peak allocated CUDA memory of one prefill (GPU).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from prunelab.structure import arch_info
+from prunelab.structure.groups import base_model
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    embed = base_model(model).get_input_embeddings().weight.numel()
+    return {"parameters": total, "non_embedding_parameters": total - embed}
+
+
+def macs(model: nn.Module, seq_len: int) -> int:
+    arch = arch_info(base_model(model).config)
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    attention = sum(2 * s.num_attention_heads * arch.head_dim * seq_len * seq_len for s in arch.layers)
+    return linear * seq_len + attention
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+@torch.no_grad()
+def measure_cost(
+    model: nn.Module, seq_len: int = 128, batch_size: int = 1, decode_tokens: int = 32, repeats: int = 3, vocab: int | None = None
+) -> dict[str, float]:
+    device = next(model.parameters()).device
+    vocab = vocab or base_model(model).config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
+    model.eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model(input_ids=x)  # warm-up
+    prefill = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        model(input_ids=x)
+        sync()
+        prefill.append(time.perf_counter() - t)
+    prompt = x[:1, :16]
+    decode = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=decode_tokens,
+            min_new_tokens=decode_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=base_model(model).config.pad_token_id or 0,
+        )
+        sync()
+        decode.append((time.perf_counter() - t) / decode_tokens)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {
+        **count_params(model),
+        "macs": macs(model, seq_len),
+        "weights_mb": weight_bytes / 2**20,
+        "peak_rss_mb": _peak_rss_mb(),
+        "prefill_tokens_per_s": batch_size * seq_len / statistics.median(prefill),
+        "decode_ms_per_token": 1000 * statistics.median(decode),
+    }
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out

@@ -1,0 +1,46 @@
+"""Perplexity with the papers' protocol: the split's text concatenated, cut into
+non-overlapping windows of ``seq_len`` tokens, exp(mean token NLL). (Not lm-eval's
+word perplexity, which is a different number.)"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def window_nll(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 16,
+    max_windows: int | None = None,
+    progress: str | None = None,
+) -> float:
+    """Mean next-token NLL over non-overlapping windows of ``seq_len`` tokens."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    if max_windows:
+        n = min(n, max_windows)
+    windows = ids[: n * seq_len].view(n, seq_len)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in tqdm(range(0, n, batch_size), desc=progress, disable=progress is None, leave=False):
+        batch = windows[i : i + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, **kw) -> float:
+    return math.exp(window_nll(model, ids, seq_len, **kw))

@@ -1,0 +1,72 @@
+"""The evaluation suite a run applies to the dense and to the pruned model: perplexity on
+each configured text, zero-shot accuracy through lm-eval, and cost."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunelab.evaluation.perplexity import perplexity
+
+
+def check_eval_config(cfg: Any) -> None:
+    from prunelab.data.sources import build_source, load_source_config
+    from prunelab.evaluation.zeroshot import check_tasks
+
+    for name in cfg.perplexity.datasets:
+        build_source(load_source_config(name)).check()
+    if cfg.zeroshot.tasks:
+        check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
+
+
+def evaluate(model: nn.Module, tokenizer, cfg: Any, cache_dir: Path, label: str) -> dict:
+    """{"perplexity": {dataset: ppl}, "zeroshot": {task: {acc, acc_norm, ...}}, "cost": {...}, "time_s": {...}}"""
+    from prunelab.data.sources import build_source, load_source_config
+
+    out: dict[str, Any] = {"perplexity": {}, "zeroshot": {}, "cost": {}, "time_s": {}}
+    t = time.perf_counter()
+    for name, split in cfg.perplexity.datasets.items():
+        ids = build_source(load_source_config(name)).token_ids(tokenizer, split)
+        out["perplexity"][name] = perplexity(
+            model,
+            ids,
+            cfg.perplexity.seq_len,
+            batch_size=cfg.perplexity.batch_size,
+            max_windows=cfg.perplexity.max_windows,
+            progress=f"perplexity {name} [{label}]",
+        )
+    out["time_s"]["perplexity"] = time.perf_counter() - t
+    if cfg.zeroshot.tasks:
+        from prunelab.evaluation.zeroshot import build_embedded_tasks, evaluate_zeroshot
+
+        t = time.perf_counter()
+        include = None
+        if not cfg.zeroshot.include_defaults:
+            include = build_embedded_tasks(cache_dir / "tasks", seed=cfg.zeroshot.seed, num_examples=cfg.zeroshot.num_examples)
+        out["zeroshot"] = evaluate_zeroshot(
+            model,
+            tokenizer,
+            list(cfg.zeroshot.tasks),
+            include_path=include,
+            include_defaults=bool(cfg.zeroshot.include_defaults),
+            limit=cfg.zeroshot.limit,
+            batch_size=cfg.zeroshot.batch_size,
+            max_length=cfg.zeroshot.max_length,
+        )
+        out["time_s"]["zeroshot"] = time.perf_counter() - t
+    if cfg.cost.enabled:
+        from prunelab.evaluation.cost import measure_cost
+
+        t = time.perf_counter()
+        out["cost"] = measure_cost(
+            model,
+            seq_len=cfg.cost.seq_len,
+            batch_size=cfg.cost.batch_size,
+            decode_tokens=cfg.cost.decode_tokens,
+            repeats=cfg.cost.repeats,
+        )
+        out["time_s"]["cost"] = time.perf_counter() - t
+    return out

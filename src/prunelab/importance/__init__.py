@@ -1,0 +1,55 @@
+"""Importance estimators: one contract, interchangeable through config.
+
+An estimator maps each unit (one layer's attention groups, one layer's MLP channels) to a
+score per group; higher = more important. Per-member scores are aggregated into group
+scores by ``aggregate`` (sum by default, as in LLM-Pruner).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from prunelab.errors import bad_value
+from prunelab.structure import ArchInfo, Unit
+from prunelab.structure.groups import Masks
+
+AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
+
+
+class Importance(Protocol):
+    def scores(self, model: nn.Module, arch: ArchInfo, units: list[Unit]) -> dict[str, torch.Tensor]: ...
+
+
+def aggregate(member_scores: list[torch.Tensor], how: str = "sum") -> torch.Tensor:
+    """Combine per-member group scores [n] into one group score [n]."""
+    stacked = torch.stack([s.float() for s in member_scores])
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0).values
+    if how == "prod":
+        return stacked.prod(0)
+    if how == "last":
+        return stacked[-1]
+    raise bad_value("method.aggregation", how, AGGREGATIONS)
+
+
+def select_masks(scores: dict[str, torch.Tensor], remove: dict[str, int]) -> Masks:
+    """Keep-masks that drop the ``remove[key]`` lowest-scoring groups of each unit.
+
+    Ties are broken by index (stable sort), so equal scores give a deterministic choice.
+    """
+    masks: Masks = {}
+    for key, k in remove.items():
+        s = scores[key]
+        keep = torch.ones(s.numel(), dtype=torch.bool)
+        if k > 0:
+            order = torch.sort(s.float().cpu(), stable=True).indices
+            keep[order[:k]] = False
+        masks[key] = keep
+    return masks

@@ -1,0 +1,50 @@
+"""Pruning methods. Each folder owns only what is unique to its method; the contract:
+
+    method = build_method(cfg.method)        # validates hyperparameters, loads nothing
+    method.targets                           # structure kinds it prunes, e.g. ("attn", "mlp")
+    method.layers(num_layers)                # layers open to pruning
+    masks = method.prune(model, plan, ctx)   # may also update weights in place
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from prunelab.errors import ConfigError
+from prunelab.structure.groups import Masks
+from prunelab.structure.plan import PrunePlan
+
+
+@dataclass
+class PruneContext:
+    """What a method may use besides the model: tokenizer, calibration data, seed."""
+
+    tokenizer: Any
+    calibration: torch.Tensor | None
+    seed: int
+
+
+class Method(Protocol):
+    name: str
+    targets: tuple[str, ...]
+
+    def layers(self, num_layers: int) -> list[int]: ...
+
+    def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks: ...
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """Instantiate a method config (``_target_`` = its hyperparameter dataclass)."""
+    cls = get_class(cfg._target_)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ConfigError(f"method.{unknown[0]} is not a key of method={cfg.name}; allowed: {', '.join(sorted(allowed))}")
+    return cls(**kwargs)

@@ -1,0 +1,3 @@
+from prunelab.methods.structured.pruner import StructuredPruner
+
+__all__ = ["StructuredPruner"]

@@ -1,0 +1,224 @@
+"""The recipe: validate → plan → dense eval (cached) → prune → recover → evaluate → save.
+
+Reads top to bottom. Every stage writes its output into the run directory before the next
+starts (``RunDir``), so rerunning the same config resumes after the last finished stage.
+All config problems are collected and raised together before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from prunelab.errors import ConfigError, bad_value
+from prunelab.tracking.rundir import RunDir, write_json
+
+log = logging.getLogger("prunelab")
+RECOVERIES = ("none",)
+LOGGERS = ("wandb", "none")
+
+
+# ---------------------------------------------------------------- validation (no model loads)
+def validate(cfg: DictConfig):
+    """Check every group of the config; return (method, arch, plan). Raises one ConfigError
+    listing every problem found."""
+    from prunelab.data.sources import build_source
+    from prunelab.evaluation.suite import check_eval_config
+    from prunelab.methods import build_method
+    from prunelab.models.loading import check_model_config, load_config
+    from prunelab.structure import arch_info
+    from prunelab.structure.plan import plan_ratio
+
+    problems: list[str] = []
+    method = None
+
+    def attempt(fn):
+        try:
+            return fn()
+        except ConfigError as e:
+            problems.append(str(e))
+            return None
+
+    if not isinstance(cfg.ratio, (int, float)) or not 0.0 < float(cfg.ratio) < 1.0:
+        problems.append(f"ratio={cfg.ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed")
+    if not 0.0 <= float(cfg.ratio_tolerance) < 1.0:
+        problems.append(f"ratio_tolerance={cfg.ratio_tolerance!r} must be in [0, 1) (relative to ratio)")
+    method = attempt(lambda: build_method(cfg.method))
+    attempt(lambda: check_model_config(cfg.model))
+    attempt(lambda: build_source(cfg.data).check())
+    attempt(lambda: check_eval_config(cfg.eval))
+    if cfg.recovery.name not in RECOVERIES:
+        problems.append(str(bad_value("recovery", cfg.recovery.name, RECOVERIES)))
+    if cfg.logger.name not in LOGGERS:
+        problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
+    if cfg.device != "auto" and not str(cfg.device).startswith(("cpu", "cuda", "mps")):
+        problems.append(str(bad_value("device", cfg.device, ("auto", "cpu", "cuda", "cuda:N", "mps"))))
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    # Architecture from config.json alone: the plan fails here, before the weights load.
+    arch = arch_info(load_config(cfg.model))
+    plan = plan_ratio(arch, float(cfg.ratio), method.targets, method.layers(arch.num_layers), float(cfg.ratio_tolerance))
+    return method, arch, plan
+
+
+# ---------------------------------------------------------------- helpers
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    imp = cfg.method.get("importance")
+    tags = [f"method:{cfg.method.name}", f"model:{cfg.model.name}", f"ratio:{cfg.ratio}", f"data:{cfg.data.name}"]
+    return tags + ([f"importance:{imp}"] if imp else []) + list(cfg.tags)
+
+
+def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None):
+    from prunelab.tracking.wandb_logger import NullTracker, WandbTracker
+
+    if cfg.logger.name == "none":
+        return NullTracker()
+    return WandbTracker(cfg.logger, run_dir, resolved, name=run_dir.name, group=group, tags=run_tags(cfg))
+
+
+# ---------------------------------------------------------------- the recipe
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
+    t_start = time.perf_counter()
+    method, arch, plan = validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    rd = RunDir(run_dir, resolved)
+    torch.manual_seed(int(cfg.seed))
+    tracker = _tracker(cfg, rd.root, resolved, group)
+    device = pick_device(str(cfg.device))
+    cache = Path(cfg.cache_dir)
+    timings: dict[str, float] = {}
+    resumed: list[str] = []
+    log.info("run dir %s | plan: %.4f of %d parameters (requested %.4f)", rd.root, plan.achieved, plan.params_before, plan.requested)
+
+    model = tokenizer = None
+
+    def dense_model():
+        nonlocal model, tokenizer
+        if model is None:
+            from prunelab.models.loading import load_model
+
+            model, tokenizer = load_model(cfg.model, device)
+        return model, tokenizer
+
+    try:
+        # 1. dense evaluation, cached across runs per (model, eval) config
+        dense_key = _hash({"model": resolved["model"], "eval": {k: v for k, v in resolved["eval"].items() if k != "dense"}})
+        dense_file = cache / "dense" / f"{cfg.model.name}-{dense_key}.json"
+        dense = None
+        if cfg.eval.dense:
+            if dense_file.exists():
+                dense = json.loads(dense_file.read_text())
+                resumed.append("dense_eval")
+            else:
+                from prunelab.evaluation.suite import evaluate
+
+                t = time.perf_counter()
+                m, tok = dense_model()
+                dense = evaluate(m, tok, cfg.eval, cache, "dense")
+                write_json(dense_file, dense)
+                timings["dense_eval"] = time.perf_counter() - t
+            tracker.summary({"dense": dense})
+
+        # 2. prune
+        pruned_dir = rd.root / "pruned"
+        rec = rd.done("prune")
+        if rec is None:
+            from prunelab.methods import PruneContext
+            from prunelab.models.loading import save_model
+            from prunelab.structure import apply_masks, prune_physically
+            from safetensors.torch import save_file
+
+            t = time.perf_counter()
+            m, tok = dense_model()
+            calib = None
+            if getattr(method, "needs_calibration", False):
+                from prunelab.data.sources import build_source
+
+                c = cfg.data.calibration
+                calib = build_source(cfg.data).calibration_windows(tok, c.num_samples, c.seq_len, int(cfg.seed), c.split)
+            masks = method.prune(m, plan, PruneContext(tok, calib, int(cfg.seed)))
+            apply_masks(m, masks)
+            new_arch = prune_physically(m, masks)
+            save_model(m, tok, pruned_dir)
+            save_file({k: v.to(torch.uint8) for k, v in masks.items()}, str(rd.root / "masks.safetensors"))
+            rec = rd.finish(
+                "prune",
+                {
+                    "plan": plan.to_dict(),
+                    "params_after": new_arch.total_params(),
+                    "layer_shapes": [s.to_dict() for s in new_arch.layers],
+                    "time_s": time.perf_counter() - t,
+                },
+            )
+        else:
+            resumed.append("prune")
+            model = None  # the pruned model is loaded from disk below
+        timings["prune"] = rec["time_s"]
+
+        # 3. recover (LoRA lands with LLM-Pruner; `recovery=none` keeps the pruned model)
+        rec_recover = rd.done("recover")
+        if rec_recover is None:
+            rec_recover = rd.finish("recover", {"recovery": cfg.recovery.name, "model_dir": str(pruned_dir), "time_s": 0.0})
+        else:
+            resumed.append("recover")
+        final_dir = Path(rec_recover["model_dir"])
+
+        # 4. evaluate the final model
+        rec_eval = rd.done("eval")
+        if rec_eval is None:
+            from transformers import AutoTokenizer
+
+            from prunelab.evaluation.suite import evaluate
+            from prunelab.models.loading import DTYPES, load_pretrained
+
+            t = time.perf_counter()
+            final = load_pretrained(final_dir, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
+            tok = AutoTokenizer.from_pretrained(final_dir)
+            rec_eval = rd.finish("eval", {"metrics": evaluate(final, tok, cfg.eval, cache, "pruned"), "time_s": time.perf_counter() - t})
+        else:
+            resumed.append("eval")
+        timings["eval"] = rec_eval["time_s"]
+        timings["total"] = time.perf_counter() - t_start
+
+        # 5. results
+        results = {
+            "config": resolved,
+            "run_dir": str(rd.root),
+            "model_dir": str(final_dir),
+            "ratio": {
+                "requested": plan.requested,
+                "achieved": rec["params_after"] and 1 - rec["params_after"] / plan.params_before,
+                "params_before": plan.params_before,
+                "params_after": rec["params_after"],
+            },
+            "plan": rec["plan"],
+            "layer_shapes": rec["layer_shapes"],
+            "dense": dense,
+            "pruned": rec_eval["metrics"],
+            "timings_s": timings,
+            "resumed_stages": resumed,
+        }
+        write_json(rd.root / "results.json", results)
+        tracker.summary({"pruned": rec_eval["metrics"], "ratio": results["ratio"], "timings_s": timings})
+        tracker.finish()
+        return results
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise

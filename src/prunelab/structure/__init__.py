@@ -1,0 +1,33 @@
+"""Coupled structures of the LLaMA family: the only place that knows the model's layout.
+
+Everything downstream speaks of units ``(layer, kind)`` with ``n`` groups each, keep-masks
+over those groups, and the member slices that move together.
+"""
+
+from prunelab.structure.arch import ArchInfo, LayerShape, arch_info
+from prunelab.structure.groups import (
+    KINDS,
+    Member,
+    Unit,
+    apply_masks,
+    full_masks,
+    members,
+    prune_physically,
+    set_layer_shapes,
+    units,
+)
+
+__all__ = [
+    "KINDS",
+    "ArchInfo",
+    "LayerShape",
+    "Member",
+    "Unit",
+    "apply_masks",
+    "arch_info",
+    "full_masks",
+    "members",
+    "prune_physically",
+    "set_layer_shapes",
+    "units",
+]

@@ -1,0 +1,161 @@
+"""From a requested ratio of *all* parameters to per-unit group counts.
+
+``ratio`` is the fraction of all model parameters removed (embeddings and lm_head count in
+the total but are never pruned). The per-layer amounts are derived here, from the config
+alone: attention is rounded to whole KV groups (heads under MHA) at the per-layer fraction
+``p`` that the target implies; MLP channels then absorb the rounding so the total lands on
+the target. Requested and achieved ratios are both reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from prunelab.errors import ConfigError
+from prunelab.structure.arch import ArchInfo
+
+
+@dataclass
+class PrunePlan:
+    requested: float
+    achieved: float
+    params_before: int
+    params_after: int
+    kinds: tuple[str, ...]
+    prunable_layers: list[int]
+    remove: dict[str, int] = field(default_factory=dict)  # unit key -> groups to remove
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prunable_layers(num_layers: int, keep_first: float | int, keep_last: float | int) -> list[int]:
+    """Layers open to pruning. Fractions of depth are rounded up (LLaMA-7B: 4/32 and 2/32 keep
+    the first 4 and the last 2 of 32, and the first and last of 8); ints are layer counts."""
+
+    def count(x: float | int) -> int:
+        return int(x) if isinstance(x, int) else math.ceil(x * num_layers - 1e-9)
+
+    first, last = count(keep_first), count(keep_last)
+    layers = list(range(first, num_layers - last))
+    if not layers:
+        raise ConfigError(
+            f"method.keep_first_layers={keep_first!r} and method.keep_last_layers={keep_last!r} leave "
+            f"no prunable layer out of {num_layers}"
+        )
+    return layers
+
+
+def _spread(total: int, caps: list[int]) -> list[int]:
+    """Split ``total`` as evenly as possible over slots with upper bounds ``caps``."""
+    out = [0] * len(caps)
+    left = total
+    open_slots = [i for i, c in enumerate(caps) if c > 0]
+    while left > 0 and open_slots:
+        share, extra = divmod(left, len(open_slots))
+        nxt = []
+        for j, i in enumerate(open_slots):
+            want = share + (1 if j < extra else 0)
+            take = min(want, caps[i] - out[i])
+            out[i] += take
+            left -= take
+            if out[i] < caps[i]:
+                nxt.append(i)
+        if len(nxt) == len(open_slots) and left > 0 and share == 0 and extra == 0:
+            break
+        open_slots = nxt
+    return out
+
+
+def _achieved(arch: ArchInfo, remove: dict[str, int], kinds: tuple[str, ...]) -> int:
+    removed = 0
+    for key, k in remove.items():
+        if key == "layers":
+            continue
+        layer, kind = key.split(".")
+        removed += k * (arch.attn_group_params(int(layer)) if kind == "attn" else arch.mlp_channel_params())
+    return removed
+
+
+def plan_ratio(
+    arch: ArchInfo,
+    ratio: float,
+    kinds: tuple[str, ...] = ("attn", "mlp"),
+    layers: list[int] | None = None,
+    tolerance: float = 0.01,
+) -> PrunePlan:
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"ratio={ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed")
+    layers = list(range(arch.num_layers)) if layers is None else layers
+    total = arch.total_params()
+    target = ratio * total
+    remove: dict[str, int] = {}
+    if kinds == ("layer",):
+        removable = [arch.layer_params(i) for i in layers]
+        per = sum(removable) / len(removable)
+        k = min(len(layers) - 1, max(1, round(target / per)))
+        remove["layers"] = k
+        removed = round(k * per)  # exact count depends on which layers are chosen; uniform models: exact
+        return _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step=per)
+
+    attn_caps = [arch.layers[i].num_key_value_heads - 1 for i in layers] if "attn" in kinds else [0] * len(layers)
+    mlp_caps = [arch.layers[i].intermediate_size - 1 for i in layers] if "mlp" in kinds else [0] * len(layers)
+    attn_p = [arch.attn_group_params(i) for i in layers]
+    mlp_p = arch.mlp_channel_params()
+    max_removable = sum(c * p for c, p in zip(attn_caps, attn_p, strict=True)) + sum(mlp_caps) * mlp_p
+    if target > max_removable:
+        raise ConfigError(
+            f"ratio={ratio} cannot be met: with method.targets={list(kinds)} on layers {layers[0]}..{layers[-1]} at "
+            f"most {max_removable / total:.3f} of all parameters can be removed (at least one head group and one "
+            f"channel stay in each layer); allowed: (0, {max_removable / total:.3f}]"
+        )
+    if "attn" in kinds and "mlp" in kinds:
+        prunable = sum((c + 1) * p for c, p in zip(attn_caps, attn_p, strict=True)) + sum(c + 1 for c in mlp_caps) * mlp_p
+        frac = target / prunable
+        attn_k = [min(c, round(frac * (c + 1))) for c in attn_caps]
+        while sum(k * p for k, p in zip(attn_k, attn_p, strict=True)) > target:  # rounding overshoot
+            attn_k[attn_k.index(max(attn_k))] -= 1
+        rest = target - sum(k * p for k, p in zip(attn_k, attn_p, strict=True))
+        # Equal channel counts per layer keep equal-shaped layers equal (plain-loadable checkpoints).
+        per_layer = round(rest / mlp_p / len(layers))
+        mlp_k = [min(c, per_layer) for c in mlp_caps]
+        step = mlp_p
+    elif "attn" in kinds:
+        attn_k = _spread(round(target / (sum(attn_p) / len(attn_p))), attn_caps)
+        mlp_k = [0] * len(layers)
+        step = sum(attn_p) / len(attn_p)
+    elif "mlp" in kinds:
+        attn_k = [0] * len(layers)
+        mlp_k = _spread(round(target / mlp_p), mlp_caps)
+        step = mlp_p
+    else:
+        raise ConfigError(f"method.targets={list(kinds)} is not allowed; allowed: [attn, mlp], [attn], [mlp], [layer]")
+    for i, a, m in zip(layers, attn_k, mlp_k, strict=True):
+        if "attn" in kinds:
+            remove[f"{i}.attn"] = a
+        if "mlp" in kinds:
+            remove[f"{i}.mlp"] = m
+    removed = _achieved(arch, remove, kinds)
+    return _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step)
+
+
+def _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step) -> PrunePlan:
+    achieved = removed / total
+    if abs(achieved - ratio) > tolerance * ratio:
+        lo, hi = (removed - step) / total, (removed + step) / total
+        near = sorted({round(x, 4) for x in (lo, achieved, hi) if 0 < x < 1})
+        raise ConfigError(
+            f"ratio={ratio} cannot be met within ratio_tolerance={tolerance} (relative) with whole "
+            f"{'layers' if kinds == ('layer',) else 'head groups'} (method.targets={list(kinds)}): nearest achievable "
+            f"ratios are {near}; use one of them or raise ratio_tolerance"
+        )
+    return PrunePlan(
+        requested=ratio,
+        achieved=achieved,
+        params_before=total,
+        params_after=total - removed,
+        kinds=tuple(kinds),
+        prunable_layers=list(layers),
+        remove=remove,
+    )

@@ -1,0 +1,62 @@
+"""Weights & Biases: one run per job, grouped per sweep, offline unless configured.
+
+``logger=none`` disables it. The run id is derived from the run directory, so a resumed
+job continues its W&B run instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+
+class NullTracker:
+    def log(self, data: dict, step: int | None = None) -> None:
+        pass
+
+    def summary(self, data: dict) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out
+
+
+class WandbTracker:
+    def __init__(self, cfg: Any, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]) -> None:
+        import wandb
+
+        run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            mode=cfg.mode,
+            group=group,
+            name=name,
+            tags=tags,
+            config=config,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            reinit="finish_previous",
+        )
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        self.run.log(flatten(data), step=step)
+
+    def summary(self, data: dict) -> None:
+        self.run.summary.update(flatten(data))
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
