@@ -12,11 +12,20 @@ from torch import nn
 from prunelab.evaluation.perplexity import perplexity
 
 
+def perplexity_sets(cfg: Any) -> list[tuple[str, str]]:
+    """``eval.perplexity.datasets`` entries ``name`` or ``name:split`` (default split: test)."""
+    out = []
+    for entry in cfg.perplexity.datasets:
+        name, _, split = str(entry).partition(":")
+        out.append((name, split or "test"))
+    return out
+
+
 def check_eval_config(cfg: Any) -> None:
     from prunelab.data.sources import build_source, load_source_config
     from prunelab.evaluation.zeroshot import check_tasks
 
-    for name in cfg.perplexity.datasets:
+    for name, _split in perplexity_sets(cfg):
         build_source(load_source_config(name)).check()
     if cfg.zeroshot.tasks:
         check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
@@ -28,7 +37,7 @@ def evaluate(model: nn.Module, tokenizer, cfg: Any, cache_dir: Path, label: str)
 
     out: dict[str, Any] = {"perplexity": {}, "zeroshot": {}, "cost": {}, "time_s": {}}
     t = time.perf_counter()
-    for name, split in cfg.perplexity.datasets.items():
+    for name, split in perplexity_sets(cfg):
         ids = build_source(load_source_config(name)).token_ids(tokenizer, split)
         out["perplexity"][name] = perplexity(
             model,

@@ -120,6 +120,9 @@ def plan_ratio(
         # Equal channel counts per layer keep equal-shaped layers equal (plain-loadable checkpoints).
         per_layer = round(rest / mlp_p / len(layers))
         mlp_k = [min(c, per_layer) for c in mlp_caps]
+        attn_removed = sum(k * p for k, p in zip(attn_k, attn_p, strict=True))
+        if abs(attn_removed + sum(mlp_k) * mlp_p - target) > tolerance * target:
+            mlp_k = _spread(round(rest / mlp_p), mlp_caps)  # small models: exactness over equal shapes
         step = mlp_p
     elif "attn" in kinds:
         attn_k = _spread(round(target / (sum(attn_p) / len(attn_p))), attn_caps)

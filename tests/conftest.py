@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny seeded in-memory models of each supported family, offline env."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_model(family: str = "llama", kv: int = 4, heads: int = 4, layers: int = 3, hidden: int = 64, inter: int = 96, seed: int = 0):
+    """A tiny random causal LM of a supported family (fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    elif family == "llama_bias":
+        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=True, mlp_bias=True, tie_word_embeddings=True))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        raise ValueError(family)
+    # Random-init biases are zero; make them non-zero so bias slicing is actually exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+FAMILIES = [
+    pytest.param(("llama", 4), id="llama-mha"),
+    pytest.param(("llama", 2), id="llama-gqa"),
+    pytest.param(("llama_bias", 2), id="llama-bias-gqa"),
+    pytest.param(("mistral", 2), id="mistral-gqa"),
+    pytest.param(("qwen2", 2), id="qwen2-gqa-bias"),
+]
+
+
+@pytest.fixture
+def inputs() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,52 @@
+"""Ratio semantics: fraction of ALL parameters removed, per-layer amounts derived."""
+
+from __future__ import annotations
+
+import pytest
+
+from prunelab.errors import ConfigError
+from prunelab.structure import arch_info
+from prunelab.structure.plan import plan_ratio, prunable_layers
+from tests.conftest import make_model
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.35, 0.5])
+def test_plan_meets_ratio_within_one_percent(kv, ratio):
+    arch = arch_info(make_model("llama", kv, layers=4, inter=128).config)
+    plan = plan_ratio(arch, ratio, ("attn", "mlp"), [0, 1, 2, 3])
+    assert abs(plan.achieved - ratio) <= 0.01 * ratio
+    assert plan.params_after == round(plan.params_before * (1 - plan.achieved))
+    # whole groups only, at least one left per unit
+    for key, k in plan.remove.items():
+        layer, kind = key.split(".")
+        n = arch.layers[int(layer)].num_key_value_heads if kind == "attn" else arch.layers[int(layer)].intermediate_size
+        assert 0 <= k < n
+
+
+def test_prunable_layers_scale_llm_pruner_default():
+    assert prunable_layers(32, 0.125, 0.0625) == list(range(4, 30))  # LLaMA-7B: layers 4..29
+    assert prunable_layers(8, 0.125, 0.0625) == list(range(1, 7))
+    assert prunable_layers(8, 2, 0) == list(range(2, 8))
+
+
+def test_ratio_outside_unit_interval():
+    arch = arch_info(make_model().config)
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"ratio=.*\(0, 1\)"):
+            plan_ratio(arch, bad)
+
+
+def test_ratio_beyond_prunable_parameters():
+    arch = arch_info(make_model(layers=4).config)
+    with pytest.raises(ConfigError, match=r"ratio=0.9 cannot be met.*allowed: \(0, 0\.\d+\]"):
+        plan_ratio(arch, 0.9, ("attn", "mlp"), [1, 2])
+
+
+def test_ratio_that_whole_heads_cannot_meet():
+    # Attention only, 4 heads per layer: achievable amounts are coarse.
+    arch = arch_info(make_model("llama", 4, layers=2).config)
+    with pytest.raises(ConfigError, match=r"whole head groups.*nearest achievable ratios are \["):
+        plan_ratio(arch, 0.07, ("attn",), [0, 1], tolerance=0.01)
+    plan = plan_ratio(arch, 0.07, ("attn",), [0, 1], tolerance=0.5)  # loosened: nearest amount, reported
+    assert plan.achieved != 0.07 and sum(plan.remove.values()) >= 1
