@@ -14,9 +14,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def make_model(family: str = "llama", kv: int = 4, heads: int = 4, layers: int = 3, hidden: int = 64, inter: int = 96, seed: int = 0):
+def make_model(
+    family: str = "llama",
+    kv: int = 4,
+    heads: int = 4,
+    layers: int = 3,
+    hidden: int = 64,
+    inter: int = 96,
+    seed: int = 0,
+):
     """A tiny random causal LM of a supported family (fp32, eval mode)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(
         vocab_size=128,
@@ -32,7 +47,9 @@ def make_model(family: str = "llama", kv: int = 4, heads: int = 4, layers: int =
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
     elif family == "llama_bias":
-        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=True, mlp_bias=True, tie_word_embeddings=True))
+        model = LlamaForCausalLM(
+            LlamaConfig(**common, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+        )
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif family == "qwen2":

@@ -1,9 +1,9 @@
 """The ``prunelab`` command: Hydra composes conf/ and hands the config to the runner.
 
-    prunelab                                            # default experiment
-    prunelab method.importance=random ratio=0.5
-    prunelab -m ratio=0.2,0.5 method.importance=random,magnitude
-    prunelab --cfg job                                  # print the composed config
+prunelab                                            # default experiment
+prunelab method.importance=random ratio=0.5
+prunelab -m ratio=0.2,0.5 method.importance=random,magnitude
+prunelab --cfg job                                  # print the composed config
 """
 
 from __future__ import annotations

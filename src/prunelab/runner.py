@@ -47,7 +47,9 @@ def validate(cfg: DictConfig):
             return None
 
     if not isinstance(cfg.ratio, (int, float)) or not 0.0 < float(cfg.ratio) < 1.0:
-        problems.append(f"ratio={cfg.ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed")
+        problems.append(
+            f"ratio={cfg.ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed"
+        )
     if not 0.0 <= float(cfg.ratio_tolerance) < 1.0:
         problems.append(f"ratio_tolerance={cfg.ratio_tolerance!r} must be in [0, 1) (relative to ratio)")
     method = attempt(lambda: build_method(cfg.method))
@@ -64,7 +66,9 @@ def validate(cfg: DictConfig):
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     # Architecture from config.json alone: the plan fails here, before the weights load.
     arch = arch_info(load_config(cfg.model))
-    plan = plan_ratio(arch, float(cfg.ratio), method.targets, method.layers(arch.num_layers), float(cfg.ratio_tolerance))
+    plan = plan_ratio(
+        arch, float(cfg.ratio), method.targets, method.layers(arch.num_layers), float(cfg.ratio_tolerance)
+    )
     return method, arch, plan
 
 
@@ -79,9 +83,28 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Keys that never change results: they neither name run directories nor block resuming.
+VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir")
+
+
+def model_fingerprint(cfg: DictConfig) -> str:
+    """Identifies the weights: file names, sizes and mtimes of a local folder; else the hub id@revision."""
+    from prunelab.models.loading import resolve_path
+
+    path = Path(resolve_path(str(cfg.path)))
+    if path.is_dir():
+        return _hash([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()])
+    return f"{cfg.path}@{cfg.revision}"
+
+
 def run_tags(cfg: DictConfig) -> list[str]:
     imp = cfg.method.get("importance")
-    tags = [f"method:{cfg.method.name}", f"model:{cfg.model.name}", f"ratio:{cfg.ratio}", f"data:{cfg.data.name}"]
+    tags = [
+        f"method:{cfg.method.name}",
+        f"model:{cfg.model.name}",
+        f"ratio:{cfg.ratio}",
+        f"data:{cfg.data.name}",
+    ]
     return tags + ([f"importance:{imp}"] if imp else []) + list(cfg.tags)
 
 
@@ -96,16 +119,22 @@ def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None):
 # ---------------------------------------------------------------- the recipe
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     t_start = time.perf_counter()
-    method, arch, plan = validate(cfg)
+    method, _arch, plan = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    rd = RunDir(run_dir, resolved)
+    rd = RunDir(run_dir, {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS})
     torch.manual_seed(int(cfg.seed))
     tracker = _tracker(cfg, rd.root, resolved, group)
     device = pick_device(str(cfg.device))
     cache = Path(cfg.cache_dir)
     timings: dict[str, float] = {}
     resumed: list[str] = []
-    log.info("run dir %s | plan: %.4f of %d parameters (requested %.4f)", rd.root, plan.achieved, plan.params_before, plan.requested)
+    log.info(
+        "run dir %s | plan: %.4f of %d parameters (requested %.4f)",
+        rd.root,
+        plan.achieved,
+        plan.params_before,
+        plan.requested,
+    )
 
     model = tokenizer = None
 
@@ -119,7 +148,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
 
     try:
         # 1. dense evaluation, cached across runs per (model, eval) config
-        dense_key = _hash({"model": resolved["model"], "eval": {k: v for k, v in resolved["eval"].items() if k != "dense"}})
+        dense_key = _hash(
+            {"model": resolved["model"], "eval": {k: v for k, v in resolved["eval"].items() if k != "dense"}}
+        )
         dense_file = cache / "dense" / f"{cfg.model.name}-{dense_key}.json"
         dense = None
         if cfg.eval.dense:
@@ -140,10 +171,11 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
         pruned_dir = rd.root / "pruned"
         rec = rd.done("prune")
         if rec is None:
+            from safetensors.torch import save_file
+
             from prunelab.methods import PruneContext
             from prunelab.models.loading import save_model
             from prunelab.structure import apply_masks, prune_physically
-            from safetensors.torch import save_file
 
             t = time.perf_counter()
             m, tok = dense_model()
@@ -152,7 +184,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                 from prunelab.data.sources import build_source
 
                 c = cfg.data.calibration
-                calib = build_source(cfg.data).calibration_windows(tok, c.num_samples, c.seq_len, int(cfg.seed), c.split)
+                calib = build_source(cfg.data).calibration_windows(
+                    tok, c.num_samples, c.seq_len, int(cfg.seed), c.split
+                )
             masks = method.prune(m, plan, PruneContext(tok, calib, int(cfg.seed)))
             apply_masks(m, masks)
             new_arch = prune_physically(m, masks)
@@ -175,7 +209,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
         # 3. recover (LoRA lands with LLM-Pruner; `recovery=none` keeps the pruned model)
         rec_recover = rd.done("recover")
         if rec_recover is None:
-            rec_recover = rd.finish("recover", {"recovery": cfg.recovery.name, "model_dir": str(pruned_dir), "time_s": 0.0})
+            rec_recover = rd.finish(
+                "recover", {"recovery": cfg.recovery.name, "model_dir": str(pruned_dir), "time_s": 0.0}
+            )
         else:
             resumed.append("recover")
         final_dir = Path(rec_recover["model_dir"])
@@ -191,7 +227,13 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             t = time.perf_counter()
             final = load_pretrained(final_dir, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
             tok = AutoTokenizer.from_pretrained(final_dir)
-            rec_eval = rd.finish("eval", {"metrics": evaluate(final, tok, cfg.eval, cache, "pruned"), "time_s": time.perf_counter() - t})
+            rec_eval = rd.finish(
+                "eval",
+                {
+                    "metrics": evaluate(final, tok, cfg.eval, cache, "pruned"),
+                    "time_s": time.perf_counter() - t,
+                },
+            )
         else:
             resumed.append("eval")
         timings["eval"] = rec_eval["time_s"]

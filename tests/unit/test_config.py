@@ -38,13 +38,24 @@ def test_every_config_composes(group, option):
 
 
 def test_group_options_are_complete():
-    assert {"tiny_llama", "tiny_llama_gqa", "llama_7b", "llama2_7b", "llama3_8b", "vicuna_7b", "mistral_7b", "qwen2_7b"} <= set(options("model"))
+    assert {
+        "tiny_llama",
+        "tiny_llama_gqa",
+        "llama_7b",
+        "llama2_7b",
+        "llama3_8b",
+        "vicuna_7b",
+        "mistral_7b",
+        "qwen2_7b",
+    } <= set(options("model"))
     assert {"embedded", "wikitext2", "ptb", "c4", "bookcorpus", "alpaca_cleaned"} <= set(options("data"))
     assert {"embedded", "paper"} <= set(options("eval"))
 
 
 def test_unknown_group_option_lists_available():
-    with pytest.raises(MissingConfigException, match=r"(?s)method/llm_prunr.*Available options in 'method'.*structured"):
+    with pytest.raises(
+        MissingConfigException, match=r"(?s)method/llm_prunr.*Available options in 'method'.*structured"
+    ):
         compose_cfg("method=llm_prunr")
     with pytest.raises(MissingConfigException, match=r"(?s)Available options in 'model'.*tiny_llama"):
         compose_cfg("model=tiny_lama")
@@ -59,7 +70,9 @@ def test_unknown_key_is_refused():
 
 def test_appended_unknown_method_key_is_refused():
     cfg = compose_cfg("+method.importanc=random")
-    with pytest.raises(ConfigError, match=r"method\.importanc is not a key of method=structured; allowed: .*importance"):
+    with pytest.raises(
+        ConfigError, match=r"method\.importanc is not a key of method=structured; allowed: .*importance"
+    ):
         validate(cfg)
 
 
@@ -77,13 +90,25 @@ def no_model_loads(monkeypatch):
 BAD = [
     (["ratio=1.5"], r"ratio=1\.5 is outside the allowed range \(0, 1\)"),
     (["ratio=0"], r"ratio=0 is outside the allowed range \(0, 1\)"),
-    (["method.importance=magnitud"], r"method\.importance='magnitud' is not allowed; did you mean 'magnitude'\? allowed: magnitude, random"),
+    (
+        ["method.importance=magnitud"],
+        r"method\.importance='magnitud' is not allowed; did you mean 'magnitude'\? allowed: magnitude, random",
+    ),
     (["method.targets=[attn,heads]"], r"method\.targets=\['attn', 'heads'\] is not allowed; allowed:"),
-    (["method.aggregation=median"], r"method\.aggregation='median' is not allowed.*allowed: sum, mean, max, prod, last"),
-    (["data=wikitext2", "data.local_files={train: /nonexistent/wiki.parquet}"], r"data\.local_files\.train='/nonexistent/wiki\.parquet'"),
+    (
+        ["method.aggregation=median"],
+        r"method\.aggregation='median' is not allowed.*allowed: sum, mean, max, prod, last",
+    ),
+    (
+        ["data=wikitext2", "data.local_files={train: /nonexistent/wiki.parquet}"],
+        r"data\.local_files\.train='/nonexistent/wiki\.parquet'",
+    ),
     (["eval.zeroshot.tasks=[prunelab_endin]"], r"eval\.zeroshot\.tasks.*prunelab_endin.*prunelab_ending"),
     (["eval.perplexity.datasets=[wikitxt:test]"], r"wikitxt.*did you mean 'wikitext2'"),
-    (["model.path=embedded:tiny_lama"], r"model\.path='embedded:tiny_lama' is not allowed.*embedded:tiny_llama"),
+    (
+        ["model.path=embedded:tiny_lama"],
+        r"model\.path='embedded:tiny_lama' is not allowed.*embedded:tiny_llama",
+    ),
     (["model.path=/nonexistent/model"], r"model\.path='/nonexistent/model' does not exist"),
     (["model.dtype=fp8"], r"model\.dtype='fp8' is not allowed; allowed: float32, float16, bfloat16"),
     (["device=tpu"], r"device='tpu' is not allowed"),
@@ -102,16 +127,25 @@ def test_all_problems_reported_together(no_model_loads, tmp_path):
     cfg = compose_cfg("ratio=2", "method.importance=x", "device=tpu", "logger=none")
     with pytest.raises(ConfigError) as e:
         validate(cfg)
-    assert "ratio=2" in str(e.value) and "method.importance='x'" in str(e.value) and "device='tpu'" in str(e.value)
+    assert (
+        "ratio=2" in str(e.value)
+        and "method.importance='x'" in str(e.value)
+        and "device='tpu'" in str(e.value)
+    )
 
 
-@pytest.mark.skipif(not (Path(loading.__file__).parent / "assets/tiny_llama/model.safetensors").exists(), reason="embedded weights not built")
+@pytest.mark.skipif(
+    not (Path(loading.__file__).parent / "assets/tiny_llama/model.safetensors").exists(),
+    reason="embedded weights not built",
+)
 def test_unmeetable_ratio_refused_from_config_alone(no_model_loads, tmp_path):
     cfg = compose_cfg("ratio=0.95", "logger=none")
     with pytest.raises(ConfigError, match=r"ratio=0\.95 cannot be met.*allowed: \(0, 0\.\d+\]"):
         run(cfg, tmp_path / "run")
     cfg = compose_cfg("ratio=0.013", "method.targets=[attn]", "logger=none")
-    with pytest.raises(ConfigError, match=r"cannot be met within ratio_tolerance.*whole head groups.*nearest achievable"):
+    with pytest.raises(
+        ConfigError, match=r"cannot be met within ratio_tolerance.*whole head groups.*nearest achievable"
+    ):
         run(cfg, tmp_path / "run")
 
 

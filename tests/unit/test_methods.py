@@ -19,12 +19,42 @@ from tests.conftest import make_model
 
 # (id, method config, ratio, relative tolerance)
 METHODS = [
-    ("structured-magnitude", {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "magnitude"}, 0.3, 0.01),
-    ("structured-l2", {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "magnitude", "norm": 2}, 0.3, 0.01),
-    ("structured-random", {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "random", "seed": 3}, 0.3, 0.01),
-    ("structured-mlp-only", {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["mlp"]}, 0.2, 0.01),
-    ("structured-attn-only", {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["attn"]}, 0.1, 0.35),
-    ("structured-layers", {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["layer"]}, 0.2, 0.35),
+    (
+        "structured-magnitude",
+        {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "magnitude"},
+        0.3,
+        0.01,
+    ),
+    (
+        "structured-l2",
+        {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "magnitude", "norm": 2},
+        0.3,
+        0.01,
+    ),
+    (
+        "structured-random",
+        {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "random", "seed": 3},
+        0.3,
+        0.01,
+    ),
+    (
+        "structured-mlp-only",
+        {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["mlp"]},
+        0.2,
+        0.01,
+    ),
+    (
+        "structured-attn-only",
+        {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["attn"]},
+        0.1,
+        0.35,
+    ),
+    (
+        "structured-layers",
+        {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["layer"]},
+        0.2,
+        0.35,
+    ),
 ]
 
 
@@ -32,7 +62,9 @@ def _pruned(method_cfg, ratio, tol, family=("llama", 2)):
     from omegaconf import OmegaConf
 
     model = make_model(*family, layers=6, inter=128)
-    method = build_method(OmegaConf.create({"name": "m", **method_cfg, "keep_first_layers": 1, "keep_last_layers": 1}))
+    method = build_method(
+        OmegaConf.create({"name": "m", **method_cfg, "keep_first_layers": 1, "keep_last_layers": 1})
+    )
     arch = arch_info(model.config)
     plan = plan_ratio(arch, ratio, method.targets, method.layers(arch.num_layers), tol)
     masks = method.prune(model, plan, PruneContext(None, None, 0))
@@ -56,7 +88,9 @@ def test_method_shared_checks(name, method_cfg, ratio, tol, inputs, tmp_path):
     assert (ref - out).abs().max().item() <= 1e-5
     for i in range(6):  # protected layers untouched
         if i not in plan.prunable_layers and "layers" not in masks:
-            assert new_arch.layers[i] == arch_info(make_model("llama", 2, layers=6, inter=128).config).layers[i]
+            assert (
+                new_arch.layers[i] == arch_info(make_model("llama", 2, layers=6, inter=128).config).layers[i]
+            )
 
     save_model(model, None, tmp_path)
     assert torch.equal(load_pretrained(tmp_path).eval()(input_ids=inputs).logits, out)
@@ -65,7 +99,9 @@ def test_method_shared_checks(name, method_cfg, ratio, tol, inputs, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -94,7 +130,9 @@ def test_magnitude_prunes_the_smallest_mlp_channel():
         model.model.layers[1].mlp.up_proj.weight[7] *= 1e-4
         model.model.layers[1].mlp.gate_proj.weight[7] *= 1e-4
         model.model.layers[1].mlp.down_proj.weight[:, 7] *= 1e-4
-    method = build_method(OmegaConf.create({"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["mlp"]}))
+    method = build_method(
+        OmegaConf.create({"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["mlp"]})
+    )
     arch = arch_info(model.config)
     plan = plan_ratio(arch, arch.mlp_channel_params() / arch.total_params(), ("mlp",), [1])  # one channel
     assert plan.remove == {"1.mlp": 1}

@@ -20,7 +20,11 @@ def test_plan_meets_ratio_within_one_percent(kv, ratio):
     # whole groups only, at least one left per unit
     for key, k in plan.remove.items():
         layer, kind = key.split(".")
-        n = arch.layers[int(layer)].num_key_value_heads if kind == "attn" else arch.layers[int(layer)].intermediate_size
+        n = (
+            arch.layers[int(layer)].num_key_value_heads
+            if kind == "attn"
+            else arch.layers[int(layer)].intermediate_size
+        )
         assert 0 <= k < n
 
 

@@ -99,7 +99,9 @@ def test_gqa_pruning_removes_whole_kv_groups():
     arch = prune_physically(model, {"0.attn": torch.tensor([False, True])})
     attn = model.model.layers[0].self_attn
     assert arch.layers[0].num_attention_heads == 4 and arch.layers[0].num_key_value_heads == 1
-    assert attn.q_proj.out_features == 4 * 8 and attn.k_proj.out_features == 8 and attn.o_proj.in_features == 32
+    assert (
+        attn.q_proj.out_features == 4 * 8 and attn.k_proj.out_features == 8 and attn.o_proj.in_features == 32
+    )
     assert attn.num_key_value_groups == 4
 
 
@@ -128,7 +130,9 @@ def test_save_load_roundtrip_per_layer_shapes(family, inputs, tmp_path):
 def test_uniform_pruned_model_loads_with_plain_transformers(inputs, tmp_path):
     model = make_model("llama", 4)
     arch = arch_info(model.config)
-    masks = {u.key: torch.arange(u.n) % 2 == 0 for u in units(arch)}  # every layer: 2 of 4 heads, half the channels
+    masks = {
+        u.key: torch.arange(u.n) % 2 == 0 for u in units(arch)
+    }  # every layer: 2 of 4 heads, half the channels
     prune_physically(model, masks)
     assert "prunelab_layer_shapes" not in model.config.to_dict()
     ref = model(input_ids=inputs).logits

@@ -40,7 +40,12 @@ def _peak_rss_mb() -> float:
 
 @torch.no_grad()
 def measure_cost(
-    model: nn.Module, seq_len: int = 128, batch_size: int = 1, decode_tokens: int = 32, repeats: int = 3, vocab: int | None = None
+    model: nn.Module,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    vocab: int | None = None,
 ) -> dict[str, float]:
     device = next(model.parameters()).device
     vocab = vocab or base_model(model).config.vocab_size

@@ -54,7 +54,9 @@ def evaluate(model: nn.Module, tokenizer, cfg: Any, cache_dir: Path, label: str)
         t = time.perf_counter()
         include = None
         if not cfg.zeroshot.include_defaults:
-            include = build_embedded_tasks(cache_dir / "tasks", seed=cfg.zeroshot.seed, num_examples=cfg.zeroshot.num_examples)
+            include = build_embedded_tasks(
+                cache_dir / "tasks", seed=cfg.zeroshot.seed, num_examples=cfg.zeroshot.num_examples
+            )
         out["zeroshot"] = evaluate_zeroshot(
             model,
             tokenizer,

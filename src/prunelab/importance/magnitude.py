@@ -20,7 +20,8 @@ class MagnitudeImportance:
         out = {}
         for unit in units:
             per_member = [
-                grouped(t.detach().float(), m).abs().pow(self.p).sum(1) for m, t in iter_unit_members(model, arch, unit)
+                grouped(t.detach().float(), m).abs().pow(self.p).sum(1)
+                for m, t in iter_unit_members(model, arch, unit)
             ]
             out[unit.key] = aggregate(per_member, self.aggregation).cpu()
         return out

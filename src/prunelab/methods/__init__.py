@@ -1,9 +1,9 @@
 """Pruning methods. Each folder owns only what is unique to its method; the contract:
 
-    method = build_method(cfg.method)        # validates hyperparameters, loads nothing
-    method.targets                           # structure kinds it prunes, e.g. ("attn", "mlp")
-    method.layers(num_layers)                # layers open to pruning
-    masks = method.prune(model, plan, ctx)   # may also update weights in place
+method = build_method(cfg.method)        # validates hyperparameters, loads nothing
+method.targets                           # structure kinds it prunes, e.g. ("attn", "mlp")
+method.layers(num_layers)                # layers open to pruning
+masks = method.prune(model, plan, ctx)   # may also update weights in place
 """
 
 from __future__ import annotations
@@ -46,5 +46,7 @@ def build_method(cfg: DictConfig) -> Method:
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ConfigError(f"method.{unknown[0]} is not a key of method={cfg.name}; allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"method.{unknown[0]} is not a key of method={cfg.name}; allowed: {', '.join(sorted(allowed))}"
+        )
     return cls(**kwargs)

@@ -150,7 +150,9 @@ def train(name: str, recipe: TrainRecipe, out: Path | None = None) -> dict:
         if step < recipe.warmup_steps:
             return recipe.lr * (step + 1) / recipe.warmup_steps
         frac = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-        return recipe.lr * (recipe.min_lr_frac + (1 - recipe.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return recipe.lr * (
+            recipe.min_lr_frac + (1 - recipe.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
+        )
 
     history = []
     order = torch.randperm(n_windows, generator=gen)
@@ -173,7 +175,9 @@ def train(name: str, recipe: TrainRecipe, out: Path | None = None) -> dict:
         opt.step()
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             val = math.exp(window_nll(model, val_ids, 128))
-            history.append({"step": step + 1, "train_loss": loss.item(), "val_ppl": val, "time_s": time.time() - t0})
+            history.append(
+                {"step": step + 1, "train_loss": loss.item(), "val_ppl": val, "time_s": time.time() - t0}
+            )
             bar.set_postfix(loss=f"{loss.item():.3f}", val_ppl=f"{val:.1f}")
 
     # Ship fp16 weights (size budget); every number below is measured on the shipped weights.

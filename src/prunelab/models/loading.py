@@ -102,7 +102,9 @@ def load_model(cfg: Any, device: str | torch.device = "cpu"):
         attn_implementation=cfg.attn_implementation,
     ).to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code))
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code)
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -86,7 +86,9 @@ def arch_info(config) -> ArchInfo:
     if per_layer:
         layers = tuple(LayerShape(**s) for s in per_layer)
     else:
-        layers = (LayerShape(config.num_attention_heads, kv, config.intermediate_size),) * config.num_hidden_layers
+        layers = (
+            LayerShape(config.num_attention_heads, kv, config.intermediate_size),
+        ) * config.num_hidden_layers
     if mt == "qwen2":
         attn_bias, o_bias = True, False
     else:

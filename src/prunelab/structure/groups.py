@@ -151,7 +151,9 @@ def _slice_linear(lin: nn.Linear, dim: int, index: torch.Tensor) -> None:
     if dim == 0:
         lin.out_features = w.shape[0]
         if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.data.index_select(0, index.to(lin.bias.device)), lin.bias.requires_grad)
+            lin.bias = nn.Parameter(
+                lin.bias.data.index_select(0, index.to(lin.bias.device)), lin.bias.requires_grad
+            )
     else:
         lin.in_features = w.shape[1]
 
@@ -247,7 +249,11 @@ def set_layer_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) 
         }
         for name, (i, o) in dims.items():
             old = getattr(attn, name)
-            setattr(attn, name, nn.Linear(i, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype))
+            setattr(
+                attn,
+                name,
+                nn.Linear(i, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype),
+            )
         attn.num_key_value_groups = s.num_attention_heads // s.num_key_value_heads
         for name, (i, o) in {
             "gate_proj": (hidden, s.intermediate_size),
@@ -255,5 +261,9 @@ def set_layer_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) 
             "down_proj": (s.intermediate_size, hidden),
         }.items():
             old = getattr(mlp, name)
-            setattr(mlp, name, nn.Linear(i, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype))
+            setattr(
+                mlp,
+                name,
+                nn.Linear(i, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype),
+            )
         mlp.intermediate_size = s.intermediate_size

@@ -86,7 +86,9 @@ def plan_ratio(
     tolerance: float = 0.01,
 ) -> PrunePlan:
     if not 0.0 < ratio < 1.0:
-        raise ConfigError(f"ratio={ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed")
+        raise ConfigError(
+            f"ratio={ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed"
+        )
     layers = list(range(arch.num_layers)) if layers is None else layers
     total = arch.total_params()
     target = ratio * total
@@ -99,7 +101,9 @@ def plan_ratio(
         removed = round(k * per)  # exact count depends on which layers are chosen; uniform models: exact
         return _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step=per)
 
-    attn_caps = [arch.layers[i].num_key_value_heads - 1 for i in layers] if "attn" in kinds else [0] * len(layers)
+    attn_caps = (
+        [arch.layers[i].num_key_value_heads - 1 for i in layers] if "attn" in kinds else [0] * len(layers)
+    )
     mlp_caps = [arch.layers[i].intermediate_size - 1 for i in layers] if "mlp" in kinds else [0] * len(layers)
     attn_p = [arch.attn_group_params(i) for i in layers]
     mlp_p = arch.mlp_channel_params()
@@ -111,7 +115,10 @@ def plan_ratio(
             f"channel stay in each layer); allowed: (0, {max_removable / total:.3f}]"
         )
     if "attn" in kinds and "mlp" in kinds:
-        prunable = sum((c + 1) * p for c, p in zip(attn_caps, attn_p, strict=True)) + sum(c + 1 for c in mlp_caps) * mlp_p
+        prunable = (
+            sum((c + 1) * p for c, p in zip(attn_caps, attn_p, strict=True))
+            + sum(c + 1 for c in mlp_caps) * mlp_p
+        )
         frac = target / prunable
         attn_k = [min(c, round(frac * (c + 1))) for c in attn_caps]
         while sum(k * p for k, p in zip(attn_k, attn_p, strict=True)) > target:  # rounding overshoot
@@ -133,7 +140,9 @@ def plan_ratio(
         mlp_k = _spread(round(target / mlp_p), mlp_caps)
         step = mlp_p
     else:
-        raise ConfigError(f"method.targets={list(kinds)} is not allowed; allowed: [attn, mlp], [attn], [mlp], [layer]")
+        raise ConfigError(
+            f"method.targets={list(kinds)} is not allowed; allowed: [attn, mlp], [attn], [mlp], [layer]"
+        )
     for i, a, m in zip(layers, attn_k, mlp_k, strict=True):
         if "attn" in kinds:
             remove[f"{i}.attn"] = a

@@ -34,7 +34,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 class WandbTracker:
-    def __init__(self, cfg: Any, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]) -> None:
+    def __init__(
+        self, cfg: Any, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]
+    ) -> None:
         import wandb
 
         run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]

@@ -49,8 +49,10 @@ class StructuredPruner:
             )
         for key in ("keep_first_layers", "keep_last_layers"):
             v = getattr(self, key)
-            if isinstance(v, float) and not 0.0 <= v < 1.0 or isinstance(v, int) and v < 0:
-                raise ConfigError(f"method.{key}={v!r} must be a fraction of depth in [0, 1) or a layer count >= 0")
+            if (isinstance(v, float) and not 0.0 <= v < 1.0) or (isinstance(v, int) and v < 0):
+                raise ConfigError(
+                    f"method.{key}={v!r} must be a fraction of depth in [0, 1) or a layer count >= 0"
+                )
 
     def layers(self, num_layers: int) -> list[int]:
         return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)

@@ -1,0 +1,46 @@
+# prunelab: `make run` sets up and runs the default experiment; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Torch first, pinned: on a machine without a GPU this is the CPU build (a loose `torch`
+# would pull a multi-GB CUDA build). GPU users: make setup TORCH_SPEC='torch>=2.4'
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint format embedded clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/prunelab $(ARGS)
+
+# pytest exits 5 when it collects nothing: that is not a failure of the suite.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; rc=0; fi; exit $$rc
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/ruff format --check src tests experiments
+
+format: setup
+	$(VENV)/bin/ruff format src tests experiments
+	$(VENV)/bin/ruff check --fix src tests experiments
+
+# Reproduce the shipped embedded models (~15 min each on 2 cores).
+embedded: setup
+	$(PY) -m prunelab.models.embedded --name tiny_llama --steps 1200
+	$(PY) -m prunelab.models.embedded --name tiny_llama_gqa --steps 1200
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

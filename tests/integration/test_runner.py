@@ -1,0 +1,116 @@
+"""End to end on the embedded model: the default run, resume after a kill, a multirun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prunelab.models.embedded import asset_dir
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (asset_dir("tiny_llama") / "model.safetensors").exists(), reason="embedded weights not built"
+    ),
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+FAST_EVAL = ["eval.zeroshot.num_examples=40", "eval.cost.repeats=1", "eval.cost.decode_tokens=4"]
+
+
+def prunelab(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "prunelab.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_default_run_end_to_end(tmp_path):
+    p = prunelab("logger=none", f"output_root={tmp_path}", *FAST_EVAL, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    r = json.loads((run_dir / "results.json").read_text())
+    assert r["config"]["method"]["name"] == "structured" and r["config"]["ratio"] == 0.2
+    assert abs(r["ratio"]["achieved"] - 0.2) <= 0.01 * 0.2
+    dense, pruned = r["dense"], r["pruned"]
+    assert math.isfinite(pruned["perplexity"]["embedded"])
+    assert pruned["perplexity"]["embedded"] > dense["perplexity"]["embedded"]
+    for res in (dense, pruned):
+        assert set(res["zeroshot"]) >= {"prunelab_ending", "prunelab_cloze", "prunelab_order"}
+        assert 0 <= res["zeroshot"]["prunelab_order"]["acc"] <= 1
+        assert res["cost"]["parameters"] > 0 and res["cost"]["macs"] > 0
+    assert pruned["cost"]["parameters"] == r["ratio"]["params_after"] < dense["cost"]["parameters"]
+    assert pruned["cost"]["macs"] < dense["cost"]["macs"]
+    assert {"prune", "eval", "total"} <= set(r["timings_s"])
+    # the saved model is safetensors + config, loadable in one call
+    from prunelab.models.loading import load_pretrained
+
+    model = load_pretrained(r["model_dir"])
+    assert sum(p.numel() for p in model.parameters()) == r["ratio"]["params_after"]
+
+
+def test_kill_mid_stage_then_rerun_resumes(tmp_path):
+    args = ["logger=none", f"output_root={tmp_path}", "ratio=0.3", *FAST_EVAL]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prunelab.cli", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run_dir = tmp_path / "runs" / "ratio=0.3"
+    deadline = time.time() + 300
+    while not (run_dir / "stages" / "prune.json").exists():
+        assert proc.poll() is None, "run ended before the prune stage finished"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-way through the evaluation stage
+    proc.wait()
+    assert not (run_dir / "results.json").exists() and not (run_dir / "stages" / "eval.json").exists()
+    weights = run_dir / "pruned" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+
+    p = prunelab(*args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((run_dir / "results.json").read_text())
+    assert "prune" in r["resumed_stages"] and "eval" not in r["resumed_stages"]
+    assert weights.stat().st_mtime_ns == mtime  # not pruned again
+    # a third run resumes everything
+    p = prunelab(*args, cwd=tmp_path)
+    assert p.returncode == 0
+    r = json.loads((run_dir / "results.json").read_text())
+    assert {"dense_eval", "prune", "eval"} <= set(r["resumed_stages"])
+
+
+def test_multirun_ratio_by_importance(tmp_path):
+    p = prunelab(
+        "-m",
+        "ratio=0.2,0.5",
+        "method.importance=random,magnitude",
+        "eval=quick",
+        "logger=wandb",
+        f"output_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted(d.name for d in (tmp_path / "runs").iterdir() if (d / "results.json").exists())
+    assert runs == [
+        "method.importance=magnitude,ratio=0.2",
+        "method.importance=magnitude,ratio=0.5",
+        "method.importance=random,ratio=0.2",
+        "method.importance=random,ratio=0.5",
+    ]
+    ppl = {
+        d: json.loads((tmp_path / "runs" / d / "results.json").read_text())["pruned"]["perplexity"][
+            "embedded"
+        ]
+        for d in runs
+    }
+    assert all(math.isfinite(v) for v in ppl.values())
+    for d in runs:  # one offline W&B run per job, inside its run dir
+        assert list((tmp_path / "runs" / d / "wandb").glob("offline-run-*"))
