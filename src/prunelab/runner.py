@@ -157,9 +157,11 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             if dense_file.exists():
                 dense = json.loads(dense_file.read_text())
                 resumed.append("dense_eval")
+                log.info("dense evaluation: cached (%s)", dense_file)
             else:
                 from prunelab.evaluation.suite import evaluate
 
+                log.info("dense evaluation")
                 t = time.perf_counter()
                 m, tok = dense_model()
                 dense = evaluate(m, tok, cfg.eval, cache, "dense")
@@ -177,6 +179,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             from prunelab.models.loading import save_model
             from prunelab.structure import apply_masks, prune_physically
 
+            log.info("prune: %s", cfg.method.name)
             t = time.perf_counter()
             m, tok = dense_model()
             calib = None
@@ -203,7 +206,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             )
         else:
             resumed.append("prune")
-            model = None  # the pruned model is loaded from disk below
+            log.info("prune: finished earlier, resuming from %s", pruned_dir)
         timings["prune"] = rec["time_s"]
 
         # 3. recover (LoRA lands with LLM-Pruner; `recovery=none` keeps the pruned model)
@@ -224,6 +227,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             from prunelab.evaluation.suite import evaluate
             from prunelab.models.loading import DTYPES, load_pretrained
 
+            log.info("evaluate the pruned model (%s)", final_dir)
             t = time.perf_counter()
             final = load_pretrained(final_dir, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
             tok = AutoTokenizer.from_pretrained(final_dir)
@@ -258,6 +262,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             "resumed_stages": resumed,
         }
         write_json(rd.root / "results.json", results)
+        log.info("results: %s", rd.root / "results.json")
         tracker.summary({"pruned": rec_eval["metrics"], "ratio": results["ratio"], "timings_s": timings})
         tracker.finish()
         return results
