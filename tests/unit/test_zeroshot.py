@@ -217,3 +217,20 @@ def test_lm_eval_loglikelihood_matches_hand_computed(model, tokenizer, tasks_dir
         text = ex["context"] + req.args[1]  # what lm-eval scored, as one string
         assert text == (f"{ex['context']} {choice}" if ex["context"] else choice)
         assert score == pytest.approx(_hand_logprob(model, [sep, *enc(text)], len(context)), abs=1e-4)
+
+
+def test_same_tokens_split_differently_are_scored_apart(model, tokenizer) -> None:
+    """One sentence as (start, " end") and as ("", sentence): lm-eval's logits cache would merge them."""
+    from lm_eval.api.instance import Instance
+
+    sentence = "Return the number of items in the container."
+    start, end = sentence.split(" ", 4)[:4], sentence.split(" ", 4)[4]
+    args = [(" ".join(start), " " + end), ("", sentence)]
+    requests = [Instance("loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+    got = [ll for ll, _ in make_lm(model, tokenizer).loglikelihood(requests, disable_tqdm=True)]
+
+    sep = tokenizer.convert_tokens_to_ids(SEPARATOR)
+    ids = [sep, *tokenizer(sentence, add_special_tokens=False)["input_ids"]]
+    n_start = 1 + len(tokenizer(args[0][0], add_special_tokens=False)["input_ids"])
+    assert got[0] == pytest.approx(_hand_logprob(model, ids, n_start), abs=1e-4)
+    assert got[1] == pytest.approx(_hand_logprob(model, ids, 1), abs=1e-4)

@@ -113,9 +113,7 @@ def _comment_paragraphs(source: str) -> list[str]:
         paras.append(" ".join(cur))
     # Keep only paragraphs that read like prose (mostly letters and spaces).
     return [
-        p
-        for p in paras
-        if len(p) >= _MIN_CHARS and sum(c.isalpha() or c == " " for c in p) > 0.8 * len(p)
+        p for p in paras if len(p) >= _MIN_CHARS and sum(c.isalpha() or c == " " for c in p) > 0.8 * len(p)
     ]
 
 
