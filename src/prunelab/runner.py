@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.errors import ConfigError, bad_value
+from prunelab.evaluation.suite import perplexity_sets
 from prunelab.tracking.rundir import RunDir, write_json
 
 log = logging.getLogger("prunelab")
@@ -55,7 +56,7 @@ def validate(cfg: DictConfig):
     method = attempt(lambda: build_method(cfg.method))
     attempt(lambda: check_model_config(cfg.model))
     attempt(lambda: build_source(cfg.data).check())
-    attempt(lambda: check_eval_config(cfg.eval))
+    attempt(lambda: check_eval_config(cfg.eval, cfg.data))
     if cfg.recovery.name not in RECOVERIES:
         problems.append(str(bad_value("recovery", cfg.recovery.name, RECOVERIES)))
     if cfg.logger.name not in LOGGERS:
@@ -164,7 +165,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                 log.info("dense evaluation")
                 t = time.perf_counter()
                 m, tok = dense_model()
-                dense = evaluate(m, tok, cfg.eval, cache, "dense")
+                dense = evaluate(m, tok, cfg.eval, cache, "dense", cfg.data)
                 write_json(dense_file, dense)
                 timings["dense_eval"] = time.perf_counter() - t
             tracker.summary({"dense": dense})
@@ -234,7 +235,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             rec_eval = rd.finish(
                 "eval",
                 {
-                    "metrics": evaluate(final, tok, cfg.eval, cache, "pruned"),
+                    "metrics": evaluate(final, tok, cfg.eval, cache, "pruned", cfg.data),
                     "time_s": time.perf_counter() - t,
                 },
             )

@@ -21,24 +21,31 @@ def perplexity_sets(cfg: Any) -> list[tuple[str, str]]:
     return out
 
 
-def check_eval_config(cfg: Any) -> None:
+def source_for(name: str, data_cfg: Any = None):
+    """The text source for an eval dataset: the run's own ``data`` node when the names match
+    (so ``data.local_files`` overrides reach the evaluation too), else ``conf/data/<name>.yaml``."""
     from prunelab.data.sources import build_source, load_source_config
+
+    if data_cfg is not None and data_cfg.name == name:
+        return build_source(data_cfg)
+    return build_source(load_source_config(name))
+
+
+def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
     from prunelab.evaluation.zeroshot import check_tasks
 
     for name, _split in perplexity_sets(cfg):
-        build_source(load_source_config(name)).check()
+        source_for(name, data_cfg).check()
     if cfg.zeroshot.tasks:
         check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
 
 
-def evaluate(model: nn.Module, tokenizer, cfg: Any, cache_dir: Path, label: str) -> dict:
+def evaluate(model: nn.Module, tokenizer, cfg: Any, cache_dir: Path, label: str, data_cfg: Any = None) -> dict:
     """{"perplexity": {dataset: ppl}, "zeroshot": {task: {acc, acc_norm, ...}}, "cost": {...}, "time_s": {...}}"""
-    from prunelab.data.sources import build_source, load_source_config
-
     out: dict[str, Any] = {"perplexity": {}, "zeroshot": {}, "cost": {}, "time_s": {}}
     t = time.perf_counter()
     for name, split in perplexity_sets(cfg):
-        ids = build_source(load_source_config(name)).token_ids(tokenizer, split)
+        ids = source_for(name, data_cfg).token_ids(tokenizer, split)
         out["perplexity"][name] = perplexity(
             model,
             ids,
