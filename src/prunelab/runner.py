@@ -94,7 +94,9 @@ def model_fingerprint(cfg: DictConfig) -> str:
 
     path = Path(resolve_path(str(cfg.path)))
     if path.is_dir():
-        return _hash([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()])
+        return _hash(
+            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
+        )
     return f"{cfg.path}@{cfg.revision}"
 
 
@@ -150,7 +152,15 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     try:
         # 1. dense evaluation, cached across runs per (model, eval) config
         dense_key = _hash(
-            {"model": resolved["model"], "eval": {k: v for k, v in resolved["eval"].items() if k != "dense"}}
+            {
+                "model": resolved["model"],
+                "weights": model_fingerprint(cfg.model),
+                "eval": {k: v for k, v in resolved["eval"].items() if k != "dense"},
+                # eval sets named like the run's data are read through its node (local_files)
+                "data": resolved["data"]
+                if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval))
+                else None,
+            }
         )
         dense_file = cache / "dense" / f"{cfg.model.name}-{dense_key}.json"
         dense = None

@@ -21,8 +21,9 @@ FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 @pytest.fixture(scope="module")
 def local_hub_model(tmp_path_factory):
     """A tiny random LLaMA saved like a hub checkpoint (safetensors + config + tokenizer)."""
-    from prunelab.models.embedded import asset_dir
     from transformers import AutoTokenizer
+
+    from prunelab.models.embedded import asset_dir
 
     tok = AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
     model = make_model("llama", kv=2, heads=4, layers=4, hidden=64, inter=96)
@@ -34,7 +35,10 @@ def local_hub_model(tmp_path_factory):
 
 
 def test_hub_configs_run_on_local_files(local_hub_model, tmp_path):
-    wiki = {"train": str(FIXTURES / "wikitext2-train-00000-of-00001.parquet"), "test": str(FIXTURES / "wikitext2-test-00000-of-00001.parquet")}
+    wiki = {
+        "train": str(FIXTURES / "wikitext2-train-00000-of-00001.parquet"),
+        "test": str(FIXTURES / "wikitext2-test-00000-of-00001.parquet"),
+    }
     overrides = [
         "model=llama_7b",
         f"model.path={local_hub_model}",
@@ -54,7 +58,9 @@ def test_hub_configs_run_on_local_files(local_hub_model, tmp_path):
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     r = run(cfg, tmp_path / "run")
-    assert math.isfinite(r["dense"]["perplexity"]["wikitext2"]) and math.isfinite(r["pruned"]["perplexity"]["wikitext2"])
+    assert math.isfinite(r["dense"]["perplexity"]["wikitext2"]) and math.isfinite(
+        r["pruned"]["perplexity"]["wikitext2"]
+    )
     assert abs(r["ratio"]["achieved"] - 0.1) <= 0.05 * 0.1
     saved = json.loads((tmp_path / "run" / "pruned" / "config.json").read_text())
     assert saved["model_type"] == "llama"

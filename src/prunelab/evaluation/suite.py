@@ -40,7 +40,9 @@ def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
         check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
 
 
-def evaluate(model: nn.Module, tokenizer, cfg: Any, cache_dir: Path, label: str, data_cfg: Any = None) -> dict:
+def evaluate(
+    model: nn.Module, tokenizer, cfg: Any, cache_dir: Path, label: str, data_cfg: Any = None
+) -> dict:
     """{"perplexity": {dataset: ppl}, "zeroshot": {task: {acc, acc_norm, ...}}, "cost": {...}, "time_s": {...}}"""
     out: dict[str, Any] = {"perplexity": {}, "zeroshot": {}, "cost": {}, "time_s": {}}
     t = time.perf_counter()
