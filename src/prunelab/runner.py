@@ -261,7 +261,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             "model_dir": str(final_dir),
             "ratio": {
                 "requested": plan.requested,
-                "achieved": rec["params_after"] and 1 - rec["params_after"] / plan.params_before,
+                "achieved": 1 - rec["params_after"] / plan.params_before,
                 "params_before": plan.params_before,
                 "params_after": rec["params_after"],
             },

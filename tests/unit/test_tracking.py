@@ -76,3 +76,18 @@ def test_rundir_refuses_a_different_config(tmp_path):
     assert RunDir(tmp_path, {"ratio": 0.2}).done("prune") == {"time_s": 1}
     with pytest.raises(ConfigError, match=r"different config.*ratio"):
         RunDir(tmp_path, {"ratio": 0.5})
+
+
+def test_model_fingerprint_follows_the_weights(tmp_path):
+    import os
+
+    from prunelab.runner import model_fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"a")
+    cfg = OmegaConf.create({"path": str(tmp_path), "revision": None})
+    first = model_fingerprint(cfg)
+    assert model_fingerprint(cfg) == first
+    (tmp_path / "model.safetensors").write_bytes(b"bb")  # retrained weights: the dense cache is stale
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))
+    assert model_fingerprint(cfg) != first
+    assert model_fingerprint(OmegaConf.create({"path": "org/model", "revision": "v1"})) == "org/model@v1"
