@@ -63,7 +63,8 @@ def test_kill_mid_stage_then_rerun_resumes(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    run_dir = tmp_path / "runs" / "ratio=0.3"
+    # the run dir is named by the overrides that change results (logger, output_root excluded)
+    run_dir = tmp_path / "runs" / ",".join(sorted(["ratio=0.3", *FAST_EVAL]))
     deadline = time.time() + 300
     while not (run_dir / "stages" / "prune.json").exists():
         assert proc.poll() is None, "run ended before the prune stage finished"
@@ -100,10 +101,10 @@ def test_multirun_ratio_by_importance(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     runs = sorted(d.name for d in (tmp_path / "runs").iterdir() if (d / "results.json").exists())
     assert runs == [
-        "method.importance=magnitude,ratio=0.2",
-        "method.importance=magnitude,ratio=0.5",
-        "method.importance=random,ratio=0.2",
-        "method.importance=random,ratio=0.5",
+        "eval=quick,method.importance=magnitude,ratio=0.2",
+        "eval=quick,method.importance=magnitude,ratio=0.5",
+        "eval=quick,method.importance=random,ratio=0.2",
+        "eval=quick,method.importance=random,ratio=0.5",
     ]
     ppl = {
         d: json.loads((tmp_path / "runs" / d / "results.json").read_text())["pruned"]["perplexity"][
