@@ -55,7 +55,8 @@ def _main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise
         sys.exit(2)
-    ppl = results["pruned"]["perplexity"]
+    final = results["recovered"] or results["pruned"]
+    ppl = final["perplexity"]
     return float(next(iter(ppl.values()))) if ppl else None  # a metric for sweepers
 
 

@@ -22,17 +22,17 @@ from prunelab.evaluation.suite import perplexity_sets
 from prunelab.tracking.rundir import RunDir, write_json
 
 log = logging.getLogger("prunelab")
-RECOVERIES = ("none",)
+RECOVERIES = ("none", "lora")
 LOGGERS = ("wandb", "none")
 
 
 # ---------------------------------------------------------------- validation (no model loads)
 def validate(cfg: DictConfig):
-    """Check every group of the config; return (method, arch, plan). Raises one ConfigError
+    """Check every group of the config; return (method, recovery, plan). Raises one ConfigError
     listing every problem found."""
     from prunelab.data.sources import build_source
     from prunelab.evaluation.suite import check_eval_config
-    from prunelab.methods import build_method
+    from prunelab.methods import build_dataclass, build_method
     from prunelab.models.loading import check_model_config, load_config
     from prunelab.structure import arch_info
     from prunelab.structure.plan import plan_ratio
@@ -57,8 +57,13 @@ def validate(cfg: DictConfig):
     attempt(lambda: check_model_config(cfg.model))
     attempt(lambda: build_source(cfg.data).check())
     attempt(lambda: check_eval_config(cfg.eval, cfg.data))
+    recovery = None
     if cfg.recovery.name not in RECOVERIES:
         problems.append(str(bad_value("recovery", cfg.recovery.name, RECOVERIES)))
+    elif cfg.recovery.name != "none":
+        recovery = attempt(lambda: build_dataclass(cfg.recovery, "recovery"))
+        if recovery is not None:
+            attempt(recovery.check)
     if cfg.logger.name not in LOGGERS:
         problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
     if cfg.device != "auto" and not str(cfg.device).startswith(("cpu", "cuda", "mps")):
@@ -70,7 +75,7 @@ def validate(cfg: DictConfig):
     plan = plan_ratio(
         arch, float(cfg.ratio), method.targets, method.layers(arch.num_layers), float(cfg.ratio_tolerance)
     )
-    return method, arch, plan
+    return method, recovery, plan
 
 
 # ---------------------------------------------------------------- helpers
@@ -122,7 +127,7 @@ def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None):
 # ---------------------------------------------------------------- the recipe
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     t_start = time.perf_counter()
-    method, _arch, plan = validate(cfg)
+    method, recovery, plan = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     rd = RunDir(run_dir, {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS})
     torch.manual_seed(int(cfg.seed))
@@ -197,9 +202,13 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             if getattr(method, "needs_calibration", False):
                 from prunelab.data.sources import build_source
 
-                c = cfg.data.calibration
+                c = cfg.data.calibration  # a method's own calibration size (its paper's) wins
                 calib = build_source(cfg.data).calibration_windows(
-                    tok, c.num_samples, c.seq_len, int(cfg.seed), c.split
+                    tok,
+                    getattr(method, "calibration_samples", None) or c.num_samples,
+                    getattr(method, "calibration_seq_len", None) or c.seq_len,
+                    int(cfg.seed),
+                    c.split,
                 )
             masks = method.prune(m, plan, PruneContext(tok, calib, int(cfg.seed)))
             apply_masks(m, masks)
@@ -220,38 +229,54 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             log.info("prune: finished earlier, resuming from %s", pruned_dir)
         timings["prune"] = rec["time_s"]
 
-        # 3. recover (LoRA lands with LLM-Pruner; `recovery=none` keeps the pruned model)
-        rec_recover = rd.done("recover")
-        if rec_recover is None:
-            rec_recover = rd.finish(
-                "recover", {"recovery": cfg.recovery.name, "model_dir": str(pruned_dir), "time_s": 0.0}
-            )
-        else:
-            resumed.append("recover")
-        final_dir = Path(rec_recover["model_dir"])
-
-        # 4. evaluate the final model
-        rec_eval = rd.done("eval")
-        if rec_eval is None:
+        def evaluate_stage(stage: str, model_dir: Path, label: str) -> dict:
+            rec_e = rd.done(stage)
+            if rec_e is not None:
+                resumed.append(stage)
+                return rec_e
             from transformers import AutoTokenizer
 
             from prunelab.evaluation.suite import evaluate
             from prunelab.models.loading import DTYPES, load_pretrained
 
-            log.info("evaluate the pruned model (%s)", final_dir)
+            log.info("evaluate the %s model (%s)", label, model_dir)
             t = time.perf_counter()
-            final = load_pretrained(final_dir, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
-            tok = AutoTokenizer.from_pretrained(final_dir)
-            rec_eval = rd.finish(
-                "eval",
-                {
-                    "metrics": evaluate(final, tok, cfg.eval, cache, "pruned", cfg.data),
-                    "time_s": time.perf_counter() - t,
-                },
-            )
-        else:
-            resumed.append("eval")
+            final = load_pretrained(model_dir, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            metrics = evaluate(final, tok, cfg.eval, cache, label, cfg.data)
+            return rd.finish(stage, {"metrics": metrics, "time_s": time.perf_counter() - t})
+
+        # 3. evaluate the pruned model (before any recovery)
+        rec_eval = evaluate_stage("eval", pruned_dir, "pruned")
         timings["eval"] = rec_eval["time_s"]
+
+        # 4. recover with LoRA, merged back into a dense model of the pruned shape
+        final_dir, recovered, recovery_info = pruned_dir, None, None
+        if recovery is not None:
+            recovered_dir = rd.root / "recovered"
+            rec_recover = rd.done("recover")
+            if rec_recover is None:
+                from transformers import AutoTokenizer
+
+                from prunelab.models.loading import DTYPES, load_pretrained, save_model
+
+                log.info("recover: LoRA on %s", recovery.data)
+                t = time.perf_counter()
+                pruned = load_pretrained(pruned_dir, dtype=DTYPES[cfg.model.dtype]).to(device)
+                tok = AutoTokenizer.from_pretrained(pruned_dir)
+                merged = recovery.recover(pruned, tok, recovered_dir, tracker=tracker, data_cfg=cfg.data)
+                save_model(merged, tok, recovered_dir / "model")
+                rec_recover = rd.finish("recover", {"time_s": time.perf_counter() - t})
+            else:
+                resumed.append("recover")
+            timings["recover"] = rec_recover["time_s"]
+            final_dir = recovered_dir / "model"
+            history = recovered_dir / "history.json"
+            recovery_info = json.loads(history.read_text()) if history.exists() else None
+            rec_eval_rec = evaluate_stage("eval_recovered", final_dir, "recovered")
+            timings["eval_recovered"] = rec_eval_rec["time_s"]
+            recovered = rec_eval_rec["metrics"]
+
         timings["total"] = time.perf_counter() - t_start
 
         # 5. results
@@ -269,12 +294,16 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             "layer_shapes": rec["layer_shapes"],
             "dense": dense,
             "pruned": rec_eval["metrics"],
+            "recovered": recovered,
+            "recovery": recovery_info,
             "timings_s": timings,
             "resumed_stages": resumed,
         }
         write_json(rd.root / "results.json", results)
         log.info("results: %s", rd.root / "results.json")
-        tracker.summary({"pruned": rec_eval["metrics"], "ratio": results["ratio"], "timings_s": timings})
+        tracker.summary(
+            {"pruned": rec_eval["metrics"], "recovered": recovered, "ratio": results["ratio"], "timings_s": timings}
+        )
         tracker.finish()
         return results
     except BaseException:

@@ -17,45 +17,29 @@ from prunelab.structure import apply_masks, arch_info, prune_physically
 from prunelab.structure.plan import plan_ratio
 from tests.conftest import make_model
 
-# (id, method config, ratio, relative tolerance)
+SP = "prunelab.methods.structured.StructuredPruner"
+LLM = "prunelab.methods.llm_pruner.LLMPruner"
+CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(7))
+
+# (id, method config, ratio, relative tolerance); whole-head/-layer rows get the nearest amount
+# fmt: off
 METHODS = [
-    (
-        "structured-magnitude",
-        {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "magnitude"},
-        0.3,
-        0.01,
-    ),
-    (
-        "structured-l2",
-        {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "magnitude", "norm": 2},
-        0.3,
-        0.01,
-    ),
-    (
-        "structured-random",
-        {"_target_": "prunelab.methods.structured.StructuredPruner", "importance": "random", "seed": 3},
-        0.3,
-        0.01,
-    ),
-    (
-        "structured-mlp-only",
-        {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["mlp"]},
-        0.2,
-        0.01,
-    ),
-    (
-        "structured-attn-only",
-        {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["attn"]},
-        0.1,
-        0.35,
-    ),
-    (
-        "structured-layers",
-        {"_target_": "prunelab.methods.structured.StructuredPruner", "targets": ["layer"]},
-        0.2,
-        0.35,
-    ),
+    ("structured-magnitude", {"_target_": SP, "importance": "magnitude"}, 0.3, 0.01),
+    ("structured-l2", {"_target_": SP, "importance": "magnitude", "norm": 2}, 0.3, 0.01),
+    ("structured-random", {"_target_": SP, "importance": "random", "seed": 3}, 0.3, 0.01),
+    ("structured-mlp-only", {"_target_": SP, "targets": ["mlp"]}, 0.2, 0.01),
+    ("structured-attn-only", {"_target_": SP, "targets": ["attn"]}, 0.1, 0.35),
+    ("structured-layers", {"_target_": SP, "targets": ["layer"]}, 0.2, 0.35),
+    ("llm_pruner-element1", {"_target_": LLM, "importance": "element1"}, 0.3, 0.01),
+    ("llm_pruner-element2", {"_target_": LLM, "importance": "element2"}, 0.3, 0.01),
+    ("llm_pruner-second", {"_target_": LLM, "importance": "second"}, 0.3, 0.01),
+    ("llm_pruner-vector", {"_target_": LLM, "importance": "vector"}, 0.3, 0.01),
+    ("llm_pruner-l2", {"_target_": LLM, "importance": "l2"}, 0.3, 0.01),
+    ("llm_pruner-global", {"_target_": LLM, "ranking": "global"}, 0.3, 0.01),
+    ("llm_pruner-iterative", {"_target_": LLM, "iterative_steps": 3}, 0.3, 0.01),
+    ("llm_pruner-layers", {"_target_": LLM, "mode": "layer"}, 0.2, 0.35),
 ]
+# fmt: on
 
 
 def _pruned(method_cfg, ratio, tol, family=("llama", 2)):
@@ -67,7 +51,7 @@ def _pruned(method_cfg, ratio, tol, family=("llama", 2)):
     )
     arch = arch_info(model.config)
     plan = plan_ratio(arch, ratio, method.targets, method.layers(arch.num_layers), tol)
-    masks = method.prune(model, plan, PruneContext(None, None, 0))
+    masks = method.prune(model, plan, PruneContext(None, CALIB, 0))
     return model, plan, masks
 
 

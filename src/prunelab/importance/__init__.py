@@ -20,7 +20,11 @@ AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
 
 
 class Importance(Protocol):
-    def scores(self, model: nn.Module, arch: ArchInfo, units: list[Unit]) -> dict[str, torch.Tensor]: ...
+    needs_calibration: bool
+
+    def scores(
+        self, model: nn.Module, arch: ArchInfo, units: list[Unit], calibration: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]: ...
 
 
 def aggregate(member_scores: list[torch.Tensor], how: str = "sum") -> torch.Tensor:
@@ -52,4 +56,24 @@ def select_masks(scores: dict[str, torch.Tensor], remove: dict[str, int]) -> Mas
             order = torch.sort(s.float().cpu(), stable=True).indices
             keep[order[:k]] = False
         masks[key] = keep
+    return masks
+
+
+def select_global(scores: dict[str, torch.Tensor], remove: dict[str, int]) -> Masks:
+    """Global ranking: per kind, drop the same total number of groups as ``remove`` asks, but
+    the lowest-scoring ones across all its units (each unit keeps at least one group)."""
+    masks: Masks = {k: torch.ones(scores[k].numel(), dtype=torch.bool) for k in remove}
+    for kind in sorted({k.split(".")[-1] for k in remove}):
+        keys = [k for k in remove if k.split(".")[-1] == kind]
+        total = sum(remove[k] for k in keys)
+        pool = [(float(v), k, i) for k in keys for i, v in enumerate(scores[k].float().tolist())]
+        pool.sort(key=lambda x: (x[0], x[1], x[2]))
+        left = {k: scores[k].numel() - 1 for k in keys}
+        for _, k, i in pool:
+            if total == 0:
+                break
+            if left[k] > 0:
+                masks[k][i] = False
+                left[k] -= 1
+                total -= 1
     return masks

@@ -11,12 +11,16 @@ from prunelab.structure.groups import grouped, iter_unit_members
 
 
 class MagnitudeImportance:
+    needs_calibration = False
+
     def __init__(self, p: int = 1, aggregation: str = "sum") -> None:
         self.p = p
         self.aggregation = aggregation
 
     @torch.no_grad()
-    def scores(self, model: nn.Module, arch: ArchInfo, units: list[Unit]) -> dict[str, torch.Tensor]:
+    def scores(
+        self, model: nn.Module, arch: ArchInfo, units: list[Unit], calibration: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         out = {}
         for unit in units:
             per_member = [

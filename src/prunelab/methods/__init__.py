@@ -39,14 +39,19 @@ class Method(Protocol):
     def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks: ...
 
 
-def build_method(cfg: DictConfig) -> Method:
-    """Instantiate a method config (``_target_`` = its hyperparameter dataclass)."""
+def build_dataclass(cfg: DictConfig, group: str) -> Any:
+    """Instantiate a config node whose ``_target_`` is a hyperparameter dataclass, refusing
+    unknown keys with the allowed ones (``+method.typo=…`` would otherwise pass silently)."""
     cls = get_class(cfg._target_)
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ConfigError(
-            f"method.{unknown[0]} is not a key of method={cfg.name}; allowed: {', '.join(sorted(allowed))}"
+            f"{group}.{unknown[0]} is not a key of {group}={cfg.name}; allowed: {', '.join(sorted(allowed))}"
         )
     return cls(**kwargs)
+
+
+def build_method(cfg: DictConfig) -> Method:
+    return build_dataclass(cfg, "method")

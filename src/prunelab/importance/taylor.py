@@ -1,0 +1,112 @@
+"""Taylor importance (LLM-Pruner): the loss change from removing weights, from gradients of
+the LM loss on a few calibration sequences.
+
+For a weight w with gradient g = (1/N)·Σ g_n and Fisher diagonal F = (1/N)·Σ g_n²
+(per-sample gradients g_n):
+
+- ``element1``: |w·g|                  first order, summed over a group's elements
+- ``second``:   |w·F·w|                second-order term only
+- ``element2``: |w·g − ½·w·F·w|        mixed (first + Fisher-approximated second order)
+- ``vector``:   |Σ w·g|                sum inside the group slice, absolute value outside
+
+A member's score sums its group slice; members combine by ``aggregate`` (sum by default).
+Only the gradients of prunable layers' member weights are computed (requires_grad is set on
+exactly those and restored afterwards). F needs one backward pass per calibration sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunelab.importance import aggregate
+from prunelab.structure import ArchInfo, Unit
+from prunelab.structure.groups import grouped, iter_unit_members
+
+TAYLOR_KINDS = ("element1", "element2", "second", "vector")
+
+
+def _targets(model: nn.Module, arch: ArchInfo, units: list[Unit]) -> dict[int, torch.Tensor]:
+    params = {}
+    for unit in units:
+        for _, t in iter_unit_members(model, arch, unit):
+            params[id(t)] = t
+    return params
+
+
+def gradient_stats(
+    model: nn.Module,
+    params: dict[int, torch.Tensor],
+    calibration: torch.Tensor,
+    fisher: bool,
+    micro_batch: int = 8,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """Mean gradient g (and mean squared per-sample gradient F) of the LM loss, in fp32."""
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in params)
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    device = next(model.parameters()).device
+    n = calibration.shape[0]
+    g = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    f = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()} if fisher else None
+    order = list(params)
+    try:
+        step = 1 if fisher else micro_batch
+        for i in tqdm(range(0, n, step), desc="calibration gradients", leave=False):
+            x = calibration[i : i + step].to(device)
+            loss = model(input_ids=x, labels=x).loss
+            grads = torch.autograd.grad(loss, [params[k] for k in order])
+            for k, gr in zip(order, grads, strict=True):
+                gr = gr.float()
+                g[k] += gr * (x.shape[0] / n)  # mean over samples of per-sample mean losses
+                if f is not None:
+                    f[k] += gr.pow(2) / n
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+        model.train(was_training)
+    return g, f
+
+
+class TaylorImportance:
+    needs_calibration = True
+
+    def __init__(self, kind: str = "element1", aggregation: str = "sum", micro_batch: int = 8) -> None:
+        if kind not in TAYLOR_KINDS:
+            raise ValueError(f"kind={kind!r} not in {TAYLOR_KINDS}")
+        self.kind = kind
+        self.aggregation = aggregation
+        self.micro_batch = micro_batch
+
+    def salience(self, w: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
+        """Element-wise salience (signed for ``vector``, whose abs is taken after the group sum)."""
+        w = w.detach().float()
+        if self.kind == "element1":
+            return (w * g).abs()
+        if self.kind == "vector":
+            return w * g
+        wfw = w * f * w
+        if self.kind == "second":
+            return wfw.abs()
+        return (w * g - 0.5 * wfw).abs()  # element2
+
+    def scores(
+        self, model: nn.Module, arch: ArchInfo, units: list[Unit], calibration: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if calibration is None:
+            raise ValueError("Taylor importance needs calibration sequences")
+        params = _targets(model, arch, units)
+        g, f = gradient_stats(
+            model, params, calibration, self.kind in ("element2", "second"), self.micro_batch
+        )
+        out = {}
+        for unit in units:
+            per_member = []
+            for m, t in iter_unit_members(model, arch, unit):
+                s = grouped(self.salience(t, g[id(t)], f[id(t)] if f else None), m).sum(1)
+                per_member.append(s.abs() if self.kind == "vector" else s)
+            out[unit.key] = aggregate(per_member, self.aggregation).cpu()
+        return out

@@ -1,0 +1,3 @@
+from prunelab.methods.llm_pruner.pruner import LLMPruner
+
+__all__ = ["LLMPruner"]
