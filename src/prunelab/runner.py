@@ -302,7 +302,12 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
         write_json(rd.root / "results.json", results)
         log.info("results: %s", rd.root / "results.json")
         tracker.summary(
-            {"pruned": rec_eval["metrics"], "recovered": recovered, "ratio": results["ratio"], "timings_s": timings}
+            {
+                "pruned": rec_eval["metrics"],
+                "recovered": recovered,
+                "ratio": results["ratio"],
+                "timings_s": timings,
+            }
         )
         tracker.finish()
         return results

@@ -40,7 +40,10 @@ def test_element1_mlp_channel_by_hand(gqa_model):
     arch = arch_info(gqa_model.config)
     got = TaylorImportance("element1").scores(gqa_model, arch, [Unit(1, "mlp", 24)], CALIB)["1.mlp"]
     p = "model.layers.1.mlp."
-    w = {n: dict(gqa_model.named_parameters())[p + n + ".weight"].detach() for n in ("gate_proj", "up_proj", "down_proj")}
+    w = {
+        n: dict(gqa_model.named_parameters())[p + n + ".weight"].detach()
+        for n in ("gate_proj", "up_proj", "down_proj")
+    }
     gg = {n: g[p + n + ".weight"] for n in w}
     for j in (0, 5, 23):
         expected = (
@@ -63,7 +66,12 @@ def test_element2_gqa_group_by_hand(gqa_model):
         gr, fi = g[f"model.layers.0.self_attn.{name}.weight"], f[f"model.layers.0.self_attn.{name}.weight"]
         return (w * gr - 0.5 * w * fi * w).abs()[idx].sum()
 
-    expected = s("q_proj", slice(16, 32)) + s("k_proj", slice(8, 16)) + s("v_proj", slice(8, 16)) + s("o_proj", (slice(None), slice(16, 32)))
+    expected = (
+        s("q_proj", slice(16, 32))
+        + s("k_proj", slice(8, 16))
+        + s("v_proj", slice(8, 16))
+        + s("o_proj", (slice(None), slice(16, 32)))
+    )
     assert torch.isclose(got[1], expected, rtol=1e-4)
 
 
@@ -75,9 +83,14 @@ def test_vector_takes_abs_after_the_sum_element_before(gqa_model):
     el = TaylorImportance("element1").scores(gqa_model, arch, unit, CALIB)["1.mlp"]
     p = "model.layers.1.mlp."
     params = dict(gqa_model.named_parameters())
-    wg = {n: params[p + n + ".weight"].detach() * g[p + n + ".weight"] for n in ("gate_proj", "up_proj", "down_proj")}
+    wg = {
+        n: params[p + n + ".weight"].detach() * g[p + n + ".weight"]
+        for n in ("gate_proj", "up_proj", "down_proj")
+    }
     j = 3
-    expected = wg["gate_proj"][j].sum().abs() + wg["up_proj"][j].sum().abs() + wg["down_proj"][:, j].sum().abs()
+    expected = (
+        wg["gate_proj"][j].sum().abs() + wg["up_proj"][j].sum().abs() + wg["down_proj"][:, j].sum().abs()
+    )
     assert torch.isclose(vec[j], expected, rtol=1e-4)
     assert (vec <= el + 1e-6).all() and not torch.allclose(vec, el)  # |Σx| ≤ Σ|x|, strictly somewhere
 
@@ -88,7 +101,9 @@ def test_fisher_is_nonzero_and_matches_per_sample_gradients(gqa_model):
     _g, f = gradient_stats(gqa_model, {id(w): w}, CALIB, fisher=True)
     assert f[id(w)].abs().sum() > 0  # a known reference bug made this ~0
     assert torch.allclose(f[id(w)], f_ref["model.layers.0.mlp.up_proj.weight"], rtol=1e-4, atol=1e-10)
-    second = TaylorImportance("second").scores(gqa_model, arch_info(gqa_model.config), [Unit(0, "mlp", 24)], CALIB)
+    second = TaylorImportance("second").scores(
+        gqa_model, arch_info(gqa_model.config), [Unit(0, "mlp", 24)], CALIB
+    )
     assert (second["0.mlp"] > 0).all()
     assert all(p.requires_grad for p in gqa_model.parameters())  # requires_grad restored afterwards
 
@@ -114,12 +129,24 @@ def test_global_ranking_keeps_totals_and_one_group_per_unit():
     masks = select_global(scores, {"0.mlp": 2, "1.mlp": 2})
     assert masks["0.mlp"].tolist() == [False, False, False, True]  # three lowest are all in layer 0 ...
     assert masks["1.mlp"].tolist() == [False, True, True, True]  # ... and the total of four is kept
-    masks = select_global({"0.mlp": torch.tensor([0.1, 0.2]), "1.mlp": torch.tensor([5.0, 6.0])}, {"0.mlp": 1, "1.mlp": 1})
+    masks = select_global(
+        {"0.mlp": torch.tensor([0.1, 0.2]), "1.mlp": torch.tensor([5.0, 6.0])}, {"0.mlp": 1, "1.mlp": 1}
+    )
     assert masks["0.mlp"].tolist() == [False, True]  # layer 0 keeps one group
 
 
 def llm_pruner(**kw):
-    return build_method(OmegaConf.create({"_target_": "prunelab.methods.llm_pruner.LLMPruner", "name": "llm_pruner", "keep_first_layers": 0, "keep_last_layers": 0, **kw}))
+    return build_method(
+        OmegaConf.create(
+            {
+                "_target_": "prunelab.methods.llm_pruner.LLMPruner",
+                "name": "llm_pruner",
+                "keep_first_layers": 0,
+                "keep_last_layers": 0,
+                **kw,
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("steps", [2, 3])
@@ -141,7 +168,7 @@ def test_llm_pruner_config_errors():
 
     with pytest.raises(ConfigError, match=r"method\.importance='element3'.*did you mean 'element"):
         llm_pruner(importance="element3")
-    with pytest.raises(ConfigError, match=r"method\.mode='width'.*allowed: block, layer"):
+    with pytest.raises(ConfigError, match=r"method\.mode='width'.*allowed: block, channel, layer"):
         llm_pruner(mode="width")
-    with pytest.raises(ConfigError, match=r"iterative_steps>1 is supported for method\.mode=block"):
+    with pytest.raises(ConfigError, match=r"iterative_steps>1 is supported for method\.mode=block\|channel"):
         llm_pruner(mode="layer", iterative_steps=2)

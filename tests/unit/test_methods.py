@@ -38,6 +38,7 @@ METHODS = [
     ("llm_pruner-global", {"_target_": LLM, "ranking": "global"}, 0.3, 0.01),
     ("llm_pruner-iterative", {"_target_": LLM, "iterative_steps": 3}, 0.3, 0.01),
     ("llm_pruner-layers", {"_target_": LLM, "mode": "layer"}, 0.2, 0.35),
+    ("llm_pruner-channel", {"_target_": LLM, "mode": "channel"}, 0.2, 0.05),
 ]
 # fmt: on
 

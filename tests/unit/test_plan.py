@@ -54,3 +54,10 @@ def test_ratio_that_whole_heads_cannot_meet():
         plan_ratio(arch, 0.07, ("attn",), [0, 1], tolerance=0.01)
     plan = plan_ratio(arch, 0.07, ("attn",), [0, 1], tolerance=0.5)  # loosened: nearest amount, reported
     assert plan.achieved != 0.07 and sum(plan.remove.values()) >= 1
+
+
+def test_hidden_channel_plan():
+    arch = arch_info(make_model("llama", 4, layers=4, hidden=64).config)
+    plan = plan_ratio(arch, 0.2, ("hidden",), [0, 1, 2, 3], tolerance=0.05)
+    assert plan.params_before - plan.params_after == plan.remove["hidden"] * arch.hidden_channel_params()
+    assert abs(plan.achieved - 0.2) <= 0.05 * 0.2

@@ -147,3 +147,22 @@ def test_per_layer_checkpoint_refuses_plain_silent_reinit(tmp_path):
     save_model(model, None, tmp_path)
     with pytest.raises(RuntimeError):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_channel_masked_equals_physically_pruned(family, inputs, tmp_path):
+    model = make_model(*family)
+    arch = arch_info(model.config)
+    keep = torch.ones(arch.hidden_size, dtype=torch.bool)
+    keep[torch.randperm(arch.hidden_size, generator=torch.Generator().manual_seed(0))[:13]] = False
+    masked = copy.deepcopy(model)
+    apply_masks(masked, {"hidden": keep})
+    ref = masked(input_ids=inputs).logits
+    new_arch = prune_physically(model, {"hidden": keep})
+    out = model(input_ids=inputs).logits
+    assert (ref - out).abs().max().item() <= 1e-5  # RMSNorm weights and eps rescaled: exact
+    assert new_arch.hidden_size == arch.hidden_size - 13
+    assert arch.total_params() - new_arch.total_params() == 13 * arch.hidden_channel_params()
+    assert new_arch.total_params() == sum(p.numel() for p in model.parameters())
+    save_model(model, None, tmp_path)
+    assert torch.equal(load_pretrained(tmp_path).eval()(input_ids=inputs).logits, out)

@@ -55,6 +55,18 @@ class ArchInfo:
     def mlp_channel_params(self) -> int:
         return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
 
+    def hidden_channel_params(self) -> int:
+        """Parameters removed with one hidden (residual-stream) channel: its embedding and
+        lm_head columns, every RMSNorm entry, q/k/v/gate/up input columns, o/down output rows."""
+        embed = self.vocab_size * (1 if self.tie_word_embeddings else 2)
+        norms = 2 * self.num_layers + 1
+        per_layer = 0
+        for s in self.layers:
+            q, kv = s.num_attention_heads * self.head_dim, s.num_key_value_heads * self.head_dim
+            per_layer += q + 2 * kv + q + (1 if self.o_bias else 0) + 3 * s.intermediate_size
+            per_layer += 1 if self.mlp_bias else 0
+        return embed + norms + per_layer
+
     def layer_params(self, layer: int) -> int:
         s = self.layers[layer]
         h = self.hidden_size

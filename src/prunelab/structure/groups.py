@@ -18,7 +18,7 @@ from torch import nn
 
 from prunelab.structure.arch import LAYER_SHAPES_KEY, ArchInfo, LayerShape, arch_info
 
-KINDS = ("attn", "mlp", "layer")
+KINDS = ("attn", "mlp", "layer", "hidden")
 Masks = dict[str, torch.Tensor]
 
 
@@ -30,7 +30,9 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return "layers" if self.kind == "layer" else f"{self.layer}.{self.kind}"
+        if self.layer is None:
+            return {"layer": "layers", "hidden": "hidden"}[self.kind]
+        return f"{self.layer}.{self.kind}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ def units(arch: ArchInfo, kinds: tuple[str, ...] = ("attn", "mlp")) -> list[Unit
             out.append(Unit(i, "mlp", s.intermediate_size))
     if "layer" in kinds:
         out.append(Unit(None, "layer", arch.num_layers))
+    if "hidden" in kinds:
+        out.append(Unit(None, "hidden", arch.hidden_size))
     return out
 
 
@@ -91,11 +95,35 @@ def members(arch: ArchInfo, unit: Unit) -> list[Member]:
         if arch.mlp_bias:
             out += [Member("mlp.gate_proj", "bias", 0, 1), Member("mlp.up_proj", "bias", 0, 1)]
         return out
-    raise ValueError(f"unit kind {unit.kind!r} has no per-layer members")
+    if unit.kind == "hidden":  # paths relative to the base model, not to a layer
+        out = [Member("model.embed_tokens", "weight", 1, 1)]
+        for i in range(arch.num_layers):
+            p = f"model.layers.{i}."
+            out += [
+                Member(p + "input_layernorm", "weight", 0, 1),
+                Member(p + "post_attention_layernorm", "weight", 0, 1),
+                Member(p + "self_attn.q_proj", "weight", 1, 1),
+                Member(p + "self_attn.k_proj", "weight", 1, 1),
+                Member(p + "self_attn.v_proj", "weight", 1, 1),
+                Member(p + "self_attn.o_proj", "weight", 0, 1),
+                Member(p + "mlp.gate_proj", "weight", 1, 1),
+                Member(p + "mlp.up_proj", "weight", 1, 1),
+                Member(p + "mlp.down_proj", "weight", 0, 1),
+            ]
+            if arch.o_bias:
+                out.append(Member(p + "self_attn.o_proj", "bias", 0, 1))
+            if arch.mlp_bias:
+                out.append(Member(p + "mlp.down_proj", "bias", 0, 1))
+        out.append(Member("model.norm", "weight", 0, 1))
+        if not arch.tie_word_embeddings:
+            out.append(Member("lm_head", "weight", 1, 1))
+        return out
+    raise ValueError(f"unit kind {unit.kind!r} has no members")
 
 
-def member_tensor(model: nn.Module, layer: int, m: Member) -> torch.Tensor:
-    return getattr(decoder_layers(model)[layer].get_submodule(m.path), m.param)
+def member_tensor(model: nn.Module, layer: int | None, m: Member) -> torch.Tensor:
+    root = base_model(model) if layer is None else decoder_layers(model)[layer]
+    return getattr(root.get_submodule(m.path), m.param)
 
 
 def grouped(t: torch.Tensor, m: Member) -> torch.Tensor:
@@ -135,8 +163,11 @@ def apply_masks(model: nn.Module, masks: Masks, arch: ArchInfo | None = None) ->
                     if lin.bias is not None:
                         lin.bias.zero_()
             continue
-        layer, kind = key.split(".")
-        unit = Unit(int(layer), kind, keep.numel())
+        if key == "hidden":
+            unit = Unit(None, "hidden", keep.numel())
+        else:
+            layer, kind = key.split(".")
+            unit = Unit(int(layer), kind, keep.numel())
         for m, t in iter_unit_members(model, arch, unit):
             drop = ~_expand(keep.to(t.device), m.width)
             if m.dim == 0:
@@ -182,9 +213,15 @@ def _record_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) ->
         return
     setattr(config, LAYER_SHAPES_KEY, [x.to_dict() for x in shapes])
     if config.hidden_size % config.num_attention_heads:
-        group = s.num_attention_heads // s.num_key_value_heads
-        config.num_attention_heads = config.hidden_size // head_dim
-        config.num_key_value_heads = max(1, config.num_attention_heads // group)
+        # Only the validator reads these now (the per-layer list is authoritative): pick values
+        # it accepts. hidden // head_dim divides hidden unless the hidden size itself was pruned.
+        heads = config.hidden_size // head_dim
+        if heads == 0 or config.hidden_size % heads:
+            heads = 1
+        config.num_attention_heads = heads
+        config.num_key_value_heads = (
+            1 if heads == 1 else max(1, heads // (s.num_attention_heads // s.num_key_value_heads))
+        )
     config.architectures = ["Pruned" + name]
 
 
@@ -195,7 +232,7 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
     layers = decoder_layers(model)
     shapes = list(arch.layers)
     for key, keep in masks.items():
-        if key == "layers" or bool(keep.all()):
+        if key in ("layers", "hidden") or bool(keep.all()):
             continue
         layer, kind = int(key.split(".")[0]), key.split(".")[1]
         if not bool(keep.any()):
@@ -231,8 +268,37 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
         config = base_model(model).config
         if getattr(config, "layer_types", None):
             config.layer_types = [t for t, k in zip(config.layer_types, keep, strict=True) if k]
+    if "hidden" in masks and not bool(masks["hidden"].all()):
+        _prune_hidden(model, arch, masks["hidden"])
     _record_shapes(model, shapes, arch.head_dim)
     return arch_info(base_model(model).config)
+
+
+def _prune_hidden(model: nn.Module, arch: ArchInfo, keep: torch.Tensor) -> None:
+    """Slice the residual stream (embedding columns, norms, q/k/v/gate/up inputs, o/down outputs)."""
+    if not bool(keep.any()):
+        raise ValueError("the hidden mask removes every channel")
+    root = base_model(model)
+    index = torch.nonzero(keep).flatten()
+    for m in members(arch, Unit(None, "hidden", keep.numel())):
+        mod = root.get_submodule(m.path)
+        t = getattr(mod, m.param)
+        setattr(mod, m.param, nn.Parameter(t.data.index_select(m.dim, index.to(t.device)), t.requires_grad))
+        if isinstance(mod, nn.Linear):
+            mod.in_features, mod.out_features = mod.weight.shape[1], mod.weight.shape[0]
+        elif isinstance(mod, nn.Embedding):
+            mod.embedding_dim = mod.weight.shape[1]
+    # sqrt(S/H' + eps·H/H') = sqrt(H/H')·sqrt(S/H + eps): scaling the weights by sqrt(H/H') and
+    # eps by H/H' makes the narrowed model equal to the masked one exactly.
+    ratio = keep.numel() / index.numel()
+    for name, mod in root.named_modules():
+        if name.endswith(("layernorm", "model.norm")) and hasattr(mod, "variance_epsilon"):
+            mod.weight.data.mul_(ratio**0.5)
+            mod.variance_epsilon = mod.variance_epsilon * ratio
+    root.config.rms_norm_eps = root.config.rms_norm_eps * ratio
+    if arch.tie_word_embeddings:
+        root.lm_head.weight = root.model.embed_tokens.weight
+    root.config.hidden_size = int(index.numel())
 
 
 def set_layer_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) -> None:

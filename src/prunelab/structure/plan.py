@@ -101,6 +101,12 @@ def plan_ratio(
         removed = round(k * per)  # exact count depends on which layers are chosen; uniform models: exact
         return _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step=per)
 
+    if tuple(kinds) == ("hidden",):
+        per = arch.hidden_channel_params()
+        k = min(arch.hidden_size - 1, max(1, round(target / per)))
+        remove["hidden"] = k
+        return _finish(arch, ratio, total, k * per, kinds, layers, remove, tolerance, step=per)
+
     attn_caps = (
         [arch.layers[i].num_key_value_heads - 1 for i in layers] if "attn" in kinds else [0] * len(layers)
     )
@@ -152,6 +158,9 @@ def plan_ratio(
     return _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step)
 
 
+_GRAIN = {("layer",): "layers", ("hidden",): "hidden channels"}
+
+
 def _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step) -> PrunePlan:
     achieved = removed / total
     if abs(achieved - ratio) > tolerance * ratio:
@@ -159,7 +168,7 @@ def _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step)
         near = sorted({round(x, 4) for x in (lo, achieved, hi) if 0 < x < 1})
         raise ConfigError(
             f"ratio={ratio} cannot be met within ratio_tolerance={tolerance} (relative) with whole "
-            f"{'layers' if kinds == ('layer',) else 'head groups'} (method.targets={list(kinds)}): nearest achievable "
+            f"{_GRAIN.get(tuple(kinds), 'head groups')} (method.targets={list(kinds)}): nearest achievable "
             f"ratios are {near}; use one of them or raise ratio_tolerance"
         )
     return PrunePlan(

@@ -8,7 +8,9 @@ with LoRA (the shared ``recovery=lora`` stage).
 
 Modes: ``block`` prunes attention groups (whole KV groups under GQA) and MLP channels
 inside the layer range (paper: layers 4–29 of 32, i.e. the first 1/8 and last 1/16 of depth
-kept); ``layer`` drops whole decoder layers. Iterative pruning re-scores the model after
+kept); ``channel`` prunes the hidden (residual) dimension of the whole model, embeddings and
+norms included (RMSNorm weights and eps are rescaled so the narrowed model equals the masked
+one exactly); ``layer`` drops whole decoder layers. Iterative pruning re-scores the model after
 each of k steps, with a linear schedule over the parameters removed.
 """
 
@@ -29,7 +31,7 @@ from prunelab.structure import apply_masks, arch_info, prune_physically
 from prunelab.structure.groups import Masks, base_model
 from prunelab.structure.plan import PrunePlan, plan_ratio
 
-MODES = ("block", "layer")
+MODES = ("block", "channel", "layer")
 
 
 @dataclass
@@ -47,13 +49,13 @@ class LLMPruner(StructuredPruner):
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise bad_value("method.mode", self.mode, MODES)
-        if self.mode == "layer":
-            self.targets = ("layer",)
+        if self.mode != "block":  # the mode decides the structure
+            self.targets = {"layer": ("layer",), "channel": ("hidden",)}[self.mode]
         super().__post_init__()
         if self.iterative_steps < 1:
             raise ConfigError(f"method.iterative_steps={self.iterative_steps!r} must be >= 1")
         if self.iterative_steps > 1 and self.mode == "layer":
-            raise ConfigError("method.iterative_steps>1 is supported for method.mode=block only")
+            raise ConfigError("method.iterative_steps>1 is supported for method.mode=block|channel only")
         for key in ("calibration_samples", "calibration_seq_len", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"method.{key}={getattr(self, key)!r} must be >= 1")

@@ -25,7 +25,7 @@ from prunelab.structure import ArchInfo, arch_info, units
 from prunelab.structure.groups import Masks, base_model
 from prunelab.structure.plan import PrunePlan, prunable_layers
 
-TARGETS = ("attn", "mlp", "layer")
+TARGETS = ("attn", "mlp", "layer", "hidden")
 RANKINGS = ("local", "global")
 
 
@@ -54,9 +54,11 @@ class StructuredPruner:
         if self.ranking not in RANKINGS:
             raise bad_value("method.ranking", self.ranking, RANKINGS)
         bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets or ("layer" in self.targets and len(self.targets) > 1):
+        alone = {"layer", "hidden"} & set(self.targets)
+        if bad or not self.targets or (alone and len(self.targets) > 1):
             raise ConfigError(
-                f"method.targets={list(self.targets)} is not allowed; allowed: any of [attn, mlp], or [layer] alone"
+                f"method.targets={list(self.targets)} is not allowed; allowed: any of [attn, mlp], "
+                "or [layer] or [hidden] alone"
             )
         for key in ("keep_first_layers", "keep_last_layers"):
             v = getattr(self, key)
