@@ -22,7 +22,6 @@ from prunelab.evaluation.suite import perplexity_sets
 from prunelab.tracking.rundir import RunDir, write_json
 
 log = logging.getLogger("prunelab")
-RECOVERIES = ("none", "lora")
 LOGGERS = ("wandb", "none")
 
 
@@ -58,9 +57,7 @@ def validate(cfg: DictConfig):
     attempt(lambda: build_source(cfg.data).check())
     attempt(lambda: check_eval_config(cfg.eval, cfg.data))
     recovery = None
-    if cfg.recovery.name not in RECOVERIES:
-        problems.append(str(bad_value("recovery", cfg.recovery.name, RECOVERIES)))
-    elif cfg.recovery.name != "none":
+    if cfg.recovery.name != "none":  # Hydra already refused unknown recovery options
         recovery = attempt(lambda: build_dataclass(cfg.recovery, "recovery"))
         if recovery is not None:
             attempt(recovery.check)

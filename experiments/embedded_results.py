@@ -1,0 +1,136 @@
+"""The embedded results tables of the README, each row an ordinary prunelab run (the same
+run directories as the CLI, so a rerun resumes and only missing rows are computed).
+
+    python experiments/embedded_results.py baselines                   # structured magnitude vs random
+    python experiments/embedded_results.py baselines --model tiny_llama_gqa
+    python experiments/embedded_results.py llm_pruner                  # estimators, ± LoRA recovery
+
+Random rows are mean ± std over seeds 0, 1, 2. Tables are printed as markdown and written
+to <output-root>/embedded_<table>_<model>.md (+ .json with every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+import prunelab.cli  # noqa: F401  (registers the run-dir resolver)
+from prunelab.paths import conf_dir
+from prunelab.runner import run
+
+TASKS = ("prunelab_ending", "prunelab_cloze", "prunelab_order")
+SEEDS = (0, 1, 2)
+
+# table -> rows: (label, overrides, several seeds?)
+TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
+    "baselines": [
+        (
+            "structured magnitude",
+            ["method=structured", "method.importance=magnitude", "recovery=none"],
+            False,
+        ),
+        ("structured random", ["method=structured", "method.importance=random", "recovery=none"], True),
+    ],
+    "llm_pruner": [
+        ("l2", ["method=llm_pruner", "method.importance=l2", "recovery=none"], False),
+        ("random", ["method=llm_pruner", "method.importance=random", "recovery=none"], True),
+        ("vector", ["method=llm_pruner", "method.importance=vector", "recovery=none"], False),
+        ("element2", ["method=llm_pruner", "method.importance=element2", "recovery=none"], False),
+        ("element1", ["method=llm_pruner", "method.importance=element1", "recovery=none"], False),
+        ("element1 + LoRA", ["method=llm_pruner", "method.importance=element1"], False),
+        ("element2 + LoRA", ["method=llm_pruner", "method.importance=element2"], False),
+        # the papers' recovery format (Alpaca prompts, loss on answers, lr 1e-4) at the same step budget
+        (
+            "element1 + LoRA (instruction format)",
+            [
+                "method=llm_pruner",
+                "method.importance=element1",
+                "recovery=lora",
+                "recovery.max_steps=150",
+                "recovery.batch_size=16",
+            ],
+            False,
+        ),
+    ],
+}
+
+
+def job(overrides: list[str], output_root: str) -> dict:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose(
+            config_name="config", overrides=[*overrides, f"output_root={output_root}", "logger=none"]
+        )
+    return run(cfg, Path(output_root) / "runs" / ",".join(sorted(overrides)))
+
+
+def stats(vals: list[float]) -> tuple[float, float]:
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(results: list[dict]) -> dict:
+    final = [r["recovered"] or r["pruned"] for r in results]
+    out = {
+        "ppl_pruned": stats([r["pruned"]["perplexity"]["embedded"] for r in results]),
+        "ppl": stats([m["perplexity"]["embedded"] for m in final]),
+        "avg": stats([statistics.mean(m["zeroshot"][t]["acc"] for t in TASKS) for m in final]),
+        "params": final[0]["cost"]["parameters"],
+        "achieved": results[0]["ratio"]["achieved"],
+        "recovered": results[0]["recovered"] is not None,
+    }
+    for t in TASKS:
+        out[t] = stats([m["zeroshot"][t]["acc"] for m in final])
+    return out
+
+
+def fmt(ms: tuple[float, float], digits: int = 2, scale: float = 1.0) -> str:
+    mean, std = ms
+    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std else "")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", choices=sorted(TABLES))
+    p.add_argument("--model", default="tiny_llama")
+    p.add_argument("--output-root", default="outputs")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    args = p.parse_args()
+    rows, dense = [], None
+    for ratio in args.ratios:
+        for label, overrides, seeded in TABLES[args.table]:
+            base = [f"model={args.model}", f"ratio={ratio}", *overrides]
+            results = (
+                [job([*base, f"seed={s}"], args.output_root) for s in SEEDS]
+                if seeded
+                else [job(base, args.output_root)]
+            )
+            dense = results[0]["dense"]
+            rows.append((label + (f" ({len(SEEDS)} seeds)" if seeded else ""), ratio, summarise(results)))
+
+    dense_avg = statistics.mean(dense["zeroshot"][t]["acc"] for t in TASKS)
+    lines = [
+        f"| {args.model} | ratio (achieved) | params | ppl pruned | ppl final | ending | cloze | order | avg acc |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense | 0 | {dense['cost']['parameters']:,} | {dense['perplexity']['embedded']:.2f} | | "
+        + " | ".join(f"{100 * dense['zeroshot'][t]['acc']:.1f}" for t in TASKS)
+        + f" | {100 * dense_avg:.1f} |",
+    ]
+    for label, ratio, r in rows:
+        final = fmt(r["ppl"]) if r["recovered"] else "(no recovery)"
+        lines.append(
+            f"| {label} | {ratio:.0%} ({r['achieved']:.2%}) | {r['params']:,} | {fmt(r['ppl_pruned'])} | {final} | "
+            + " | ".join(fmt(r[t], 1, 100) for t in TASKS)
+            + f" | {fmt(r['avg'], 1, 100)} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.output_root) / f"embedded_{args.table}_{args.model}.md"
+    out.write_text(table + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+"""LoRA recovery after pruning (LLM-Pruner's recipe): fine-tune LoRA adapters on instruction
+data with the prompt masked out of the loss, keep the adapter with the lowest validation
+loss, merge it into the (possibly per-layer pruned) weights.
+
+    prunelab recovery=lora recovery.data=alpaca_cleaned
+
+    prunelab recovery=lora recovery.format=text     # plain next-token windows of the data's text
+
+peft is used as it is (``get_peft_model`` / ``merge_and_unload``); it adapts each linear at
+its own shape, so pruned models with per-layer shapes need nothing special. Outputs in the
+stage directory: ``adapter/`` (the best adapter, safetensors) and ``history.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunelab.errors import ConfigError, bad_value
+
+# LLaMA-family linears (LLaMA 1/2/3, Vicuna, Mistral, Qwen2): the only names LoRA may target.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE_INDEX = -100  # label value cross_entropy skips
+# instruction: Alpaca prompt + answer, loss on the answer (the papers); text: plain next-token
+# windows of the data's text (pretraining-style; what lowers corpus perplexity, e.g. embedded).
+FORMATS = ("instruction", "text")
+
+
+class Tracker(Protocol):
+    def log(self, data: dict[str, Any], step: int) -> None: ...
+
+
+Example = Mapping[str, str]
+Feature = dict[str, list[int]]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: Sequence[Example], cutoff_len: int, train_on_inputs: bool
+) -> list[Feature]:
+    """``{input_ids, labels}`` per instruction example (Alpaca template, eos appended).
+
+    As LLM-Pruner: the full text is tokenized once and its first ``len(prompt tokens)``
+    labels are masked unless ``train_on_inputs``; everything is truncated to ``cutoff_len``.
+    """
+    from prunelab.data.sources import alpaca_prompt, format_alpaca
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        out = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]  # one batched call
+        # Tokenizers that add no BOS themselves (the embedded BPE) get it here, as token_ids does.
+        return [[bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids for ids in out]
+
+    fulls = encode([format_alpaca(e) for e in examples])
+    prompts = encode([alpaca_prompt(e) for e in examples]) if not train_on_inputs else fulls
+    feats = []
+    for full, prompt in zip(fulls, prompts, strict=True):
+        if eos is not None and full[-1] != eos:
+            full = [*full, eos]
+        full = full[:cutoff_len]
+        labels = list(full)
+        if not train_on_inputs:
+            n_prompt = min(len(prompt), len(full))
+            labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
+        feats.append({"input_ids": full, "labels": labels})
+    return feats
+
+
+def tokenize_example(tokenizer: Any, example: Example, cutoff_len: int, train_on_inputs: bool) -> Feature:
+    """One example's ``{input_ids, labels}`` (see ``tokenize_examples``)."""
+    return tokenize_examples(tokenizer, [example], cutoff_len, train_on_inputs)[0]
+
+
+def collate(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding gets attention 0 and label -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _target_count(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens that carry loss: labels shifted by one (position t predicts t+1)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token NLL over non-masked labels (callers divide by their token count)."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].to(device)
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """Token-weighted mean loss over batches, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        total += float(loss_sum(model, b))
+        count += _target_count(b)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- peft helpers
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable (LoRA) parameters."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for n, t in state.items():
+        params[n].copy_(t)
+
+
+@torch.no_grad()
+def merge_lora(peft_model: nn.Module, check_batch: Mapping[str, torch.Tensor] | None = None):
+    """``merge_and_unload`` into the base model (eval mode, frozen, no peft wrappers left).
+
+    Returns ``(model, max_abs_diff)``: the largest logit difference between the adapter model
+    and the merged model on ``check_batch`` (None without one).
+    """
+    peft_model.eval()
+    diff = None
+    if check_batch is not None:
+        device = next(peft_model.parameters()).device
+        kw = {k: check_batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        before = peft_model(**kw, use_cache=False).logits.float()
+    model = peft_model.merge_and_unload()
+    if check_batch is not None:
+        after = model(**kw, use_cache=False).logits.float()
+        real = kw["attention_mask"].bool()  # padded positions are never read
+        diff = float((after - before).abs()[real].max())
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, diff
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class LoraRecovery:
+    """Hyperparameters of LoRA recovery (defaults: LLM-Pruner's paper settings)."""
+
+    name: str = "lora"
+    data: str = "embedded"  # a conf/data/<name>.yaml; hub runs: alpaca_cleaned
+    format: str = "instruction"  # instruction (Alpaca template) | text (plain windows of cutoff_len tokens)
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = field(default_factory=lambda: TARGET_MODULES)
+    lr: float = 1e-4
+    epochs: float = 2
+    batch_size: int = 64
+    micro_batch_size: int = 8  # gradient accumulation = batch_size / micro_batch_size
+    cutoff_len: int = 256
+    train_on_inputs: bool = False  # False: prompt tokens are masked out of the loss
+    val_size: int = 200
+    eval_every: int = 50
+    max_steps: int | None = None
+    max_train_examples: int | None = None
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        problems = self._problems()
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        if problems:
+            raise ConfigError("invalid recovery config:\n  - " + "\n  - ".join(problems))
+
+    def _problems(self) -> list[str]:
+        from prunelab.data.sources import available_names
+
+        p: list[str] = []
+
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                p.append(f"recovery.{key}={getattr(self, key)!r} {what}")
+
+        names = available_names()
+        if self.data not in names:
+            p.append(str(bad_value("recovery.data", self.data, names)))
+        if self.format not in FORMATS:
+            p.append(str(bad_value("recovery.format", self.format, FORMATS)))
+        need(_is_int(self.r) and self.r > 0, "r", "must be a positive integer (the LoRA rank)")
+        need(_is_num(self.alpha) and self.alpha > 0, "alpha", "must be positive (scaling = alpha / r)")
+        need(_is_num(self.dropout) and 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        if not self.target_modules:
+            p.append(f"recovery.target_modules=[] is empty; allowed: any of {', '.join(TARGET_MODULES)}")
+        for t in self.target_modules:
+            if t not in TARGET_MODULES:
+                p.append(str(bad_value("recovery.target_modules", t, TARGET_MODULES)))
+        need(_is_num(self.lr) and self.lr > 0, "lr", "must be a positive learning rate")
+        need(_is_num(self.epochs) and self.epochs > 0, "epochs", "must be positive (fractions allowed)")
+        need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "must be a positive integer")
+        need(
+            _is_int(self.micro_batch_size) and self.micro_batch_size > 0,
+            "micro_batch_size",
+            "must be a positive integer",
+        )
+        if (
+            _is_int(self.batch_size)
+            and _is_int(self.micro_batch_size)
+            and self.micro_batch_size > 0
+            and self.batch_size % self.micro_batch_size
+        ):
+            p.append(
+                f"recovery.micro_batch_size={self.micro_batch_size!r} must divide "
+                f"recovery.batch_size={self.batch_size!r} (gradient accumulation = batch / micro)"
+            )
+        need(_is_int(self.cutoff_len) and self.cutoff_len >= 2, "cutoff_len", "must be an integer >= 2")
+        need(isinstance(self.train_on_inputs, bool), "train_on_inputs", "must be true or false")
+        need(_is_int(self.val_size) and self.val_size >= 0, "val_size", "must be an integer >= 0")
+        need(_is_int(self.eval_every) and self.eval_every > 0, "eval_every", "must be a positive integer")
+        need(
+            self.max_steps is None or (_is_int(self.max_steps) and self.max_steps > 0),
+            "max_steps",
+            "must be null or a positive integer",
+        )
+        need(
+            self.max_train_examples is None
+            or (_is_int(self.max_train_examples) and self.max_train_examples > 0),
+            "max_train_examples",
+            "must be null or a positive integer",
+        )
+        need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "must be an integer >= 0")
+        need(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(_is_int(self.seed), "seed", "must be an integer")
+        return p
+
+    # ------------------------------------------------------------------ data
+
+    def _data_node(self, data_cfg: Any = None) -> Any:
+        from prunelab.data.sources import load_source_config
+
+        # The run's own data node may carry overrides (local_files) for the same dataset.
+        if data_cfg is not None and data_cfg.get("name") == self.data:
+            return data_cfg
+        return load_source_config(self.data)
+
+    def check(self, data_cfg: Any = None) -> None:
+        """Cheap: the data config exists and its local files (if any) are there."""
+        from prunelab.data.sources import build_source
+
+        build_source(self._data_node(data_cfg)).check()
+
+    def _split(self, source: Any, get: Any) -> tuple[list[Any], list[Any]]:
+        """(train, validation) items: the data's validation split if it has one, else
+        ``val_size`` held out of train; both sampled with ``seed``, train capped."""
+        from prunelab.data.corpus import SPLITS
+
+        train = get("train")
+        g = torch.Generator().manual_seed(self.seed)
+        if "validation" in getattr(source, "splits", SPLITS):
+            val = get("validation")
+            val = [val[i] for i in torch.randperm(len(val), generator=g)[: self.val_size].tolist()]
+        else:
+            if self.val_size >= len(train):
+                raise ConfigError(
+                    f"recovery.val_size={self.val_size} leaves nothing to train on in data {self.data!r} "
+                    f"({len(train)} {self.format} items, no validation split)"
+                )
+            order = torch.randperm(len(train), generator=g).tolist()
+            val = [train[i] for i in order[: self.val_size]]
+            train = [train[i] for i in order[self.val_size :]]
+        if self.max_train_examples is not None and len(train) > self.max_train_examples:
+            keep = torch.randperm(len(train), generator=g)[: self.max_train_examples].tolist()
+            train = [train[i] for i in sorted(keep)]
+        return train, val
+
+    def examples(self, data_cfg: Any = None) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        """(train, validation) instruction examples of ``recovery.data``."""
+        from prunelab.data.sources import build_source
+
+        source = build_source(self._data_node(data_cfg))
+        return self._split(source, source.instruction_examples)
+
+    def text_windows(self, tokenizer: Any, data_cfg: Any = None) -> tuple[list[Feature], list[Feature]]:
+        """(train, validation) non-overlapping ``cutoff_len``-token windows of the data's text,
+        every token a target (``format=text``)."""
+        from prunelab.data.sources import build_source
+
+        source = build_source(self._data_node(data_cfg))
+        n = self.cutoff_len
+
+        def windows(split: str) -> list[Feature]:
+            ids = source.token_ids(tokenizer, split)
+            rows = ids[: ids.numel() // n * n].view(-1, n).tolist()
+            return [{"input_ids": r, "labels": list(r)} for r in rows]
+
+        return self._split(source, windows)
+
+    def features(self, tokenizer: Any, examples: Sequence[Example]) -> tuple[list[Feature], int]:
+        """Tokenized examples, minus those with no answer token left after truncation
+        (they carry no loss); returns (features, number dropped)."""
+        if not examples:
+            return [], 0
+        feats = tokenize_examples(tokenizer, examples, self.cutoff_len, self.train_on_inputs)
+        kept = [f for f in feats if any(x != IGNORE_INDEX for x in f["labels"][1:])]
+        return kept, len(feats) - len(kept)
+
+    # ------------------------------------------------------------------ training
+
+    def num_steps(self, num_train: int) -> int:
+        steps = max(1, math.ceil(self.epochs * math.ceil(num_train / self.batch_size)))
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
+
+    def _lr_factor(self, step: int, total: int) -> float:
+        """Linear warm-up, then linear decay to 0 (the HF Trainer schedule LLM-Pruner uses)."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return max(0.0, (total - step) / max(1, total - self.warmup_steps))
+
+    def recover(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        out_dir: Path,
+        tracker: Tracker | None = None,
+        data_cfg: Any = None,
+    ) -> nn.Module:
+        """Train LoRA on ``model`` with this config's data, restore the best adapter, merge it;
+        returns the merged model (same class, eval mode)."""
+        start = time.perf_counter()
+        if self.format == "text":
+            train, val = self.text_windows(tokenizer, data_cfg)
+            extra = {"data_time_s": time.perf_counter() - start}
+            return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra)
+        examples = self.examples(data_cfg)
+        extra = {"data_time_s": time.perf_counter() - start}
+        return self.fit(model, tokenizer, *examples, out_dir, tracker, extra)
+
+    def fit(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        train_examples: Sequence[Example],
+        val_examples: Sequence[Example],
+        out_dir: Path,
+        tracker: Tracker | None = None,
+        extra_history: Mapping[str, Any] | None = None,
+    ) -> nn.Module:
+        """``recover`` on given instruction examples (tokenized here)."""
+        start = time.perf_counter()
+        train, dropped_train = self.features(tokenizer, train_examples)
+        val, dropped_val = self.features(tokenizer, val_examples)
+        extra = {
+            **(extra_history or {}),
+            "dropped_no_answer": {"train": dropped_train, "validation": dropped_val},
+            "tokenize_time_s": time.perf_counter() - start,
+        }
+        return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra)
+
+    def fit_features(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        train: list[Feature],
+        val: list[Feature],
+        out_dir: Path,
+        tracker: Tracker | None = None,
+        extra_history: Mapping[str, Any] | None = None,
+    ) -> nn.Module:
+        """``recover`` on tokenized ``{input_ids, labels}`` features."""
+        from peft import LoraConfig, get_peft_model
+
+        start = time.perf_counter()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not train:
+            raise ValueError(
+                f"no training example of data {self.data!r} keeps a target token within "
+                f"recovery.cutoff_len={self.cutoff_len}"
+            )
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in self.target_modules if t not in names]
+        if missing:
+            raise ConfigError(
+                f"recovery.target_modules: {missing} not in the model; it has "
+                f"{', '.join(t for t in TARGET_MODULES if t in names)}"
+            )
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        device = next(model.parameters()).device
+        micro = self.micro_batch_size
+        by_len = sorted(val, key=lambda f: len(f["input_ids"]))  # less padding; the mean is order-free
+        val_batches = [collate(by_len[i : i + micro], pad_id) for i in range(0, len(val), micro)]
+        steps = self.num_steps(len(train))
+
+        # Seeded LoRA init and dropout without disturbing the caller's RNG streams.
+        fork = (
+            [device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda"
+            else []
+        )
+        with torch.random.fork_rng(devices=fork):
+            torch.manual_seed(self.seed)
+            peft_model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=self.r,
+                    lora_alpha=self.alpha,
+                    lora_dropout=self.dropout,
+                    target_modules=list(self.target_modules),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                ),
+            )
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            history, best_state = self._train(peft_model, opt, train, val_batches, steps, pad_id, tracker)
+        if best_state is not None:
+            load_lora_state(peft_model, best_state)
+        peft_model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+        check = val_batches[0] if val_batches else collate(train[:micro], pad_id)
+        merged, diff = merge_lora(peft_model, check)
+        history.update(
+            merge_max_abs_diff=diff,
+            num_train_examples=len(train),
+            num_val_examples=len(val),
+            trainable_params=sum(p.numel() for p in params),
+            config=asdict(self),
+        )
+        history.update(extra_history or {})
+        history["time_s"] = (
+            time.perf_counter()
+            - start
+            + history.get("data_time_s", 0.0)
+            + history.get("tokenize_time_s", 0.0)
+        )
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        return merged
+
+    def _train(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        train: list[Feature],
+        val_batches: list[dict[str, torch.Tensor]],
+        steps: int,
+        pad_id: int,
+        tracker: Tracker | None,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """The optimizer loop; returns (history, LoRA state of the best validation loss)."""
+        g = torch.Generator().manual_seed(self.seed)
+        order: list[int] = []
+        hist: dict[str, Any] = {
+            "train": [],
+            "val": [],
+            "steps": steps,
+            "best_step": None,
+            "best_val_loss": None,
+        }
+        best_state = None
+        # Step 0 is a reference point, not a candidate: as the papers' Trainer, a checkpoint
+        # is one the optimizer produced.
+        if val_batches:
+            v0 = self._val_loss(model, val_batches)
+            hist["val"].append({"step": 0, "loss": v0})
+            if tracker is not None:
+                tracker.log({"recovery/val_loss": v0}, step=0)
+        tokens, train_time = 0, 0.0
+        model.train()
+        bar = tqdm(range(1, steps + 1), desc="recovery (LoRA)", unit="step", leave=False)
+        for step in bar:
+            t0 = time.perf_counter()
+            while len(order) < self.batch_size:  # one fresh permutation per epoch
+                order += torch.randperm(len(train), generator=g).tolist()
+            idx, order = order[: self.batch_size], order[self.batch_size :]
+            # Similar lengths share a micro-batch (less padding); the batch's gradient is the same.
+            idx.sort(key=lambda i: len(train[i]["input_ids"]))
+            micro = [
+                collate([train[i] for i in idx[j : j + self.micro_batch_size]], pad_id)
+                for j in range(0, len(idx), self.micro_batch_size)
+            ]
+            # Mean over the whole batch's target tokens, not a mean of micro-batch means.
+            count = max(1, sum(_target_count(b) for b in micro))
+            lr = self.lr * self._lr_factor(step - 1, steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for b in micro:
+                loss = loss_sum(model, b) / count
+                loss.backward()
+                total += float(loss.detach())
+                tokens += int(b["attention_mask"].sum())
+            opt.step()
+            train_time += time.perf_counter() - t0
+            hist["train"].append({"step": step, "loss": total, "lr": lr})
+            if tracker is not None:
+                tracker.log({"recovery/train_loss": total, "recovery/lr": lr}, step=step)
+            bar.set_postfix(loss=f"{total:.4f}")
+            if val_batches and (step % self.eval_every == 0 or step == steps):
+                v = self._val_loss(model, val_batches)
+                hist["val"].append({"step": step, "loss": v})
+                if tracker is not None:
+                    tracker.log({"recovery/val_loss": v}, step=step)
+                if hist["best_val_loss"] is None or v < hist["best_val_loss"]:
+                    hist["best_val_loss"], hist["best_step"] = v, step
+                    best_state = lora_state(model)
+                bar.set_postfix(loss=f"{total:.4f}", val=f"{v:.4f}")
+        bar.close()
+        if not val_batches:  # nothing to choose by: the last state is the result
+            hist["best_step"] = steps
+        hist.update(train_time_s=train_time, train_tokens=tokens, tokens_per_s=tokens / max(train_time, 1e-9))
+        return hist, best_state
+
+    def _val_loss(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+        return mean_loss(model, batches)
