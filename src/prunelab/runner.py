@@ -295,6 +295,12 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             "recovery": recovery_info,
             "timings_s": timings,
             "resumed_stages": resumed,
+            "tracking": {
+                "logger": cfg.logger.name,
+                "group": group,
+                "tags": run_tags(cfg),
+                "run_id": tracker.run_id,
+            },
         }
         write_json(rd.root / "results.json", results)
         log.info("results: %s", rd.root / "results.json")

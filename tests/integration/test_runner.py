@@ -23,6 +23,7 @@ pytestmark = [
 ]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 FAST_EVAL = ["eval.zeroshot.num_examples=40", "eval.cost.repeats=1", "eval.cost.decode_tokens=4"]
+FAST_RECOVERY = ["recovery.max_steps=20", "recovery.val_size=40", "recovery.eval_every=10"]
 
 
 def prunelab(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -31,22 +32,30 @@ def prunelab(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 
 
 def test_default_run_end_to_end(tmp_path):
-    p = prunelab("logger=none", f"output_root={tmp_path}", *FAST_EVAL, cwd=tmp_path)
+    p = prunelab("logger=none", f"output_root={tmp_path}", *FAST_EVAL, *FAST_RECOVERY, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
     r = json.loads((run_dir / "results.json").read_text())
-    assert r["config"]["method"]["name"] == "structured" and r["config"]["ratio"] == 0.2
+    assert r["config"]["method"]["name"] == "llm_pruner" and r["config"]["ratio"] == 0.2
+    assert (
+        r["config"]["method"]["importance"] == "element1"
+        and r["config"]["recovery"]["name"] == "lora_embedded"
+    )
     assert abs(r["ratio"]["achieved"] - 0.2) <= 0.01 * 0.2
-    dense, pruned = r["dense"], r["pruned"]
-    assert math.isfinite(pruned["perplexity"]["embedded"])
+    dense, pruned, recovered = r["dense"], r["pruned"], r["recovered"]
+    assert math.isfinite(pruned["perplexity"]["embedded"]) and math.isfinite(
+        recovered["perplexity"]["embedded"]
+    )
     assert pruned["perplexity"]["embedded"] > dense["perplexity"]["embedded"]
-    for res in (dense, pruned):
+    assert recovered["cost"]["parameters"] == pruned["cost"]["parameters"]  # LoRA merged back, no growth
+    assert r["recovery"]["steps"] == 20 and r["recovery"]["merge_max_abs_diff"] <= 1e-4
+    for res in (dense, pruned, recovered):
         assert set(res["zeroshot"]) >= {"prunelab_ending", "prunelab_cloze", "prunelab_order"}
         assert 0 <= res["zeroshot"]["prunelab_order"]["acc"] <= 1
         assert res["cost"]["parameters"] > 0 and res["cost"]["macs"] > 0
     assert pruned["cost"]["parameters"] == r["ratio"]["params_after"] < dense["cost"]["parameters"]
     assert pruned["cost"]["macs"] < dense["cost"]["macs"]
-    assert {"prune", "eval", "total"} <= set(r["timings_s"])
+    assert {"prune", "eval", "recover", "eval_recovered", "total"} <= set(r["timings_s"])
     # the saved model is safetensors + config, loadable in one call
     from prunelab.models.loading import load_pretrained
 
@@ -55,7 +64,7 @@ def test_default_run_end_to_end(tmp_path):
 
 
 def test_kill_mid_stage_then_rerun_resumes(tmp_path):
-    args = ["logger=none", f"output_root={tmp_path}", "ratio=0.3", *FAST_EVAL]
+    args = ["logger=none", f"output_root={tmp_path}", "ratio=0.3", "recovery=none", *FAST_EVAL]
     proc = subprocess.Popen(
         [sys.executable, "-m", "prunelab.cli", *args],
         cwd=tmp_path,
@@ -64,7 +73,7 @@ def test_kill_mid_stage_then_rerun_resumes(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     # the run dir is named by the overrides that change results (logger, output_root excluded)
-    run_dir = tmp_path / "runs" / ",".join(sorted(["ratio=0.3", *FAST_EVAL]))
+    run_dir = tmp_path / "runs" / ",".join(sorted(["ratio=0.3", "recovery=none", *FAST_EVAL]))
     deadline = time.time() + 300
     while not (run_dir / "stages" / "prune.json").exists():
         assert proc.poll() is None, "run ended before the prune stage finished"
@@ -88,30 +97,29 @@ def test_kill_mid_stage_then_rerun_resumes(tmp_path):
     assert {"dense_eval", "prune", "eval"} <= set(r["resumed_stages"])
 
 
-def test_multirun_ratio_by_importance(tmp_path):
+def test_multirun_importances_by_ratio_one_wandb_group(tmp_path):
+    importances = ["element1", "element2", "vector", "l2", "random"]
     p = prunelab(
         "-m",
+        f"method.importance={','.join(importances)}",
         "ratio=0.2,0.5",
-        "method.importance=random,magnitude",
+        "recovery=none",
         "eval=quick",
         "logger=wandb",
         f"output_root={tmp_path}",
         cwd=tmp_path,
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    runs = sorted(d.name for d in (tmp_path / "runs").iterdir() if (d / "results.json").exists())
-    assert runs == [
-        "eval=quick,method.importance=magnitude,ratio=0.2",
-        "eval=quick,method.importance=magnitude,ratio=0.5",
-        "eval=quick,method.importance=random,ratio=0.2",
-        "eval=quick,method.importance=random,ratio=0.5",
-    ]
-    ppl = {
-        d: json.loads((tmp_path / "runs" / d / "results.json").read_text())["pruned"]["perplexity"][
-            "embedded"
-        ]
-        for d in runs
+    runs = sorted(d for d in (tmp_path / "runs").iterdir() if (d / "results.json").exists())
+    assert len(runs) == 10
+    results = [json.loads((d / "results.json").read_text()) for d in runs]
+    assert {(r["config"]["method"]["importance"], r["config"]["ratio"]) for r in results} == {
+        (i, r) for i in importances for r in (0.2, 0.5)
     }
-    assert all(math.isfinite(v) for v in ppl.values())
-    for d in runs:  # one offline W&B run per job, inside its run dir
-        assert list((tmp_path / "runs" / d / "wandb").glob("offline-run-*"))
+    assert all(math.isfinite(r["pruned"]["perplexity"]["embedded"]) for r in results)
+    # one W&B run per job, all in one group named by the swept keys
+    assert {r["tracking"]["group"] for r in results} == {"sweep:method.importance,ratio"}
+    assert len({r["tracking"]["run_id"] for r in results}) == 10
+    for d, r in zip(runs, results, strict=True):
+        assert list((d / "wandb").glob("offline-run-*"))
+        assert f"ratio:{r['config']['ratio']}" in r["tracking"]["tags"]

@@ -69,7 +69,7 @@ def test_unknown_key_is_refused():
 
 
 def test_appended_unknown_method_key_is_refused():
-    cfg = compose_cfg("+method.importanc=random")
+    cfg = compose_cfg("method=structured", "+method.importanc=random")
     with pytest.raises(
         ConfigError, match=r"method\.importanc is not a key of method=structured; allowed: .*importance"
     ):
@@ -91,9 +91,15 @@ BAD = [
     (["ratio=1.5"], r"ratio=1\.5 is outside the allowed range \(0, 1\)"),
     (["ratio=0"], r"ratio=0 is outside the allowed range \(0, 1\)"),
     (
-        ["method.importance=magnitud"],
+        ["method=structured", "method.importance=magnitud"],
         r"method\.importance='magnitud' is not allowed; did you mean 'magnitude'\? allowed: magnitude, random",
     ),
+    (
+        ["method.importance=element3"],
+        r"method\.importance='element3' is not allowed; did you mean 'element.'\? allowed: element1, element2, second",
+    ),
+    (["recovery.lr=0"], r"recovery\.lr"),
+    (["recovery.data=wikitxt"], r"recovery\.data.*wikitxt"),
     (["method.targets=[attn,heads]"], r"method\.targets=\['attn', 'heads'\] is not allowed; allowed:"),
     (
         ["method.aggregation=median"],

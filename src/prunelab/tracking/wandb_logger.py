@@ -12,6 +12,8 @@ from typing import Any
 
 
 class NullTracker:
+    run_id: str | None = None
+
     def log(self, data: dict, step: int | None = None) -> None:
         pass
 
@@ -40,6 +42,7 @@ class WandbTracker:
         import wandb
 
         run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        self.run_id = run_id
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
