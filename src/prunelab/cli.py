@@ -33,14 +33,23 @@ if not OmegaConf.has_resolver("run_dir_name"):
 
 
 def sweep_group(cfg: DictConfig) -> str | None:
-    """W&B group: ``sweep_name`` if set; in a multirun, the swept keys (same for every job)."""
+    """W&B group: ``sweep_name`` if set; in a multirun, the swept keys (``sweep:method.importance,ratio``),
+    the same for every job of the sweep."""
     if cfg.sweep_name:
         return str(cfg.sweep_name)
     hc = HydraConfig.get()
-    if hc.mode.name == "MULTIRUN":
-        keys = sorted(o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task)
-        return "sweep:" + ",".join(keys) if keys else "sweep"
-    return None
+    if hc.mode.name != "MULTIRUN":
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    # The sweep's own overrides (with their comma lists) are in multirun.yaml; a job only sees its values.
+    spec = Path(hc.sweep.dir) / "multirun.yaml"
+    overrides = list(hc.overrides.task)
+    if spec.exists():
+        overrides = list(OmegaConf.load(spec).hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = sorted({o.key_or_group for o in parsed if o.is_sweep_override()})
+    return "sweep:" + ",".join(keys) if keys else "sweep"
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
