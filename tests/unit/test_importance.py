@@ -172,3 +172,25 @@ def test_llm_pruner_config_errors():
         llm_pruner(mode="width")
     with pytest.raises(ConfigError, match=r"iterative_steps>1 is supported for method\.mode=block\|channel"):
         llm_pruner(mode="layer", iterative_steps=2)
+
+
+def test_second_order_and_l2_by_hand(gqa_model):
+    from prunelab.importance.magnitude import MagnitudeImportance
+
+    _, f = manual_grads(gqa_model, CALIB)
+    arch = arch_info(gqa_model.config)
+    unit = [Unit(0, "mlp", 24)]
+    second = TaylorImportance("second").scores(gqa_model, arch, unit, CALIB)["0.mlp"]
+    l2 = MagnitudeImportance(p=2).scores(gqa_model, arch, unit)["0.mlp"]
+    params = dict(gqa_model.named_parameters())
+    p = "model.layers.0.mlp."
+    w = {n: params[p + n + ".weight"].detach() for n in ("gate_proj", "up_proj", "down_proj")}
+    ff = {n: f[p + n + ".weight"] for n in w}
+    j = 11
+    exp_second = (
+        sum((w[n][j] * ff[n][j] * w[n][j]).abs().sum() for n in ("gate_proj", "up_proj"))
+        + (w["down_proj"][:, j] * ff["down_proj"][:, j] * w["down_proj"][:, j]).abs().sum()
+    )
+    exp_l2 = w["gate_proj"][j].pow(2).sum() + w["up_proj"][j].pow(2).sum() + w["down_proj"][:, j].pow(2).sum()
+    assert torch.isclose(second[j], exp_second, rtol=1e-4)
+    assert torch.isclose(l2[j], exp_l2, rtol=1e-5)
