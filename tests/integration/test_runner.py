@@ -123,3 +123,27 @@ def test_multirun_importances_by_ratio_one_wandb_group(tmp_path):
     for d, r in zip(runs, results, strict=True):
         assert list((d / "wandb").glob("offline-run-*"))
         assert f"ratio:{r['config']['ratio']}" in r["tracking"]["tags"]
+
+
+def test_multirun_ratio_by_importance_magnitude_random(tmp_path):
+    """The foundation's sweep, verbatim: magnitude (= l1) and random scores at 20% and 50%."""
+    p = prunelab(
+        "-m",
+        "ratio=0.2,0.5",
+        "method.importance=random,magnitude",
+        "recovery=none",
+        "eval=quick",
+        "logger=none",
+        f"output_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
+    assert len(results) == 4
+    ppl = {
+        (r["config"]["method"]["importance"], r["config"]["ratio"]): r["pruned"]["perplexity"]["embedded"]
+        for r in results
+    }
+    dense = results[0]["dense"]["perplexity"]["embedded"]
+    assert all(math.isfinite(v) and v > dense for v in ppl.values())
+    assert ppl[("random", 0.5)] > ppl[("random", 0.2)] and ppl[("magnitude", 0.5)] > ppl[("magnitude", 0.2)]

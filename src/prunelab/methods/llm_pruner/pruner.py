@@ -36,7 +36,7 @@ MODES = ("block", "channel", "layer")
 
 @dataclass
 class LLMPruner(StructuredPruner):
-    IMPORTANCES: ClassVar[tuple[str, ...]] = (*TAYLOR_KINDS, "l1", "l2", "random")
+    IMPORTANCES: ClassVar[tuple[str, ...]] = (*TAYLOR_KINDS, "l1", "l2", "magnitude", "random")
 
     name: str = "llm_pruner"
     importance: str = "element1"
@@ -65,7 +65,8 @@ class LLMPruner(StructuredPruner):
             return TaylorImportance(self.importance, self.aggregation, self.micro_batch)
         if self.importance == "random":
             return RandomImportance(self.seed)
-        return MagnitudeImportance(1 if self.importance == "l1" else 2, self.aggregation)
+        # "magnitude" is the structured baseline's name for l1 (Σ|w|), so one sweep spans both
+        return MagnitudeImportance(2 if self.importance == "l2" else 1, self.aggregation)
 
     def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks:
         """Masks relative to the model as it is on return: with k steps, the first k−1 are
