@@ -22,6 +22,9 @@ def make_model(
     hidden: int = 64,
     inter: int = 96,
     seed: int = 0,
+    vocab: int = 128,
+    max_pos: int = 64,
+    tie: bool | None = None,
 ):
     """A tiny random causal LM of a supported family (fp32, eval mode)."""
     from transformers import (
@@ -34,18 +37,21 @@ def make_model(
     )
 
     common = dict(
-        vocab_size=128,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
         head_dim=hidden // heads,
-        max_position_embeddings=64,
+        max_position_embeddings=max_pos,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=bool(tie)))
     elif family == "llama_bias":
         model = LlamaForCausalLM(
             LlamaConfig(**common, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)

@@ -81,23 +81,12 @@ def tok():
 
 def tiny(pruned: bool = False, seed: int = 0):
     """A 2-layer LLaMA with the embedded tokenizer's vocab; ``pruned``: layer 0's MLP sliced."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from prunelab.structure import prune_physically
+    from tests.conftest import make_model
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+    model = make_model(
+        "llama", kv=2, heads=4, layers=2, hidden=64, inter=96, seed=seed, vocab=2048, max_pos=256
     )
-    model = LlamaForCausalLM(cfg).eval()
     if pruned:
         keep = torch.ones(96, dtype=torch.bool)
         keep[::3] = False

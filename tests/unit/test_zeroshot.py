@@ -43,23 +43,11 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import make_model
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+    return make_model(
+        "llama", kv=4, heads=4, layers=2, hidden=64, inter=128, vocab=len(tokenizer), max_pos=256, tie=True
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def _read(path: Path) -> list[dict]:
