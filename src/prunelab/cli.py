@@ -8,6 +8,7 @@ prunelab --cfg job                                  # print the composed config
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.errors import ConfigError
 from prunelab.paths import conf_dir
+from prunelab.runner import VOLATILE_KEYS
 
 log = logging.getLogger("prunelab")
 
@@ -33,8 +35,8 @@ if not OmegaConf.has_resolver("run_dir_name"):
 
 
 def sweep_group(cfg: DictConfig) -> str | None:
-    """W&B group: ``sweep_name`` if set; in a multirun, the swept keys (``sweep:method.importance,ratio``),
-    the same for every job of the sweep."""
+    """W&B group: ``sweep_name`` if set; in a multirun, the swept keys plus a hash of the fixed
+    overrides (``sweep:method.importance,ratio@1a2b3c``), the same for every job of the sweep."""
     if cfg.sweep_name:
         return str(cfg.sweep_name)
     hc = HydraConfig.get()
@@ -49,7 +51,14 @@ def sweep_group(cfg: DictConfig) -> str | None:
         overrides = list(OmegaConf.load(spec).hydra.overrides.task)
     parsed = OverridesParser.create().parse_overrides(overrides)
     keys = sorted({o.key_or_group for o in parsed if o.is_sweep_override()})
-    return "sweep:" + ",".join(keys) if keys else "sweep"
+    # Sweeps over the same keys but with other fixed overrides (another model, say) get their own group.
+    fixed = sorted(
+        o.input_line
+        for o in parsed
+        if not o.is_sweep_override() and o.key_or_group.split(".")[0] not in VOLATILE_KEYS
+    )
+    suffix = f"@{hashlib.sha1(repr(fixed).encode()).hexdigest()[:6]}" if fixed else ""
+    return ("sweep:" + ",".join(keys) if keys else "sweep") + suffix
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")

@@ -102,6 +102,17 @@ def model_fingerprint(cfg: DictConfig) -> str:
     return f"{cfg.path}@{cfg.revision}"
 
 
+def _load_kwargs(cfg: DictConfig) -> dict:
+    """Pruned and recovered models load like the dense one (dtype, attention kernel)."""
+    from prunelab.models.loading import DTYPES
+
+    return {
+        "dtype": DTYPES[cfg.model.dtype],
+        "attn_implementation": cfg.model.attn_implementation,
+        "trust_remote_code": bool(cfg.model.trust_remote_code),
+    }
+
+
 def run_tags(cfg: DictConfig) -> list[str]:
     imp = cfg.method.get("importance")
     tags = [
@@ -113,12 +124,14 @@ def run_tags(cfg: DictConfig) -> list[str]:
     return tags + ([f"importance:{imp}"] if imp else []) + list(cfg.tags)
 
 
-def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None):
+def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None, key: str):
     from prunelab.tracking.wandb_logger import NullTracker, WandbTracker
 
     if cfg.logger.name == "none":
         return NullTracker()
-    return WandbTracker(cfg.logger, run_dir, resolved, name=run_dir.name, group=group, tags=run_tags(cfg))
+    return WandbTracker(
+        cfg.logger, run_dir, resolved, name=run_dir.name, group=group, tags=run_tags(cfg), key=key
+    )
 
 
 # ---------------------------------------------------------------- the recipe
@@ -126,9 +139,10 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     t_start = time.perf_counter()
     method, recovery, plan = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    rd = RunDir(run_dir, {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS})
+    identity = {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS}
+    rd = RunDir(run_dir, identity)
     torch.manual_seed(int(cfg.seed))
-    tracker = _tracker(cfg, rd.root, resolved, group)
+    tracker = _tracker(cfg, rd.root, resolved, group, key=_hash(identity))
     device = pick_device(str(cfg.device))
     cache = Path(cfg.cache_dir)
     timings: dict[str, float] = {}
@@ -234,11 +248,11 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             from transformers import AutoTokenizer
 
             from prunelab.evaluation.suite import evaluate
-            from prunelab.models.loading import DTYPES, load_pretrained
+            from prunelab.models.loading import load_pretrained
 
             log.info("evaluate the %s model (%s)", label, model_dir)
             t = time.perf_counter()
-            final = load_pretrained(model_dir, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
+            final = load_pretrained(model_dir, **_load_kwargs(cfg)).to(device).eval()
             tok = AutoTokenizer.from_pretrained(model_dir)
             metrics = evaluate(final, tok, cfg.eval, cache, label, cfg.data)
             return rd.finish(stage, {"metrics": metrics, "time_s": time.perf_counter() - t})
@@ -255,11 +269,11 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             if rec_recover is None:
                 from transformers import AutoTokenizer
 
-                from prunelab.models.loading import DTYPES, load_pretrained, save_model
+                from prunelab.models.loading import load_pretrained, save_model
 
                 log.info("recover: LoRA on %s", recovery.data)
                 t = time.perf_counter()
-                pruned = load_pretrained(pruned_dir, dtype=DTYPES[cfg.model.dtype]).to(device)
+                pruned = load_pretrained(pruned_dir, **_load_kwargs(cfg)).to(device)
                 tok = AutoTokenizer.from_pretrained(pruned_dir)
                 merged = recovery.recover(pruned, tok, recovered_dir, tracker=tracker, data_cfg=cfg.data)
                 save_model(merged, tok, recovered_dir / "model")

@@ -34,16 +34,17 @@ def test_wandb_init_arguments(monkeypatch, tmp_path):
     assert seen["config"] == {"ratio": 0.2} and seen["resume"] == "allow" and seen["finished"] == 0
 
 
-def test_wandb_run_id_is_stable_per_run_dir(monkeypatch, tmp_path):
+def test_wandb_run_id_is_stable_per_run_dir_and_config(monkeypatch, tmp_path):
     import wandb
 
     ids = []
     monkeypatch.setattr(wandb, "init", lambda **kw: ids.append(kw["id"]) or object())
     cfg = OmegaConf.create({"project": "p", "entity": None, "mode": "offline"})
-    WandbTracker(cfg, tmp_path / "a", {}, "a", None, [])
-    WandbTracker(cfg, tmp_path / "a", {}, "a", None, [])
-    WandbTracker(cfg, tmp_path / "b", {}, "b", None, [])
-    assert ids[0] == ids[1] != ids[2]
+    WandbTracker(cfg, tmp_path / "a", {}, "a", None, [], key="c1")
+    WandbTracker(cfg, tmp_path / "a", {}, "a", None, [], key="c1")  # resumed: same run
+    WandbTracker(cfg, tmp_path / "b", {}, "b", None, [], key="c1")
+    WandbTracker(cfg, tmp_path / "a", {}, "a", None, [], key="c2")  # another config in a reused dir
+    assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
 
 
 def test_tags_name_method_model_ratio():
@@ -91,3 +92,19 @@ def test_model_fingerprint_follows_the_weights(tmp_path):
     os.utime(tmp_path / "model.safetensors", ns=(1, 1))
     assert model_fingerprint(cfg) != first
     assert model_fingerprint(OmegaConf.create({"path": "org/model", "revision": "v1"})) == "org/model@v1"
+
+
+def test_stage_steps_are_fields_not_wandb_steps(monkeypatch, tmp_path):
+    import wandb
+
+    logged = []
+
+    class FakeRun:
+        def log(self, data, **kw):
+            logged.append((data, kw))
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun())
+    cfg = OmegaConf.create({"project": "p", "entity": None, "mode": "offline"})
+    t = WandbTracker(cfg, tmp_path, {}, "a", None, [])
+    t.log({"recovery": {"train_loss": 1.0}}, step=0)  # a redone stage restarts its own counter
+    assert logged == [({"recovery/train_loss": 1.0, "stage_step": 0}, {})]

@@ -82,7 +82,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **kwar
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=kwargs.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(
+        str(path), revision=kwargs.get("revision"), trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
     if getattr(config, LAYER_SHAPES_KEY, None):
         cls = pruned_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
         return cls.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)

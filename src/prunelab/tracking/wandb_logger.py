@@ -1,7 +1,10 @@
 """Weights & Biases: one run per job, grouped per sweep, offline unless configured.
 
-``logger=none`` disables it. The run id is derived from the run directory, so a resumed
-job continues its W&B run instead of starting a second one.
+``logger=none`` disables it. The run id is derived from the run directory and the config,
+so a resumed job continues its W&B run instead of starting a second one, while a new config
+in a reused directory gets a run of its own. Stages log their own step counters as a
+``stage_step`` field, never as W&B's step: a stage redone after a kill starts again at 0,
+and W&B would drop steps lower than ones it has already seen.
 """
 
 from __future__ import annotations
@@ -37,11 +40,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 class WandbTracker:
     def __init__(
-        self, cfg: Any, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]
+        self,
+        cfg: Any,
+        run_dir: Path,
+        config: dict,
+        name: str,
+        group: str | None,
+        tags: list[str],
+        key: str = "",
     ) -> None:
         import wandb
 
-        run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        # key: a hash of the config keys that change results (the runner's), not logger/device
+        run_id = hashlib.sha1((str(Path(run_dir).resolve()) + key).encode()).hexdigest()[:16]
         self.run_id = run_id
         self.run = wandb.init(
             project=cfg.project,
@@ -58,7 +69,10 @@ class WandbTracker:
         )
 
     def log(self, data: dict, step: int | None = None) -> None:
-        self.run.log(flatten(data), step=step)
+        payload = flatten(data)
+        if step is not None:
+            payload["stage_step"] = step
+        self.run.log(payload)
 
     def summary(self, data: dict) -> None:
         self.run.summary.update(flatten(data))
