@@ -156,6 +156,20 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     )
 
     model = tokenizer = None
+    # Models this process already holds, by checkpoint dir: later stages use them instead of
+    # loading the checkpoint again (only a resumed run loads from disk).
+    held: dict[Path, tuple] = {}
+
+    def stage_model(model_dir: Path, take: bool = False):
+        if model_dir in held:
+            return held.pop(model_dir) if take else held[model_dir]
+        from transformers import AutoTokenizer
+
+        from prunelab.models.loading import load_pretrained
+
+        return load_pretrained(model_dir, **_load_kwargs(cfg)).to(device), AutoTokenizer.from_pretrained(
+            model_dir
+        )
 
     def dense_model():
         nonlocal model, tokenizer
@@ -225,6 +239,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             apply_masks(m, masks)
             new_arch = prune_physically(m, masks)
             save_model(m, tok, pruned_dir)
+            held[pruned_dir] = (m, tok)
             save_file({k: v.to(torch.uint8) for k, v in masks.items()}, str(rd.root / "masks.safetensors"))
             rec = rd.finish(
                 "prune",
@@ -245,16 +260,12 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             if rec_e is not None:
                 resumed.append(stage)
                 return rec_e
-            from transformers import AutoTokenizer
-
             from prunelab.evaluation.suite import evaluate
-            from prunelab.models.loading import load_pretrained
 
             log.info("evaluate the %s model (%s)", label, model_dir)
             t = time.perf_counter()
-            final = load_pretrained(model_dir, **_load_kwargs(cfg)).to(device).eval()
-            tok = AutoTokenizer.from_pretrained(model_dir)
-            metrics = evaluate(final, tok, cfg.eval, cache, label, cfg.data)
+            final, tok = stage_model(model_dir)
+            metrics = evaluate(final.eval(), tok, cfg.eval, cache, label, cfg.data)
             return rd.finish(stage, {"metrics": metrics, "time_s": time.perf_counter() - t})
 
         # 3. evaluate the pruned model (before any recovery)
@@ -267,16 +278,14 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             recovered_dir = rd.root / "recovered"
             rec_recover = rd.done("recover")
             if rec_recover is None:
-                from transformers import AutoTokenizer
-
-                from prunelab.models.loading import load_pretrained, save_model
+                from prunelab.models.loading import save_model
 
                 log.info("recover: LoRA on %s", recovery.data)
                 t = time.perf_counter()
-                pruned = load_pretrained(pruned_dir, **_load_kwargs(cfg)).to(device)
-                tok = AutoTokenizer.from_pretrained(pruned_dir)
+                pruned, tok = stage_model(pruned_dir, take=True)  # LoRA merges into it in place
                 merged = recovery.recover(pruned, tok, recovered_dir, tracker=tracker, data_cfg=cfg.data)
                 save_model(merged, tok, recovered_dir / "model")
+                held[recovered_dir / "model"] = (merged, tok)
                 rec_recover = rd.finish("recover", {"time_s": time.perf_counter() - t})
             else:
                 resumed.append("recover")
