@@ -4,6 +4,7 @@ run directories as the CLI, so a rerun resumes and only missing rows are compute
     python experiments/embedded_results.py baselines                   # structured magnitude vs random
     python experiments/embedded_results.py baselines --model tiny_llama_gqa
     python experiments/embedded_results.py llm_pruner                  # estimators, ± LoRA recovery
+    python experiments/embedded_results.py layerwise                   # ADMM/SparseGPT/Wanda/magnitude
 
 Random rows are mean ± std over seeds 0, 1, 2. Tables are printed as markdown and written
 to <output-root>/embedded_<table>_<model>.md (+ .json with every number).
@@ -59,6 +60,75 @@ TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
 }
 
 
+# The layer-wise table (the ADMM/Wanda papers' layout): methods as rows, sparsity settings as
+# columns; ratio = sparsity of the linear layers.
+LAYERWISE_METHODS = [
+    ("magnitude", ["method=magnitude", "recovery=none"]),
+    ("Wanda", ["method=wanda", "recovery=none"]),
+    ("SparseGPT", ["method=sparsegpt", "recovery=none"]),
+    ("ADMM", ["method=admm", "recovery=none"]),
+    ("Wanda + LoRA", ["method=wanda"]),
+    ("ADMM + LoRA", ["method=admm"]),
+]
+LAYERWISE_SETTINGS = [
+    ("50%", ["ratio=0.5"]),
+    ("60%", ["ratio=0.6"]),
+    ("70%", ["ratio=0.7"]),
+    ("2:4", ["ratio=0.5", "method.sparsity_pattern=2:4"]),
+    ("4:8", ["ratio=0.5", "method.sparsity_pattern=4:8"]),
+]
+
+
+def layerwise_table(model: str, output_root: str) -> None:
+    cells: dict[tuple[str, str], dict] = {}
+    for label, overrides in LAYERWISE_METHODS:
+        for setting, extra in LAYERWISE_SETTINGS:
+            cells[label, setting] = job([f"model={model}", *overrides, *extra], output_root)
+    dense = next(iter(cells.values()))["dense"]
+    names = [s for s, _ in LAYERWISE_SETTINGS]
+
+    def final(r: dict) -> dict:
+        return r["recovered"] or r["pruned"]
+
+    def avg(m: dict) -> float:
+        return 100 * statistics.mean(m["zeroshot"][t]["acc"] for t in TASKS)
+
+    lines = [
+        f"| {model}: perplexity | "
+        + " | ".join(names)
+        + " | avg acc 50% | avg acc 2:4 | prune time 50% (s) |",
+        "|---|" + "---|" * (len(names) + 3),
+        "| dense | "
+        + " | ".join(f"{dense['perplexity']['embedded']:.2f}" for _ in names)
+        + f" | {avg(dense):.1f} | {avg(dense):.1f} | |",
+    ]
+    for label, _ in LAYERWISE_METHODS:
+        row = [f"{final(cells[label, s])['perplexity']['embedded']:.2f}" for s in names]
+        r50, r24 = cells[label, "50%"], cells[label, "2:4"]
+        lines.append(
+            f"| {label} | " + " | ".join(row) + f" | {avg(final(r50)):.1f} | {avg(final(r24)):.1f} | "
+            f"{r50['timings_s']['prune_method']:.2f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out = Path(output_root) / f"embedded_layerwise_{model}.md"
+    out.write_text(table + "\n")
+    summary = {
+        f"{label} @ {setting}": {
+            "ppl_pruned": r["pruned"]["perplexity"]["embedded"],
+            "ppl_final": final(r)["perplexity"]["embedded"],
+            "avg_acc": avg(final(r)),
+            "sparsity": r["ratio"]["achieved"],
+            "zero_fraction_of_all_params": r["ratio"]["zero_fraction_of_all_params"],
+            "sparsity_after_recovery": (r["sparsity"].get("after_recovery") or {}).get("achieved"),
+            "prune_method_s": r["timings_s"]["prune_method"],
+            "prune_stage_s": r["timings_s"]["prune"],
+        }
+        for (label, setting), r in cells.items()
+    }
+    out.with_suffix(".json").write_text(json.dumps({"dense": dense, "cells": summary}, indent=2))
+
+
 def job(overrides: list[str], output_root: str) -> dict:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(
@@ -93,11 +163,14 @@ def fmt(ms: tuple[float, float], digits: int = 2, scale: float = 1.0) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=sorted(TABLES))
+    p.add_argument("table", choices=sorted([*TABLES, "layerwise"]))
     p.add_argument("--model", default="tiny_llama")
     p.add_argument("--output-root", default="outputs")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     args = p.parse_args()
+    if args.table == "layerwise":
+        layerwise_table(args.model, args.output_root)
+        return
     rows, dense = [], None
     for ratio in args.ratios:
         for label, overrides, seeded in TABLES[args.table]:

@@ -27,7 +27,8 @@ log = logging.getLogger("prunelab")
 
 def _run_dir_name(override_dirname: str) -> str:
     # One directory per distinct set of overrides: the same command resumes the same run.
-    return override_dirname.replace("/", "_") or "default"
+    # Hydra escapes ':' in values (method.sparsity_pattern=2\:4); the directory keeps the plain value.
+    return override_dirname.replace("\\:", ":").replace("/", "_") or "default"
 
 
 if not OmegaConf.has_resolver("run_dir_name"):

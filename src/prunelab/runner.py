@@ -34,7 +34,7 @@ def validate(cfg: DictConfig):
     from prunelab.methods import build_dataclass, build_method
     from prunelab.models.loading import check_model_config, load_config
     from prunelab.structure import arch_info
-    from prunelab.structure.plan import plan_ratio
+    from prunelab.structure.plan import plan_ratio, plan_sparsity
 
     problems: list[str] = []
     method = None
@@ -65,13 +65,26 @@ def validate(cfg: DictConfig):
         problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
     if cfg.device != "auto" and not str(cfg.device).startswith(("cpu", "cuda", "mps")):
         problems.append(str(bad_value("device", cfg.device, ("auto", "cpu", "cuda", "cuda:N", "mps"))))
+    sparse = bool(getattr(method, "sparse", False))
+    if (
+        cfg.eval.get("semi_structured")
+        and method is not None
+        and (not sparse or str(method.pattern) != "2:4")
+    ):
+        problems.append(
+            f"eval.semi_structured=true needs 2:4 sparsity from a layer-wise method (admm, sparsegpt, wanda, "
+            f'magnitude with method.sparsity_pattern="2:4"); this run is method={cfg.method.name}'
+            + (f" with sparsity_pattern={method.pattern}" if sparse else "")
+        )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     # Architecture from config.json alone: the plan fails here, before the weights load.
     arch = arch_info(load_config(cfg.model))
-    plan = plan_ratio(
-        arch, float(cfg.ratio), method.targets, method.layers(arch.num_layers), float(cfg.ratio_tolerance)
-    )
+    layers = method.layers(arch.num_layers)
+    if sparse:  # element-wise: ratio = sparsity of the pruned linear layers
+        plan = plan_sparsity(arch, float(cfg.ratio), method.pattern, method.scope, method.modules, layers)
+    else:
+        plan = plan_ratio(arch, float(cfg.ratio), method.targets, layers, float(cfg.ratio_tolerance))
     return method, recovery, plan
 
 
@@ -121,7 +134,10 @@ def run_tags(cfg: DictConfig) -> list[str]:
         f"ratio:{cfg.ratio}",
         f"data:{cfg.data.name}",
     ]
-    return tags + ([f"importance:{imp}"] if imp else []) + list(cfg.tags)
+    pattern = cfg.method.get("sparsity_pattern")
+    tags += [f"importance:{imp}"] if imp else []
+    tags += [f"sparsity:{pattern}"] if pattern else []
+    return tags + list(cfg.tags)
 
 
 def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None, key: str):
@@ -132,6 +148,30 @@ def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None, 
     return WandbTracker(
         cfg.logger, run_dir, resolved, name=run_dir.name, group=group, tags=run_tags(cfg), key=key
     )
+
+
+def _sparsity_record(model, masks: dict, plan, method) -> dict:
+    """What a layer-wise method did, from its masks and the weights; refuses to go on if the
+    masks miss the plan's exact count (a solver bug, never a rounding choice)."""
+    from prunelab.sparsity.checkpoint import sparsity_summary
+
+    kept = sum(int(k.sum()) for k in masks.values())
+    targeted = sum(k.numel() for k in masks.values())
+    if targeted != plan.params_targeted or targeted - kept != plan.params_zeroed:
+        raise RuntimeError(
+            f"{method.name} zeroed {targeted - kept} of {targeted} weights; the plan asks {plan.params_zeroed} "
+            f"of {plan.params_targeted}"
+        )
+    summary = sparsity_summary(model, masks)
+    return {
+        "method": method.name,
+        "pattern": str(method.pattern),
+        "scope": method.scope,
+        "sparsity": 1 - kept / targeted,  # from the masks: exactly the plan
+        "zero_fraction": summary["zero_fraction"],  # zeros among ALL parameters, from the weights
+        "weights_zero_fraction_of_pruned_linears": summary["achieved"],
+        "per_layer": {name: method.report.get(name, {}) for name in masks},
+    }
 
 
 # ---------------------------------------------------------------- the recipe
@@ -156,6 +196,10 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     )
 
     model = tokenizer = None
+    sparse = bool(getattr(plan, "sparse", False))
+    # method.offload: the dense model stays in CPU memory; pruning moves one block at a time
+    # to the device and evaluation moves the whole model there.
+    offload = bool(getattr(method, "offload", False)) and device.type != "cpu"
     # Models this process already holds, by checkpoint dir: later stages use them instead of
     # loading the checkpoint again (only a resumed run loads from disk).
     held: dict[Path, tuple] = {}
@@ -176,8 +220,13 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
         if model is None:
             from prunelab.models.loading import load_model
 
-            model, tokenizer = load_model(cfg.model, device)
+            model, tokenizer = load_model(cfg.model, "cpu" if offload else device)
         return model, tokenizer
+
+    def masks_of_run():
+        from prunelab.sparsity.checkpoint import load_masks
+
+        return load_masks(rd.root / "masks.safetensors")
 
     try:
         # 1. dense evaluation, cached across runs per (model, eval) config
@@ -185,7 +234,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             {
                 "model": resolved["model"],
                 "weights": model_fingerprint(cfg.model),
-                "eval": {k: v for k, v in resolved["eval"].items() if k != "dense"},
+                "eval": {k: v for k, v in resolved["eval"].items() if k not in ("dense", "semi_structured")},
                 # eval sets named like the run's data are read through its node (local_files)
                 "data": resolved["data"]
                 if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval))
@@ -205,7 +254,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                 log.info("dense evaluation")
                 t = time.perf_counter()
                 m, tok = dense_model()
-                dense = evaluate(m, tok, cfg.eval, cache, "dense", cfg.data)
+                dense = evaluate(m.to(device), tok, cfg.eval, cache, "dense", cfg.data)
+                if offload:
+                    m.to("cpu")
                 write_json(dense_file, dense)
                 timings["dense_eval"] = time.perf_counter() - t
             tracker.summary({"dense": dense})
@@ -218,7 +269,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
 
             from prunelab.methods import PruneContext
             from prunelab.models.loading import save_model
-            from prunelab.structure import apply_masks, prune_physically
+            from prunelab.structure import apply_masks, arch_info, prune_physically
 
             log.info("prune: %s", cfg.method.name)
             t = time.perf_counter()
@@ -235,12 +286,26 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                     int(cfg.seed),
                     c.split,
                 )
-            masks = method.prune(m, plan, PruneContext(tok, calib, int(cfg.seed)))
-            apply_masks(m, masks)
-            new_arch = prune_physically(m, masks)
-            save_model(m, tok, pruned_dir)
-            held[pruned_dir] = (m, tok)
-            save_file({k: v.to(torch.uint8) for k, v in masks.items()}, str(rd.root / "masks.safetensors"))
+            t_method = time.perf_counter()  # the method alone, without loading or calibration data
+            masks = method.prune(m, plan, PruneContext(tok, calib, int(cfg.seed), device))
+            method_time = time.perf_counter() - t_method
+            extra = {}
+            if sparse:
+                from prunelab.sparsity.checkpoint import mark_config, save_masks
+
+                extra["sparsity"] = _sparsity_record(m, masks, plan, method)
+                mark_config(m, {k: extra["sparsity"][k] for k in ("method", "pattern", "scope", "sparsity")})
+                new_arch = arch_info(m.config)
+                save_model(m, tok, pruned_dir)
+                save_masks(masks, rd.root / "masks.safetensors")
+            else:
+                apply_masks(m, masks)
+                new_arch = prune_physically(m, masks)
+                save_model(m, tok, pruned_dir)
+                save_file(
+                    {k: v.to(torch.uint8) for k, v in masks.items()}, str(rd.root / "masks.safetensors")
+                )
+            held[pruned_dir] = (m.to(device), tok)
             rec = rd.finish(
                 "prune",
                 {
@@ -248,12 +313,15 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                     "params_after": new_arch.total_params(),
                     "layer_shapes": [s.to_dict() for s in new_arch.layers],
                     "time_s": time.perf_counter() - t,
+                    "method_time_s": method_time,
+                    **extra,
                 },
             )
         else:
             resumed.append("prune")
             log.info("prune: finished earlier, resuming from %s", pruned_dir)
         timings["prune"] = rec["time_s"]
+        timings["prune_method"] = rec.get("method_time_s")
 
         def evaluate_stage(stage: str, model_dir: Path, label: str) -> dict:
             rec_e = rd.done(stage)
@@ -265,7 +333,16 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             log.info("evaluate the %s model (%s)", label, model_dir)
             t = time.perf_counter()
             final, tok = stage_model(model_dir)
-            metrics = evaluate(final.eval(), tok, cfg.eval, cache, label, cfg.data)
+            if sparse and cfg.eval.get("semi_structured"):
+                from prunelab.sparsity.semi_structured import semi_structured
+
+                with semi_structured(final, list(masks_of_run())) as kernels:
+                    if not kernels["used"]:
+                        log.warning("eval.semi_structured: %s", kernels["reason"])
+                    metrics = evaluate(final.eval(), tok, cfg.eval, cache, label, cfg.data)
+                metrics["semi_structured"] = kernels
+            else:
+                metrics = evaluate(final.eval(), tok, cfg.eval, cache, label, cfg.data)
             return rd.finish(stage, {"metrics": metrics, "time_s": time.perf_counter() - t})
 
         # 3. evaluate the pruned model (before any recovery)
@@ -283,7 +360,14 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                 log.info("recover: LoRA on %s", recovery.data)
                 t = time.perf_counter()
                 pruned, tok = stage_model(pruned_dir, take=True)  # LoRA merges into it in place
-                merged = recovery.recover(pruned, tok, recovered_dir, tracker=tracker, data_cfg=cfg.data)
+                merged = recovery.recover(
+                    pruned,
+                    tok,
+                    recovered_dir,
+                    tracker=tracker,
+                    data_cfg=cfg.data,
+                    keep_masks=masks_of_run() if sparse else None,  # LoRA must not refill pruned weights
+                )
                 save_model(merged, tok, recovered_dir / "model")
                 held[recovered_dir / "model"] = (merged, tok)
                 rec_recover = rd.finish("recover", {"time_s": time.perf_counter() - t})
@@ -300,16 +384,40 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
         timings["total"] = time.perf_counter() - t_start
 
         # 5. results
-        results = {
-            "config": resolved,
-            "run_dir": str(rd.root),
-            "model_dir": str(final_dir),
-            "ratio": {
+        if sparse:
+            ratio = {
+                "meaning": "sparsity of the pruned linear layers",
+                "requested": plan.requested,
+                "achieved": rec["sparsity"]["sparsity"],
+                "zero_fraction_of_all_params": rec["sparsity"]["zero_fraction"],
+                "params_before": plan.params_before,
+                "params_after": rec["params_after"],
+            }
+            sparsity = rec["sparsity"]
+            if recovered is not None:
+                from prunelab.sparsity.checkpoint import sparsity_summary
+
+                final_model, _ = stage_model(final_dir)
+                after = sparsity_summary(final_model, masks_of_run())
+                sparsity = {
+                    **sparsity,
+                    "after_recovery": {k: after[k] for k in ("achieved", "zero_fraction")},
+                }
+        else:
+            ratio = {
+                "meaning": "fraction of all parameters removed",
                 "requested": plan.requested,
                 "achieved": 1 - rec["params_after"] / plan.params_before,
                 "params_before": plan.params_before,
                 "params_after": rec["params_after"],
-            },
+            }
+            sparsity = None
+        results = {
+            "config": resolved,
+            "run_dir": str(rd.root),
+            "model_dir": str(final_dir),
+            "ratio": ratio,
+            "sparsity": sparsity,
             "plan": rec["plan"],
             "layer_shapes": rec["layer_shapes"],
             "dense": dense,

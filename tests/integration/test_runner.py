@@ -148,3 +148,61 @@ def test_multirun_ratio_by_importance_magnitude_random(tmp_path):
     dense = results[0]["dense"]["perplexity"]["embedded"]
     assert all(math.isfinite(v) and v > dense for v in ppl.values())
     assert ppl[("random", 0.5)] > ppl[("random", 0.2)] and ppl[("magnitude", 0.5)] > ppl[("magnitude", 0.2)]
+
+
+def test_multirun_layerwise_methods_by_pattern(tmp_path):
+    """Issue 4's sweep: the four layer-wise methods × unstructured / 2:4 at 50% sparsity."""
+    methods = ["admm", "sparsegpt", "wanda", "magnitude"]
+    p = prunelab(
+        "-m",
+        f"method={','.join(methods)}",
+        "method.sparsity_pattern=unstructured,2:4",
+        "ratio=0.5",
+        "method.calibration_samples=32",
+        "recovery=none",
+        "eval=quick",
+        "logger=none",
+        f"output_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
+    assert len(results) == 8
+    assert any(":" in r["run_dir"] and "\\" not in r["run_dir"] for r in results)  # 2:4, unescaped
+    dense = results[0]["dense"]["perplexity"]["embedded"]
+    for r in results:
+        assert r["ratio"]["achieved"] == 0.5 and r["ratio"]["params_after"] == r["ratio"]["params_before"]
+        assert 0.3 < r["ratio"]["zero_fraction_of_all_params"] < 0.5  # embeddings and norms stay dense
+        assert r["sparsity"]["pattern"] == r["config"]["method"]["sparsity_pattern"]
+        assert all(v["sparsity"] == 0.5 for v in r["sparsity"]["per_layer"].values())
+        assert r["timings_s"]["prune_method"] > 0
+        assert (
+            math.isfinite(r["pruned"]["perplexity"]["embedded"])
+            and r["pruned"]["perplexity"]["embedded"] > dense
+        )
+    # the saved checkpoint is the sparse model and loads with plain from_pretrained
+    from transformers import AutoModelForCausalLM
+
+    r = next(r for r in results if r["config"]["method"]["name"] == "admm")
+    model = AutoModelForCausalLM.from_pretrained(r["model_dir"])
+    w = model.model.layers[3].mlp.down_proj.weight
+    assert (w == 0).float().mean().item() == 0.5
+
+
+def test_layerwise_with_lora_recovery_stays_sparse(tmp_path):
+    p = prunelab(
+        "method=wanda",
+        "method.sparsity_pattern=2:4",
+        "ratio=0.5",
+        "method.calibration_samples=16",
+        "eval=quick",
+        *FAST_RECOVERY,
+        "logger=none",
+        f"output_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (r,) = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
+    assert r["sparsity"]["after_recovery"]["achieved"] == 0.5
+    assert r["recovery"]["remask"]["weights_zeroed"] > 0
+    assert math.isfinite(r["recovered"]["perplexity"]["embedded"])

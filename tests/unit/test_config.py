@@ -118,6 +118,36 @@ BAD = [
     (["model.path=/nonexistent/model"], r"model\.path='/nonexistent/model' does not exist"),
     (["model.dtype=fp8"], r"model\.dtype='fp8' is not allowed; allowed: float32, float16, bfloat16"),
     (["device=tpu"], r"device='tpu' is not allowed"),
+    # the layer-wise family's sparsity patterns
+    (
+        ["method=llm_pruner", "+method.sparsity_pattern=2:4"],
+        r"method\.sparsity_pattern applies to the layer-wise methods.*method=llm_pruner removes whole structures",
+    ),
+    (["method=wanda", "method.sparsity_pattern=4:4"], r"sparsity_pattern='4:4'.*N must be smaller than M"),
+    (["method=admm", "method.sparsity_pattern=6:4"], r"sparsity_pattern='6:4'.*N must be smaller than M"),
+    (["method=admm", "method.sparsity_pattern=2to4"], r"sparsity_pattern='2to4' is not allowed.*N:M"),
+    (
+        ["method=sparsegpt", "method.sparsity_pattern=2:4", "ratio=0.6"],
+        r"ratio=0\.6 contradicts method\.sparsity_pattern=2:4.*sparsity 0\.5; use ratio=0\.5",
+    ),
+    (
+        ["method=magnitude", "method.sparsity_pattern=1:4", "ratio=0.5"],
+        r"ratio=0\.5 contradicts method\.sparsity_pattern=1:4.*use ratio=0\.75",
+    ),
+    (["method=wanda", "method.scope=column"], r"method\.scope='column' is not allowed.*layer, row"),
+    (["method=admm", "method.schedule=linear"], r"method\.schedule='linear' is not allowed.*cubic, none"),
+    (["method=admm", "method.mask_iterations=30"], r"mask_iterations=30 exceeds method\.iterations=20"),
+    (["method=sparsegpt", "method.damping=0"], r"method\.damping=0 must be > 0"),
+    (["method=wanda", "method.modules=[q_proj,lm_head]"], r"method\.modules=.*allowed: a non-empty subset"),
+    (["method=wanda", "ratio=1.0"], r"ratio=1\.0 is outside the allowed range"),
+    (
+        ["method=structured", "eval.semi_structured=true"],
+        r"eval\.semi_structured=true needs 2:4 sparsity from a layer-wise method",
+    ),
+    (
+        ["method=wanda", "ratio=0.5", "eval.semi_structured=true"],
+        r"eval\.semi_structured=true needs 2:4.*sparsity_pattern=unstructured",
+    ),
 ]
 
 
@@ -153,6 +183,32 @@ def test_unmeetable_ratio_refused_from_config_alone(no_model_loads, tmp_path):
         ConfigError, match=r"cannot be met within ratio_tolerance.*whole head groups.*nearest achievable"
     ):
         run(cfg, tmp_path / "run")
+
+
+@pytest.mark.skipif(
+    not (Path(loading.__file__).parent / "assets/tiny_llama/model.safetensors").exists(),
+    reason="embedded weights not built",
+)
+def test_nm_pattern_must_divide_every_pruned_layer(no_model_loads, tmp_path):
+    # tiny_llama's linears read 128 or 384 inputs: 5 divides neither
+    cfg = compose_cfg("method=wanda", "method.sparsity_pattern=2:5", "ratio=0.6", "logger=none")
+    with pytest.raises(
+        ConfigError, match=r"2:5 needs each row's inputs in groups of 5.*q_proj has 128 inputs"
+    ):
+        run(cfg, tmp_path / "run")
+
+
+def test_yaml_nm_pattern_parsed_as_string():
+    # unquoted in a YAML file, 2:4 would be the base-60 integer 124
+    cfg = compose_cfg("method=admm", "method.sparsity_pattern=2:4")
+    assert cfg.method.sparsity_pattern == "2:4"
+
+
+def test_layerwise_sparsity_plan_from_config_alone(no_model_loads):
+    cfg = compose_cfg("method=admm", "ratio=0.7", "logger=none")
+    _, _, plan = validate(cfg)
+    assert plan.sparse and plan.requested == 0.7 and abs(plan.achieved - 0.7) < 1e-3
+    assert plan.params_after == plan.params_before and 0 < plan.zero_fraction < 0.7
 
 
 def test_struct_mode_guards_typos_in_code():

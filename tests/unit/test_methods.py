@@ -123,3 +123,96 @@ def test_magnitude_prunes_the_smallest_mlp_channel():
     assert plan.remove == {"1.mlp": 1}
     masks = method.prune(model, plan, PruneContext(None, None, 0))
     assert torch.nonzero(~masks["1.mlp"]).flatten().tolist() == [7]
+
+
+# ------------------------------------------------------------------ the layer-wise (element-wise) family
+LW = "prunelab.methods.layerwise."
+# (id, method config, ratio); ratio = sparsity of the pruned linears
+# fmt: off
+SPARSE_METHODS = [
+    ("magnitude-50", {"_target_": LW + "Magnitude"}, 0.5),
+    ("magnitude-row-70", {"_target_": LW + "Magnitude", "scope": "row"}, 0.7),
+    ("magnitude-2:4", {"_target_": LW + "Magnitude", "sparsity_pattern": "2:4"}, 0.5),
+    ("wanda-50", {"_target_": LW + "Wanda"}, 0.5),
+    ("wanda-layer-60", {"_target_": LW + "Wanda", "scope": "layer"}, 0.6),
+    ("wanda-4:8", {"_target_": LW + "Wanda", "sparsity_pattern": "4:8"}, 0.5),
+    ("sparsegpt-50", {"_target_": LW + "SparseGPT", "blocksize": 16}, 0.5),
+    ("sparsegpt-row-70", {"_target_": LW + "SparseGPT", "scope": "row"}, 0.7),
+    ("sparsegpt-2:4", {"_target_": LW + "SparseGPT", "sparsity_pattern": "2:4"}, 0.5),
+    ("sparsegpt-1:4", {"_target_": LW + "SparseGPT", "sparsity_pattern": "1:4"}, 0.75),
+    ("admm-50", {"_target_": LW + "ADMM"}, 0.5),
+    ("admm-layer-60", {"_target_": LW + "ADMM", "scope": "layer", "layer_errors": True}, 0.6),
+    ("admm-2:4", {"_target_": LW + "ADMM", "sparsity_pattern": "2:4"}, 0.5),
+    ("admm-no-schedule", {"_target_": LW + "ADMM", "schedule": "none", "iterations": 5, "mask_iterations": 2}, 0.5),
+    ("admm-mlp-only-kept-ends", {"_target_": LW + "ADMM", "modules": ["gate_proj", "up_proj", "down_proj"],
+                                 "keep_first_layers": 1, "keep_last_layers": 1}, 0.5),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("name,method_cfg,ratio", SPARSE_METHODS, ids=[m[0] for m in SPARSE_METHODS])
+def test_layerwise_method_shared_checks(name, method_cfg, ratio, inputs, tmp_path):
+    from omegaconf import OmegaConf
+
+    from prunelab.recovery.lora import remask
+    from prunelab.sparsity.checkpoint import load_masks, mark_config, save_masks, sparsity_summary
+    from prunelab.sparsity.patterns import check_mask
+    from prunelab.structure.plan import plan_sparsity
+
+    model = make_model("llama", 2, layers=4, inter=128)
+    dense = copy.deepcopy(model)
+    method = build_method(OmegaConf.create({"name": name, **method_cfg, "calibration_samples": 4}))
+    arch = arch_info(model.config)
+    layers = method.layers(arch.num_layers)
+    plan = plan_sparsity(arch, ratio, method.pattern, method.scope, method.modules, layers)
+    masks = method.prune(model, plan, PruneContext(None, CALIB, 0))
+
+    # ratio met exactly, in the requested pattern, on the requested layers and modules only
+    assert len(masks) == len(layers) * len(method.modules)
+    summary = sparsity_summary(model, masks)
+    assert summary["achieved"] == pytest.approx(plan.achieved, abs=1e-12)
+    assert abs(plan.achieved - ratio) < 0.01
+    params, dense_params = dict(model.named_parameters()), dict(dense.named_parameters())
+    for n, keep in masks.items():
+        check_mask(keep, ratio, method.pattern, method.scope)
+        assert bool((params[n][~keep] == 0).all())
+    for n, p in params.items():
+        if n not in masks:
+            assert torch.equal(p, dense_params[n]), f"{n} changed but was not pruned"
+    if "layer_errors" in method_cfg:
+        assert all(0 <= r["rel_error"] < 1 for r in method.report.values())
+    out = model(input_ids=inputs).logits
+    assert torch.isfinite(out).all()
+
+    # masked == pruned: re-applying the masks changes nothing
+    from prunelab.sparsity.checkpoint import apply_weight_masks
+
+    again = copy.deepcopy(model)
+    apply_weight_masks(again, masks)
+    assert torch.equal(again(input_ids=inputs).logits, out)
+
+    # save -> load: same model, pattern recorded, masks round-trip
+    mark_config(model, {"pattern": str(method.pattern), "sparsity": plan.achieved})
+    save_model(model, None, tmp_path / "m")
+    save_masks(masks, tmp_path / "masks.safetensors")
+    loaded = load_pretrained(tmp_path / "m").eval()
+    assert torch.equal(loaded(input_ids=inputs).logits, out)
+    assert loaded.config.prunelab_sparsity["pattern"] == str(method.pattern)
+    back = load_masks(tmp_path / "masks.safetensors")
+    assert all(torch.equal(back[n], masks[n]) for n in masks)
+
+    # LoRA merge == unmerged adapter; re-masking restores the exact sparsity
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(method.modules)))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.eval()
+    adapted = peft_model(input_ids=inputs).logits
+    merged = peft_model.merge_and_unload()
+    assert (merged(input_ids=inputs).logits - adapted).abs().max().item() <= 1e-4
+    info = remask(merged, masks, {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)})
+    assert info["weights_zeroed"] > 0
+    assert sparsity_summary(merged, masks)["achieved"] == pytest.approx(plan.achieved, abs=1e-12)

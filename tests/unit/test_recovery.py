@@ -212,6 +212,31 @@ def test_recover_trains_lowers_loss_and_merges(tok, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_recovery_keeps_element_wise_sparsity(tok, tmp_path):
+    """After a layer-wise method, LoRA's dense update is merged and the masks re-applied."""
+    from prunelab.sparsity.checkpoint import sparsity_summary
+    from prunelab.sparsity.patterns import Pattern, keep_mask
+
+    model = tiny()
+    masks = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("q_proj.weight", "up_proj.weight", "down_proj.weight")):
+                masks[n] = keep_mask(p.abs(), 0.5, Pattern(2, 4))
+                p.mul_(masks[n])
+    rec = quick(lr=2e-2, max_steps=4, target_modules=["q_proj", "up_proj", "down_proj", "v_proj"])
+    out = rec.fit(model, tok, EXAMPLES, EXAMPLES[:4], tmp_path, keep_masks=masks)
+    params = dict(out.named_parameters())
+    for n, keep in masks.items():
+        assert bool((params[n][~keep] == 0).all()), n
+        assert bool((params[n][keep] != 0).all()), n
+    assert sparsity_summary(out, masks)["achieved"] == 0.5
+    h = json.loads((tmp_path / "history.json").read_text())
+    assert h["remask"]["weights_zeroed"] > 0 and h["remask"]["max_abs_logit_change"] > 0
+    # the unmasked v_proj took LoRA's update densely
+    assert bool((params["model.layers.0.self_attn.v_proj.weight"] != 0).all())
+
+
 def test_best_checkpoint_restored_when_validation_gets_worse(tok, tmp_path, monkeypatch):
     model = tiny()
     w0 = model.model.layers[1].self_attn.q_proj.weight.detach().clone()

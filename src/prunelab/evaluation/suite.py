@@ -32,7 +32,11 @@ def source_for(name: str, data_cfg: Any = None):
 
 
 def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
+    from prunelab.errors import ConfigError
     from prunelab.evaluation.zeroshot import check_tasks
+
+    if not isinstance(cfg.get("semi_structured", False), bool):
+        raise ConfigError(f"eval.semi_structured={cfg.semi_structured!r} must be true or false")
 
     for name, _split in perplexity_sets(cfg):
         source_for(name, data_cfg).check()

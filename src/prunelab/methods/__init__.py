@@ -2,6 +2,7 @@
 
 method = build_method(cfg.method)        # validates hyperparameters, loads nothing
 method.targets                           # structure kinds it prunes, e.g. ("attn", "mlp")
+method.sparse                            # True: zeroes weights (layer-wise family), plans sparsity
 method.layers(num_layers)                # layers open to pruning
 masks = method.prune(model, plan, ctx)   # may also update weights in place
 """
@@ -28,6 +29,7 @@ class PruneContext:
     tokenizer: Any
     calibration: torch.Tensor | None
     seed: int
+    device: torch.device | None = None  # where a method computes (None: where the model is)
 
 
 class Method(Protocol):
@@ -46,6 +48,11 @@ def build_dataclass(cfg: DictConfig, group: str) -> Any:
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(kwargs) - allowed)
+    if unknown and group == "method" and "sparsity_pattern" in unknown:
+        raise ConfigError(
+            f"method.sparsity_pattern applies to the layer-wise methods (admm, sparsegpt, wanda, magnitude); "
+            f"method={cfg.name} removes whole structures, which N:M or unstructured patterns do not describe"
+        )
     if unknown:
         raise ConfigError(
             f"{group}.{unknown[0]} is not a key of {group}={cfg.name}; allowed: {', '.join(sorted(allowed))}"

@@ -169,6 +169,25 @@ def merge_lora(peft_model: nn.Module, check_batch: Mapping[str, torch.Tensor] | 
     return model, diff
 
 
+@torch.no_grad()
+def remask(
+    model: nn.Module, keep_masks: Mapping[str, torch.Tensor], check_batch: Mapping[str, torch.Tensor]
+) -> dict:
+    """Zero the merged weights outside ``keep_masks`` (LoRA's dense update fills them in);
+    report how many merged weights that zeroed and how much it moved the logits."""
+    from prunelab.sparsity.checkpoint import apply_weight_masks
+
+    device = next(model.parameters()).device
+    kw = {k: check_batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    before = model(**kw, use_cache=False).logits.float()
+    params = dict(model.named_parameters())
+    filled = sum(int((params[n][~k.to(params[n].device)] != 0).sum()) for n, k in keep_masks.items())
+    apply_weight_masks(model, keep_masks)
+    after = model(**kw, use_cache=False).logits.float()
+    real = kw["attention_mask"].bool()
+    return {"weights_zeroed": filled, "max_abs_logit_change": float((after - before).abs()[real].max())}
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -365,17 +384,20 @@ class LoraRecovery:
         out_dir: Path,
         tracker: Tracker | None = None,
         data_cfg: Any = None,
+        keep_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> nn.Module:
         """Train LoRA on ``model`` with this config's data, restore the best adapter, merge it;
-        returns the merged model (same class, eval mode)."""
+        returns the merged model (same class, eval mode). ``keep_masks`` (parameter name ->
+        bool keep-mask, from the layer-wise methods) are re-applied after the merge, so an
+        element-wise sparse model stays exactly as sparse."""
         start = time.perf_counter()
         if self.format == "text":
             train, val = self.text_windows(tokenizer, data_cfg)
             extra = {"data_time_s": time.perf_counter() - start}
-            return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra)
+            return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra, keep_masks)
         examples = self.examples(data_cfg)
         extra = {"data_time_s": time.perf_counter() - start}
-        return self.fit(model, tokenizer, *examples, out_dir, tracker, extra)
+        return self.fit(model, tokenizer, *examples, out_dir, tracker, extra, keep_masks)
 
     def fit(
         self,
@@ -386,6 +408,7 @@ class LoraRecovery:
         out_dir: Path,
         tracker: Tracker | None = None,
         extra_history: Mapping[str, Any] | None = None,
+        keep_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> nn.Module:
         """``recover`` on given instruction examples (tokenized here)."""
         start = time.perf_counter()
@@ -396,7 +419,7 @@ class LoraRecovery:
             "dropped_no_answer": {"train": dropped_train, "validation": dropped_val},
             "tokenize_time_s": time.perf_counter() - start,
         }
-        return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra)
+        return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra, keep_masks)
 
     def fit_features(
         self,
@@ -407,6 +430,7 @@ class LoraRecovery:
         out_dir: Path,
         tracker: Tracker | None = None,
         extra_history: Mapping[str, Any] | None = None,
+        keep_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> nn.Module:
         """``recover`` on tokenized ``{input_ids, labels}`` features."""
         from peft import LoraConfig, get_peft_model
@@ -460,6 +484,8 @@ class LoraRecovery:
         peft_model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
         check = val_batches[0] if val_batches else collate(train[:micro], pad_id)
         merged, diff = merge_lora(peft_model, check)
+        if keep_masks is not None:
+            history["remask"] = remask(merged, keep_masks, check)
         history.update(
             merge_max_abs_diff=diff,
             num_train_examples=len(train),

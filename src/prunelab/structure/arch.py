@@ -79,6 +79,20 @@ class ArchInfo:
         head = 0 if self.tie_word_embeddings else embed
         return embed + head + self.hidden_size + sum(self.layer_params(i) for i in range(self.num_layers))
 
+    def linear_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each linear layer of a decoder layer."""
+        s, d, h = self.layers[layer], self.head_dim, self.hidden_size
+        q, kv, i = s.num_attention_heads * d, s.num_key_value_heads * d, s.intermediate_size
+        return {
+            "q_proj": (q, h),
+            "k_proj": (kv, h),
+            "v_proj": (kv, h),
+            "o_proj": (h, q),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
+
     def uniform(self) -> bool:
         return len(set(self.layers)) == 1
 

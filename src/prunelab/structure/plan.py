@@ -180,3 +180,81 @@ def _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step)
         prunable_layers=list(layers),
         remove=remove,
     )
+
+
+# ---------------------------------------------------------------- element-wise sparsity
+@dataclass
+class SparsityPlan:
+    """Plan of the layer-wise (element-wise) methods. Here ``ratio`` is the sparsity of the
+    pruned linear layers — their papers' convention; embeddings, lm_head and norms are
+    untouched — and ``zero_fraction`` the share of *all* parameters that becomes zero."""
+
+    requested: float
+    achieved: float  # exact count over the pruned linears (rounded per layer or row)
+    pattern: str
+    scope: str
+    modules: list[str]
+    prunable_layers: list[int]
+    params_before: int
+    params_targeted: int
+    params_zeroed: int
+    zero_fraction: float
+    sparse: bool = True
+
+    @property
+    def params_after(self) -> int:
+        return self.params_before  # nothing is removed, only zeroed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_sparsity(
+    arch: ArchInfo,
+    ratio: float,
+    pattern,
+    scope: str,
+    modules: list[str] | tuple[str, ...],
+    layers: list[int],
+) -> SparsityPlan:
+    """Check a sparsity target against the architecture (from config alone) and count it."""
+    from prunelab.sparsity.patterns import prune_count
+
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(
+            f"ratio={ratio!r} is outside the allowed range (0, 1): the sparsity of the pruned linear layers"
+        )
+    if pattern.m is not None and abs(ratio - pattern.sparsity) > 1e-9:
+        raise ConfigError(
+            f"ratio={ratio} contradicts method.sparsity_pattern={pattern}: {pattern} keeps {pattern.n} of "
+            f"every {pattern.m} weights, i.e. sparsity {pattern.sparsity:g}; use ratio={pattern.sparsity:g} "
+            f"or sparsity_pattern=unstructured"
+        )
+    targeted = zeroed = 0
+    for i in layers:
+        shapes = arch.linear_shapes(i)
+        for name in modules:
+            rows, cols = shapes[name]
+            if pattern.m is not None and cols % pattern.m:
+                raise ConfigError(
+                    f"method.sparsity_pattern={pattern} needs each row's inputs in groups of {pattern.m}, but "
+                    f"layer {i} {name} has {cols} inputs; allowed: an M dividing {cols}, or unstructured"
+                )
+            targeted += rows * cols
+            if pattern.m is not None:
+                zeroed += rows * cols // pattern.m * (pattern.m - pattern.n)
+            else:  # per row or per layer: the same exact total per layer
+                zeroed += prune_count(ratio, rows * cols)
+    total = arch.total_params()
+    return SparsityPlan(
+        requested=ratio,
+        achieved=zeroed / targeted,
+        pattern=str(pattern),
+        scope=scope,
+        modules=list(modules),
+        prunable_layers=list(layers),
+        params_before=total,
+        params_targeted=targeted,
+        params_zeroed=zeroed,
+        zero_fraction=zeroed / total,
+    )
