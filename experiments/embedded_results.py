@@ -5,6 +5,7 @@ run directories as the CLI, so a rerun resumes and only missing rows are compute
     python experiments/embedded_results.py baselines --model tiny_llama_gqa
     python experiments/embedded_results.py llm_pruner                  # estimators, ± LoRA recovery
     python experiments/embedded_results.py layerwise                   # ADMM/SparseGPT/Wanda/magnitude
+    python experiments/embedded_results.py loraprune                   # LoRAPrune vs LLM-Pruner + LoRA
 
 Random rows are mean ± std over seeds 0, 1, 2. Tables are printed as markdown and written
 to <output-root>/embedded_<table>_<model>.md (+ .json with every number).
@@ -56,6 +57,13 @@ TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
             ],
             False,
         ),
+    ],
+    # equal training tokens: LoRAPrune's own fine-tuning = recovery=lora_embedded (150 × 16 × 128)
+    "loraprune": [
+        ("LLM-Pruner element1 + LoRA", ["method=llm_pruner", "method.importance=element1"], False),
+        ("LoRAPrune (lora_grad)", ["method=loraprune"], False),
+        ("LoRAPrune (taylor)", ["method=loraprune", "method.importance=taylor"], False),
+        ("LoRAPrune (magnitude)", ["method=loraprune", "method.importance=magnitude"], False),
     ],
 }
 
@@ -150,6 +158,7 @@ def summarise(results: list[dict]) -> dict:
         "params": final[0]["cost"]["parameters"],
         "achieved": results[0]["ratio"]["achieved"],
         "recovered": results[0]["recovered"] is not None,
+        "trained": results[0].get("training") is not None,
     }
     for t in TASKS:
         out[t] = stats([m["zeroshot"][t]["acc"] for m in final])
@@ -192,7 +201,11 @@ def main() -> None:
         + f" | {100 * dense_avg:.1f} |",
     ]
     for label, ratio, r in rows:
-        final = fmt(r["ppl"]) if r["recovered"] else "(no recovery)"
+        final = (
+            fmt(r["ppl"])
+            if r["recovered"]
+            else ("(trained while pruning)" if r["trained"] else "(no recovery)")
+        )
         lines.append(
             f"| {label} | {ratio:.0%} ({r['achieved']:.2%}) | {r['params']:,} | {fmt(r['ppl_pruned'])} | {final} | "
             + " | ".join(fmt(r[t], 1, 100) for t in TASKS)

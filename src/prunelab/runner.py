@@ -53,6 +53,8 @@ def validate(cfg: DictConfig):
     if not 0.0 <= float(cfg.ratio_tolerance) < 1.0:
         problems.append(f"ratio_tolerance={cfg.ratio_tolerance!r} must be in [0, 1) (relative to ratio)")
     method = attempt(lambda: build_method(cfg.method))
+    if method is not None and getattr(method, "trains", False):
+        attempt(lambda: method.check(cfg.data))  # its training data, before any model loads
     attempt(lambda: check_model_config(cfg.model))
     attempt(lambda: build_source(cfg.data).check())
     attempt(lambda: check_eval_config(cfg.eval, cfg.data))
@@ -150,6 +152,14 @@ def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None, 
     )
 
 
+def _training_record(train_dir: Path, prune_rec: dict) -> dict | None:
+    """For methods that train while pruning: their schedule and the trainer's history.json."""
+    if "training" not in prune_rec:
+        return None
+    history = train_dir / "history.json"
+    return {**prune_rec["training"], "history": json.loads(history.read_text()) if history.exists() else None}
+
+
 def _sparsity_record(model, masks: dict, plan, method) -> dict:
     """What a layer-wise method did, from its masks and the weights; refuses to go on if the
     masks miss the plan's exact count (a solver bug, never a rounding choice)."""
@@ -178,6 +188,14 @@ def _sparsity_record(model, masks: dict, plan, method) -> dict:
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     t_start = time.perf_counter()
     method, recovery, plan = validate(cfg)
+    skipped_recovery = None
+    if recovery is not None and getattr(method, "trains", False) and not method.then_recover:
+        skipped_recovery = (
+            f"method={cfg.method.name} fine-tunes while it prunes (its LoRA training is the recovery); "
+            f"recovery={cfg.recovery.name} skipped (method.then_recover=true runs it too)"
+        )
+        log.info(skipped_recovery)
+        recovery = None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     identity = {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS}
     rd = RunDir(run_dir, identity)
@@ -287,9 +305,18 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                     c.split,
                 )
             t_method = time.perf_counter()  # the method alone, without loading or calibration data
-            masks = method.prune(m, plan, PruneContext(tok, calib, int(cfg.seed), device))
+            ctx = PruneContext(
+                tok,
+                calib,
+                int(cfg.seed),
+                device,
+                data_cfg=cfg.data,
+                out_dir=rd.root / "prune_train",
+                tracker=tracker,
+            )
+            masks = method.prune(m, plan, ctx)
             method_time = time.perf_counter() - t_method
-            extra = {}
+            extra = {"training": method.history} if getattr(method, "trains", False) else {}
             if sparse:
                 from prunelab.sparsity.checkpoint import mark_config, save_masks
 
@@ -424,6 +451,8 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             "pruned": rec_eval["metrics"],
             "recovered": recovered,
             "recovery": recovery_info,
+            "recovery_skipped": skipped_recovery,
+            "training": _training_record(rd.root / "prune_train", rec),
             "timings_s": timings,
             "resumed_stages": resumed,
             "tracking": {

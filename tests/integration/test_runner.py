@@ -206,3 +206,30 @@ def test_layerwise_with_lora_recovery_stays_sparse(tmp_path):
     assert r["sparsity"]["after_recovery"]["achieved"] == 0.5
     assert r["recovery"]["remask"]["weights_zeroed"] > 0
     assert math.isfinite(r["recovered"]["perplexity"]["embedded"])
+
+
+def test_multirun_loraprune_importances(tmp_path):
+    """Issue 5's sweep: LoRAPrune's estimator ablation as one multirun (short training)."""
+    p = prunelab(
+        "-m",
+        "method=loraprune",
+        "method.importance=lora_grad,taylor,magnitude",
+        "ratio=0.5",
+        "method.train.max_steps=20",
+        "method.train.eval_every=10",
+        "method.train.val_size=20",
+        "method.prune_freq=2",
+        "eval=quick",
+        "logger=none",
+        f"output_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
+    assert {r["config"]["method"]["importance"] for r in results} == {"lora_grad", "taylor", "magnitude"}
+    for r in results:
+        assert abs(r["ratio"]["achieved"] - 0.5) <= 0.01 * 0.5
+        assert r["recovered"] is None and "skipped" in r["recovery_skipped"]
+        steps = r["training"]["prune_steps"]
+        assert steps[-1]["fraction"] == 1.0 and r["training"]["history"]["steps"] == 20
+        assert math.isfinite(r["pruned"]["perplexity"]["embedded"])

@@ -19,6 +19,19 @@ from tests.conftest import make_model
 
 SP = "prunelab.methods.structured.StructuredPruner"
 LLM = "prunelab.methods.llm_pruner.LLMPruner"
+LP = "prunelab.methods.loraprune.LoRAPrune"
+# LoRAPrune fine-tunes while it prunes: a few steps on the embedded corpus (its tokenizer's vocab)
+LP_TRAIN = {
+    "format": "text",
+    "cutoff_len": 32,
+    "batch_size": 4,
+    "micro_batch_size": 4,
+    "max_steps": 10,
+    "eval_every": 5,
+    "val_size": 4,
+    "warmup_steps": 0,
+    "max_train_examples": 32,
+}
 CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(7))
 
 # (id, method config, ratio, relative tolerance); whole-head/-layer rows get the nearest amount
@@ -39,26 +52,40 @@ METHODS = [
     ("llm_pruner-iterative", {"_target_": LLM, "iterative_steps": 3}, 0.3, 0.01),
     ("llm_pruner-layers", {"_target_": LLM, "mode": "layer"}, 0.2, 0.35),
     ("llm_pruner-channel", {"_target_": LLM, "mode": "channel"}, 0.2, 0.05),
+    ("loraprune-lora_grad", {"_target_": LP, "train": LP_TRAIN}, 0.1, 0.05),
+    ("loraprune-taylor", {"_target_": LP, "importance": "taylor", "train": LP_TRAIN}, 0.1, 0.05),
 ]
 # fmt: on
 
 
-def _pruned(method_cfg, ratio, tol, family=("llama", 2)):
+def _pruned(method_cfg, ratio, tol, family=("llama", 2), out_dir=None):
     from omegaconf import OmegaConf
 
-    model = make_model(*family, layers=6, inter=128)
+    extra = {"prune_freq": 2} if method_cfg["_target_"] == LP else {}
     method = build_method(
-        OmegaConf.create({"name": "m", **method_cfg, "keep_first_layers": 1, "keep_last_layers": 1})
+        OmegaConf.create({"name": "m", **method_cfg, "keep_first_layers": 1, "keep_last_layers": 1, **extra})
     )
+    ctx = PruneContext(None, CALIB, 0)
+    if getattr(method, "trains", False):
+        from transformers import AutoTokenizer
+
+        from prunelab.data.sources import load_source_config
+        from prunelab.models.embedded import asset_dir
+
+        model = make_model(*family, layers=6, inter=128, vocab=2048, max_pos=256)
+        tok = AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
+        ctx = PruneContext(tok, None, 0, data_cfg=load_source_config("embedded"), out_dir=out_dir)
+    else:
+        model = make_model(*family, layers=6, inter=128)
     arch = arch_info(model.config)
     plan = plan_ratio(arch, ratio, method.targets, method.layers(arch.num_layers), tol)
-    masks = method.prune(model, plan, PruneContext(None, CALIB, 0))
+    masks = method.prune(model, plan, ctx)
     return model, plan, masks
 
 
 @pytest.mark.parametrize("name,method_cfg,ratio,tol", METHODS, ids=[m[0] for m in METHODS])
 def test_method_shared_checks(name, method_cfg, ratio, tol, inputs, tmp_path):
-    model, plan, masks = _pruned(method_cfg, ratio, tol)
+    model, plan, masks = _pruned(method_cfg, ratio, tol, out_dir=tmp_path / "train")
     masked = copy.deepcopy(model)
     apply_masks(masked, masks)
     ref = masked(input_ids=inputs).logits

@@ -30,6 +30,10 @@ class PruneContext:
     calibration: torch.Tensor | None
     seed: int
     device: torch.device | None = None  # where a method computes (None: where the model is)
+    # methods that train while pruning (LoRAPrune): the run's data node, a folder, a tracker
+    data_cfg: Any = None
+    out_dir: Any = None
+    tracker: Any = None
 
 
 class Method(Protocol):

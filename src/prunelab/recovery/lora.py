@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -225,6 +225,7 @@ class LoraRecovery:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.log_prefix = "recovery"  # W&B keys and progress bar; LoRAPrune's training says "loraprune"
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
         self.target_modules = tuple(self.target_modules)
@@ -390,14 +391,29 @@ class LoraRecovery:
         returns the merged model (same class, eval mode). ``keep_masks`` (parameter name ->
         bool keep-mask, from the layer-wise methods) are re-applied after the merge, so an
         element-wise sparse model stays exactly as sparse."""
+        train, val, extra = self.features_for(tokenizer, data_cfg)
+        return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra, keep_masks)
+
+    def features_for(self, tokenizer: Any, data_cfg: Any = None) -> tuple[list[Feature], list[Feature], dict]:
+        """Tokenized (train, validation) features of this config's data, and timing facts."""
         start = time.perf_counter()
         if self.format == "text":
             train, val = self.text_windows(tokenizer, data_cfg)
-            extra = {"data_time_s": time.perf_counter() - start}
-            return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra, keep_masks)
-        examples = self.examples(data_cfg)
-        extra = {"data_time_s": time.perf_counter() - start}
-        return self.fit(model, tokenizer, *examples, out_dir, tracker, extra, keep_masks)
+            return train, val, {"data_time_s": time.perf_counter() - start}
+        train_ex, val_ex = self.examples(data_cfg)
+        data_time = time.perf_counter() - start
+        start = time.perf_counter()
+        train, dropped_train = self.features(tokenizer, train_ex)
+        val, dropped_val = self.features(tokenizer, val_ex)
+        return (
+            train,
+            val,
+            {
+                "data_time_s": data_time,
+                "dropped_no_answer": {"train": dropped_train, "validation": dropped_val},
+                "tokenize_time_s": time.perf_counter() - start,
+            },
+        )
 
     def fit(
         self,
@@ -431,8 +447,16 @@ class LoraRecovery:
         tracker: Tracker | None = None,
         extra_history: Mapping[str, Any] | None = None,
         keep_masks: Mapping[str, torch.Tensor] | None = None,
+        setup_hook: Callable[[nn.Module], None] | None = None,
+        step_hook: Callable[[nn.Module, int, int], None] | None = None,
+        select_from: int = 0,
     ) -> nn.Module:
-        """``recover`` on tokenized ``{input_ids, labels}`` features."""
+        """``recover`` on tokenized ``{input_ids, labels}`` features.
+
+        Methods that train while they prune (LoRAPrune) hook in: ``setup_hook(peft_model)``
+        once after the adapters are attached, ``step_hook(peft_model, step, steps)`` after
+        each step's backward pass (gradients present) and before the optimizer step; the
+        best adapter is chosen among validation points at steps ≥ ``select_from``."""
         from peft import LoraConfig, get_peft_model
 
         start = time.perf_counter()
@@ -478,7 +502,11 @@ class LoraRecovery:
             )
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-            history, best_state = self._train(peft_model, opt, train, val_batches, steps, pad_id, tracker)
+            if setup_hook is not None:
+                setup_hook(peft_model)
+            history, best_state = self._train(
+                peft_model, opt, train, val_batches, steps, pad_id, tracker, step_hook, select_from
+            )
         if best_state is not None:
             load_lora_state(peft_model, best_state)
         peft_model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
@@ -512,6 +540,8 @@ class LoraRecovery:
         steps: int,
         pad_id: int,
         tracker: Tracker | None,
+        step_hook: Callable[[nn.Module, int, int], None] | None = None,
+        select_from: int = 0,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The optimizer loop; returns (history, LoRA state of the best validation loss)."""
         g = torch.Generator().manual_seed(self.seed)
@@ -530,10 +560,10 @@ class LoraRecovery:
             v0 = self._val_loss(model, val_batches)
             hist["val"].append({"step": 0, "loss": v0})
             if tracker is not None:
-                tracker.log({"recovery/val_loss": v0}, step=0)
+                tracker.log({f"{self.log_prefix}/val_loss": v0}, step=0)
         tokens, train_time = 0, 0.0
         model.train()
-        bar = tqdm(range(1, steps + 1), desc="recovery (LoRA)", unit="step", leave=False)
+        bar = tqdm(range(1, steps + 1), desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False)
         for step in bar:
             t0 = time.perf_counter()
             while len(order) < self.batch_size:  # one fresh permutation per epoch
@@ -557,18 +587,20 @@ class LoraRecovery:
                 loss.backward()
                 total += float(loss.detach())
                 tokens += int(b["attention_mask"].sum())
+            if step_hook is not None:
+                step_hook(model, step, steps)
             opt.step()
             train_time += time.perf_counter() - t0
             hist["train"].append({"step": step, "loss": total, "lr": lr})
             if tracker is not None:
-                tracker.log({"recovery/train_loss": total, "recovery/lr": lr}, step=step)
+                tracker.log({f"{self.log_prefix}/train_loss": total, f"{self.log_prefix}/lr": lr}, step=step)
             bar.set_postfix(loss=f"{total:.4f}")
             if val_batches and (step % self.eval_every == 0 or step == steps):
                 v = self._val_loss(model, val_batches)
                 hist["val"].append({"step": step, "loss": v})
                 if tracker is not None:
-                    tracker.log({"recovery/val_loss": v}, step=step)
-                if hist["best_val_loss"] is None or v < hist["best_val_loss"]:
+                    tracker.log({f"{self.log_prefix}/val_loss": v}, step=step)
+                if step >= select_from and (hist["best_val_loss"] is None or v < hist["best_val_loss"]):
                     hist["best_val_loss"], hist["best_step"] = v, step
                     best_state = lora_state(model)
                 bar.set_postfix(loss=f"{total:.4f}", val=f"{v:.4f}")

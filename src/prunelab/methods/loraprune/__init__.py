@@ -1,0 +1,3 @@
+from prunelab.methods.loraprune.pruner import LoRAPrune
+
+__all__ = ["LoRAPrune"]

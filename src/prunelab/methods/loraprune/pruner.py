@@ -1,0 +1,224 @@
+"""LoRAPrune (Zhang et al., ACL Findings 2024): structured pruning *during* LoRA fine-tuning,
+scored from the LoRA factors' gradients (``prunelab.importance.lora_grad``).
+
+    prunelab method=loraprune ratio=0.5
+    prunelab -m method=loraprune method.importance=lora_grad,taylor,magnitude
+
+The loop (the shared LoRA trainer with two hooks):
+- heads (KV groups) and MLP channels are masked in the forward pass by zeroing their inputs
+  to o_proj / down_proj — both the frozen and the LoRA path, so a masked structure
+  contributes nothing, exactly as if removed;
+- after every backward pass, structure scores from ``importance`` are smoothed by a moving
+  average Ī ← β·Ī + (1 − β)·I (non-finite updates skipped);
+- every ``prune_freq`` optimizer steps the target follows a cubic schedule from 0 (until
+  ``warmup`` of the run) to the plan's per-layer counts (from ``1 − cooldown`` of the run);
+  the lowest-scoring still-kept structures of each prunable layer are masked — masks only
+  ever add zeros;
+- the best adapter is chosen among validation points after the final masks are in place;
+  LoRA is merged and the runner removes the masked structures physically.
+
+``ratio`` is the fraction of all parameters removed, as for every structured method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunelab.errors import ConfigError, bad_value
+from prunelab.importance.lora_grad import ESTIMATORS, unit_scores
+from prunelab.methods import PruneContext
+from prunelab.structure import arch_info, units
+from prunelab.structure.groups import Masks, decoder_layers, members
+from prunelab.structure.plan import PrunePlan, prunable_layers
+
+TARGETS = ("attn", "mlp")
+
+
+def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:
+    """Share of the final pruning reached at ``step`` of ``total``: 0 until warmup·total,
+    1 from (1 − cooldown)·total, cubic in between (fast early, gentle late)."""
+    t0, t1 = warmup * total, (1 - cooldown) * total
+    if step <= t0:
+        return 0.0
+    if step >= t1:
+        return 1.0
+    return 1.0 - (1.0 - (step - t0) / (t1 - t0)) ** 3
+
+
+def grow_masks(masks: Masks, scores: dict[str, torch.Tensor], want: dict[str, int]) -> None:
+    """Mask the lowest-scoring still-kept groups until ``want[key]`` are masked; masks only
+    ever add zeros (a masked group is never restored, however its score moves)."""
+    for key, k in want.items():
+        have = int((~masks[key]).sum())
+        if k > have and key in scores:
+            score = scores[key].masked_fill(~masks[key], math.inf)
+            drop = torch.sort(score, stable=True).indices[: k - have]
+            masks[key][drop] = False
+
+
+@dataclass
+class LoRAPrune:
+    name: str = "loraprune"
+    importance: str = "lora_grad"  # lora_grad (the paper) | taylor (true weight gradients) | magnitude
+    targets: tuple[str, ...] = field(default_factory=lambda: TARGETS)
+    keep_first_layers: float | int = 0.1  # the paper: first 10% of layers ...
+    keep_last_layers: float | int = 1  # ... and the last layer are never pruned
+    beta: float = 0.9  # moving average of the importance
+    prune_freq: int = 10  # optimizer steps between pruning steps
+    warmup: float = 0.1  # fraction of the run before the first pruning step
+    cooldown: float = 0.1  # fraction of the run after the final ratio is reached
+    train: dict[str, Any] = field(default_factory=dict)  # LoRA training: keys of recovery=lora
+    then_recover: bool = False  # the fine-tuning above is the recovery; true adds the recovery stage
+    seed: int = 0
+
+    sparse: ClassVar[bool] = False
+    trains: ClassVar[bool] = True  # fine-tunes while pruning: needs data, an output dir, a tracker
+    needs_calibration: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        from omegaconf import DictConfig, OmegaConf
+
+        from prunelab.recovery.lora import LoraRecovery
+
+        self.targets = tuple(self.targets)
+        if self.importance not in ESTIMATORS:
+            raise bad_value("method.importance", self.importance, ESTIMATORS)
+        if not self.targets or any(t not in TARGETS for t in self.targets):
+            raise ConfigError(
+                f"method.targets={list(self.targets)} is not allowed; allowed: any of {list(TARGETS)}"
+            )
+        if not (isinstance(self.beta, (int, float)) and 0 <= self.beta < 1):
+            raise ConfigError(
+                f"method.beta={self.beta!r} must be in [0, 1) (moving-average weight of the past)"
+            )
+        if not isinstance(self.prune_freq, int) or self.prune_freq < 1:
+            raise ConfigError(
+                f"method.prune_freq={self.prune_freq!r} must be a positive integer (optimizer steps)"
+            )
+        for key in ("warmup", "cooldown"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ConfigError(f"method.{key}={v!r} must be a fraction of the run in [0, 1)")
+        if self.warmup + self.cooldown >= 1:
+            raise ConfigError(
+                f"method.warmup={self.warmup} + method.cooldown={self.cooldown} leave no room to prune; "
+                "their sum must be < 1"
+            )
+        train = OmegaConf.to_container(self.train) if isinstance(self.train, DictConfig) else dict(self.train)
+        try:
+            self.trainer = LoraRecovery(**{"name": "loraprune", "seed": self.seed, **train})
+        except TypeError as e:
+            raise ConfigError(f"method.train: {e}; allowed keys: those of recovery=lora") from e
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        self.trainer.log_prefix = "loraprune"
+        self.history: dict[str, Any] = {}
+
+    def layers(self, num_layers: int) -> list[int]:
+        return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)
+
+    def check(self, data_cfg: Any = None) -> None:
+        try:
+            self.trainer.check(data_cfg)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+
+    def final_step(self, steps: int) -> int:
+        """The pruning step at which the plan's counts are reached."""
+        t1 = math.ceil((1 - self.cooldown) * steps)
+        return min(steps, math.ceil(t1 / self.prune_freq) * self.prune_freq)
+
+    def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks:
+        """Fine-tune LoRA on the masked model while masks grow; returns the final masks. The
+        model comes back with LoRA merged (masked structures still present, not yet removed)."""
+        arch = arch_info(model.config)
+        todo = [u for u in units(arch, self.targets) if plan.remove.get(u.key, 0) > 0]
+        masks: Masks = {u.key: torch.ones(u.n, dtype=torch.bool) for u in todo}
+        ema: dict[str, torch.Tensor] = {}
+        log: list[dict] = []
+        skipped = 0
+        base_grads: list[torch.Tensor] = []
+        handles: list[Any] = []
+
+        def mask_inputs(key: str, width: int):
+            def hook(module, args):
+                keep = masks[key].repeat_interleave(width).to(args[0].device, args[0].dtype)
+                return (args[0] * keep, *args[1:])
+
+            return hook
+
+        def setup(peft_model: nn.Module) -> None:
+            layers = decoder_layers(peft_model)
+            for u in todo:
+                if u.kind == "attn":  # a KV group's query heads are consecutive o_proj input blocks
+                    mod, width = layers[u.layer].self_attn.o_proj, arch.group_size(u.layer) * arch.head_dim
+                else:
+                    mod, width = layers[u.layer].mlp.down_proj, 1
+                handles.append(
+                    mod.register_forward_pre_hook(mask_inputs(u.key, width))
+                )  # peft's wrapper: both paths
+            if self.importance == "taylor":  # the comparison: true gradients of the base weights
+                for u in todo:
+                    for m in members(arch, u):
+                        mod = layers[u.layer].get_submodule(m.path)
+                        w = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
+                        if m.param == "weight" and not w.requires_grad:
+                            w.requires_grad_(True)
+                            base_grads.append(w)
+
+        def after_backward(peft_model: nn.Module, step: int, steps: int) -> None:
+            nonlocal skipped
+            scores = unit_scores(peft_model, arch, todo, self.importance)
+            for k, s in scores.items():
+                if not torch.isfinite(s).all():
+                    skipped += 1
+                    continue
+                ema[k] = s if k not in ema else self.beta * ema[k] + (1 - self.beta) * s
+            for w in base_grads:
+                w.grad = None  # not in the optimizer: clear, or they would accumulate
+            if step % self.prune_freq and step != steps:
+                return
+            frac = cubic_fraction(step, steps, self.warmup, self.cooldown)
+            grow_masks(masks, ema, {u.key: round(frac * plan.remove[u.key]) for u in todo})
+            log.append(
+                {"step": step, "fraction": frac, "removed": {k: int((~v).sum()) for k, v in masks.items()}}
+            )
+
+        tr = self.trainer
+        train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
+        steps = tr.num_steps(len(train))
+        try:
+            merged = tr.fit_features(
+                model,
+                ctx.tokenizer,
+                train,
+                val,
+                ctx.out_dir,
+                ctx.tracker,
+                extra,
+                setup_hook=setup,
+                step_hook=after_backward,
+                select_from=self.final_step(steps),
+            )
+        finally:
+            for h in handles:
+                h.remove()
+            for w in base_grads:
+                w.requires_grad_(False)
+                w.grad = None
+        missing = {
+            k: plan.remove[k] - int((~v).sum()) for k, v in masks.items() if int((~v).sum()) != plan.remove[k]
+        }
+        if missing:
+            raise RuntimeError(
+                f"loraprune ended short of the plan: {missing} (too few steps for prune_freq?)"
+            )
+        self.history = {"prune_steps": log, "nonfinite_updates_skipped": skipped, "steps": steps}
+        if merged is not model:
+            raise RuntimeError("LoRA merge must update the model in place")
+        return masks
