@@ -76,6 +76,19 @@ def test_unit_scores_are_normalised_per_module_and_summed():
     assert set(scores) == {u.key for u in us}
 
 
+def test_nonfinite_module_score_makes_the_unit_score_nan():
+    """So LoRAPrune's moving average skips the update instead of using a partial sum."""
+    pm = _peft(make_model("llama", 2, layers=2))
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    pm(input_ids=ids, labels=ids).loss.backward()
+    pm.base_model.model.model.layers[0].mlp.up_proj.lora_B["default"].weight.grad[0, 0] = float("nan")
+    arch = arch_info(pm.base_model.model.config)
+    from prunelab.structure import units
+
+    scores = lora_grad.unit_scores(pm, arch, units(arch, ("attn", "mlp")), "lora_grad")
+    assert torch.isnan(scores["0.mlp"]).all() and torch.isfinite(scores["1.mlp"]).all()
+
+
 def test_cubic_schedule():
     f = [lp.cubic_fraction(s, 100, 0.1, 0.1) for s in range(101)]
     assert f[:11] == [0.0] * 11  # nothing before warm-up ends
@@ -206,6 +219,10 @@ def test_best_adapter_chosen_after_final_masks(tmp_path, tok):
         ({"warmup": 0.6, "cooldown": 0.5}, r"leave no room to prune"),
         ({"prune_freq": 0}, r"method\.prune_freq=0"),
         ({"targets": ["layer"]}, r"method\.targets=\['layer'\] is not allowed"),
+        (
+            {"train": {"target_modules": ["q_proj", "v_proj"]}},
+            r"method\.train\.target_modules=.*misses \['k_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'\]",
+        ),
     ],
 )
 def test_bad_values_name_their_key(kw, message):

@@ -122,6 +122,16 @@ def test_admm_reconstructs_better_than_wanda_and_magnitude(pattern):
     assert errs["admm"] < errs["magnitude"]
 
 
+@pytest.mark.parametrize("shape,s", [((4096, 14336), 0.6), ((8192, 28672), 0.6), ((4096, 4096), 0.7)])
+def test_sparsegpt_block_counts_exact_at_llama_sizes(shape, s):
+    from prunelab.sparsity.solvers import _block_counts
+
+    rows, cols = shape
+    total = torch.tensor([prune_count(s, rows * cols)])
+    counts = _block_counts(total, list(range(0, cols, 128)), cols)
+    assert int(sum(c.sum() for c in counts)) == int(total) and all(int(c.min()) >= 0 for c in counts)
+
+
 def test_sparsegpt_with_zero_sparsity_returns_the_weights_unchanged():
     w, _, stats = _layer()
     new, keep, info = solvers.sparsegpt(w, stats, 0.0, Pattern(), "layer", blocksize=8)

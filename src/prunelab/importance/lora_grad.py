@@ -75,10 +75,15 @@ def unit_scores(
                 continue  # biases carry no LoRA factor
             module = layers[unit.layer].get_submodule(m.path)
             if not hasattr(module, "lora_A"):
-                continue
+                raise ValueError(
+                    f"{m.path} of layer {unit.layer} has no LoRA adapter; it belongs to {unit.key}"
+                )
             s = grouped(element_importance(module, estimator), m).sum(1).cpu()
             norm = s.norm()
-            if torch.isfinite(norm) and norm > 0:
+            if not torch.isfinite(norm):
+                total = torch.full((unit.n,), float("nan"))  # the caller skips this update
+                break
+            if norm > 0:
                 total += s / norm
         out[unit.key] = total
     return out

@@ -169,6 +169,8 @@ def prune_layerwise(
                     lin = block.get_submodule(path)
                     st = stats.get(site)
                     w = lin.weight.detach().float()
+                    if errors:
+                        w = w.clone()  # .float() of an fp32 weight is the weight itself
                     new, keep, info = solve(name, w, st)
                     lin.weight.copy_(new.to(lin.weight.dtype))
                     key = f"model.layers.{i}.{path}.weight"

@@ -80,7 +80,8 @@ def _block_counts(total: torch.Tensor, starts: list[int], width: int) -> list[to
     """Split each row's prune count ``total`` over the column blocks in proportion to their
     width, by cumulative rounding, so the blocks add up to exactly ``total``."""
     edges = [*starts, width]
-    cum = [torch.floor(total * e / width + 0.5).long() for e in edges]
+    # round(total · e / width) in integer arithmetic: float32 division miscounts at LLaMA sizes
+    cum = [(2 * total * e + width) // (2 * width) for e in edges]
     return [cum[i + 1] - cum[i] for i in range(len(starts))]
 
 

@@ -48,7 +48,7 @@ class LayerwisePruner:
     calibration_seq_len: int | None = None  # null = the data config's calibration length
     batch_size: int = 8  # calibration sequences per forward through a block
     layer_errors: bool = False  # also report ‖X(W−Ŵ)‖²/‖XW‖² per layer (collects XᵀX)
-    offload: bool = False  # model in CPU memory, one block at a time on the device (models > GPU memory)
+    offload: bool = False  # model in CPU memory, one block at a time on the device while pruning
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,7 +85,8 @@ class LayerwisePruner:
     def prune(self, model: nn.Module, plan: SparsityPlan, ctx: PruneContext) -> dict[str, torch.Tensor]:
         """Zero weights in place; return keep-masks by parameter name (report in ``self.report``)."""
         fn = partial(solvers.SOLVERS[self.SOLVER], **self.solver_kwargs())
-        sparsity = plan.requested
+        # N:M: exactly the pattern's sparsity (the plan already refused any other ratio)
+        sparsity = plan.requested if self.pattern.unstructured else self.pattern.sparsity
 
         def solve(name, w, stats):
             return fn(w, stats, sparsity, self.pattern, self.scope)

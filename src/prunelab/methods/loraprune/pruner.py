@@ -116,6 +116,16 @@ class LoRAPrune:
             raise ConfigError(f"method.train: {e}; allowed keys: those of recovery=lora") from e
         except ConfigError as e:
             raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        coupled = {
+            "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+            "mlp": ("gate_proj", "up_proj", "down_proj"),
+        }
+        need = [m for t in self.targets for m in coupled[t] if m not in self.trainer.target_modules]
+        if need:
+            raise ConfigError(
+                f"method.train.target_modules={list(self.trainer.target_modules)} misses {need}: every module "
+                f"coupled to a pruned structure needs a LoRA adapter (its scores come from it)"
+            )
         self.trainer.log_prefix = "loraprune"
         self.history: dict[str, Any] = {}
 
@@ -159,9 +169,10 @@ class LoRAPrune:
                     mod, width = layers[u.layer].self_attn.o_proj, arch.group_size(u.layer) * arch.head_dim
                 else:
                     mod, width = layers[u.layer].mlp.down_proj, 1
-                handles.append(
-                    mod.register_forward_pre_hook(mask_inputs(u.key, width))
-                )  # peft's wrapper: both paths
+                # on peft's wrapper (masks the frozen and the LoRA path while training) and on the
+                # base layer (the module left after merge_and_unload: the merge check stays masked)
+                handles.append(mod.base_layer.register_forward_pre_hook(mask_inputs(u.key, width)))
+                handles.append(mod.register_forward_pre_hook(mask_inputs(u.key, width)))
             if self.importance == "taylor":  # the comparison: true gradients of the base weights
                 for u in todo:
                     for m in members(arch, u):
