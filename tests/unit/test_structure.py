@@ -166,3 +166,52 @@ def test_hidden_channel_masked_equals_physically_pruned(family, inputs, tmp_path
     assert new_arch.total_params() == sum(p.numel() for p in model.parameters())
     save_model(model, None, tmp_path)
     assert torch.equal(load_pretrained(tmp_path).eval()(input_ids=inputs).logits, out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_aware_groups_prune_an_unmerged_adapter_model(family):
+    """Removing a head group / MLP channel removes its LoRA slices too (lora_B rows of
+    q/k/v/gate/up, lora_A columns of o/down): masked == physically pruned with the adapters
+    still separate, pruning then merging == merging then pruning, and the pruned adapter
+    model still trains."""
+    from peft import LoraConfig, get_peft_model
+
+    from prunelab.structure import apply_masks, arch_info, prune_physically
+
+    torch.manual_seed(0)
+    model = make_model(*family, layers=3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    arch = arch_info(model.config)
+    kv = arch.layers[0].num_key_value_heads
+    masks = {
+        "0.attn": torch.tensor([True] * (kv - 1) + [False]),
+        "1.mlp": torch.rand(96, generator=torch.Generator().manual_seed(1)) > 0.4,
+        "2.attn": torch.tensor([False] + [True] * (kv - 1)),
+    }
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    pm.eval()
+    masked = copy.deepcopy(pm)
+    apply_masks(masked, masks)
+    ref = masked(input_ids=ids).logits
+    merged_then_pruned = copy.deepcopy(pm).merge_and_unload()
+    apply_masks(merged_then_pruned, masks)
+    prune_physically(merged_then_pruned, masks)
+
+    prune_physically(pm, masks)
+    out = pm(input_ids=ids).logits
+    assert (out - ref).abs().max().item() <= 1e-5
+    layer = pm.base_model.model.model.layers[1]
+    kept = int(masks["1.mlp"].sum())
+    assert layer.mlp.up_proj.lora_B["default"].weight.shape[0] == kept
+    assert layer.mlp.down_proj.lora_A["default"].weight.shape[1] == kept
+    assert layer.mlp.up_proj.out_features == kept and layer.mlp.down_proj.in_features == kept
+    assert (merged_then_pruned(input_ids=ids).logits - out).abs().max().item() <= 1e-5
+    # the pruned adapter model still trains: gradients reach the sliced adapters
+    pm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    assert layer.mlp.down_proj.lora_A["default"].weight.grad.shape[1] == kept

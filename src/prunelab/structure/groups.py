@@ -168,15 +168,47 @@ def apply_masks(model: nn.Module, masks: Masks, arch: ArchInfo | None = None) ->
         else:
             layer, kind = key.split(".")
             unit = Unit(int(layer), kind, keep.numel())
+        root = base_model(model) if unit.layer is None else layers[unit.layer]
         for m, t in iter_unit_members(model, arch, unit):
             drop = ~_expand(keep.to(t.device), m.width)
             if m.dim == 0:
                 t[drop] = 0
             else:
                 t[:, drop] = 0
+            if m.param == "weight":  # the adapters' slices of a pruned group go with it
+                for a, b in lora_parts(root.get_submodule(m.path)):
+                    if m.dim == 0:
+                        b.weight[drop.to(b.weight.device)] = 0
+                    else:
+                        a.weight[:, drop.to(a.weight.device)] = 0
 
 
-def _slice_linear(lin: nn.Linear, dim: int, index: torch.Tensor) -> None:
+def lora_parts(module: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+    """(lora_A, lora_B) of every adapter of a peft LoRA layer; [] for a plain linear."""
+    if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+        return []
+    if getattr(module, "lora_magnitude_vector", None):
+        raise ValueError("DoRA adapters (lora_magnitude_vector) cannot be sliced by structure yet")
+    return [(module.lora_A[k], module.lora_B[k]) for k in module.lora_A]
+
+
+def _slice_linear(lin: nn.Module, dim: int, index: torch.Tensor) -> None:
+    """Keep ``index`` along ``dim`` (0: output rows, 1: input columns). A peft LoRA layer is
+    sliced with its adapters — lora_B rows for output rows, lora_A columns for input columns —
+    so a model with un-merged adapters can be pruned physically."""
+    parts = lora_parts(lin)
+    if parts:
+        _slice_linear(lin.base_layer, dim, index)
+        for a, b in parts:
+            if dim == 0:
+                _slice_linear(b, 0, index)
+            else:
+                _slice_linear(a, 1, index)
+        if dim == 0:
+            lin.out_features = lin.base_layer.out_features
+        else:
+            lin.in_features = lin.base_layer.in_features
+        return
     w = lin.weight.data.index_select(dim, index.to(lin.weight.device))
     lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
     if dim == 0:
