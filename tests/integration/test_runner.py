@@ -31,6 +31,13 @@ def prunelab(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def sweep(tmp_path: Path, *overrides: str) -> list[dict]:
+    """``prunelab -m <overrides>`` (quick eval, no W&B) in tmp_path; every job's results.json."""
+    p = prunelab("-m", *overrides, "eval=quick", "logger=none", f"output_root={tmp_path}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
+
+
 def test_default_run_end_to_end(tmp_path):
     p = prunelab("logger=none", f"output_root={tmp_path}", *FAST_EVAL, *FAST_RECOVERY, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -128,18 +135,7 @@ def test_multirun_importances_by_ratio_one_wandb_group(tmp_path):
 
 def test_multirun_ratio_by_importance_magnitude_random(tmp_path):
     """The foundation's sweep, verbatim: magnitude (= l1) and random scores at 20% and 50%."""
-    p = prunelab(
-        "-m",
-        "ratio=0.2,0.5",
-        "method.importance=random,magnitude",
-        "recovery=none",
-        "eval=quick",
-        "logger=none",
-        f"output_root={tmp_path}",
-        cwd=tmp_path,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    results = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
+    results = sweep(tmp_path, "ratio=0.2,0.5", "method.importance=random,magnitude", "recovery=none")
     assert len(results) == 4
     ppl = {
         (r["config"]["method"]["importance"], r["config"]["ratio"]): r["pruned"]["perplexity"]["embedded"]
@@ -153,20 +149,14 @@ def test_multirun_ratio_by_importance_magnitude_random(tmp_path):
 def test_multirun_layerwise_methods_by_pattern(tmp_path):
     """Issue 4's sweep: the four layer-wise methods × unstructured / 2:4 at 50% sparsity."""
     methods = ["admm", "sparsegpt", "wanda", "magnitude"]
-    p = prunelab(
-        "-m",
+    results = sweep(
+        tmp_path,
         f"method={','.join(methods)}",
         "method.sparsity_pattern=unstructured,2:4",
         "ratio=0.5",
         "method.calibration_samples=32",
         "recovery=none",
-        "eval=quick",
-        "logger=none",
-        f"output_root={tmp_path}",
-        cwd=tmp_path,
     )
-    assert p.returncode == 0, p.stderr[-3000:]
-    results = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
     assert len(results) == 8
     assert any(":" in r["run_dir"] and "\\" not in r["run_dir"] for r in results)  # 2:4, unescaped
     dense = results[0]["dense"]["perplexity"]["embedded"]
@@ -210,8 +200,8 @@ def test_layerwise_with_lora_recovery_stays_sparse(tmp_path):
 
 def test_multirun_loraprune_importances(tmp_path):
     """Issue 5's sweep: LoRAPrune's estimator ablation as one multirun (short training)."""
-    p = prunelab(
-        "-m",
+    results = sweep(
+        tmp_path,
         "method=loraprune",
         "method.importance=lora_grad,taylor,magnitude",
         "ratio=0.5",
@@ -219,13 +209,7 @@ def test_multirun_loraprune_importances(tmp_path):
         "method.train.eval_every=10",
         "method.train.val_size=20",
         "method.prune_freq=2",
-        "eval=quick",
-        "logger=none",
-        f"output_root={tmp_path}",
-        cwd=tmp_path,
     )
-    assert p.returncode == 0, p.stderr[-3000:]
-    results = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
     assert {r["config"]["method"]["importance"] for r in results} == {"lora_grad", "taylor", "magnitude"}
     for r in results:
         assert abs(r["ratio"]["achieved"] - 0.5) <= 0.01 * 0.5
