@@ -1,0 +1,155 @@
+"""LHSPG — LoRA Half-Space Projected Gradient (LoRAShear, part 3): drive the redundant groups
+of a LoRA-adapted model to exactly zero while LoRA keeps training the rest.
+
+After each ordinary LoRA optimizer step, for every redundant group g (all coupled slices of a
+head group / MLP channel, base weight + LoRA):
+
+    x_g  = [W + s·B·A]_g                         (the group's current effective weights)
+    x̃_g  = x_g − λ_g · W_g / ‖W_g‖               (a step towards zero)
+    x̃_g  = 0  if  ⟨x̃_g, W_g⟩ < ε·‖W_g‖²          (half-space projection)
+
+x̃_g is written into the base weights and the group's LoRA slices (lora_B rows of q/k/v/
+gate/up, lora_A columns of o/down) are zeroed, so the group's effective weight is x̃_g.
+prunelab's realisation of the step size — the paper leaves it open — is λ_g = ‖x_g‖ / k with
+k the steps left in the period: a linear decay that reaches exactly zero at the period's last
+step (earlier when the projection fires). At period end ``merge_lora_into_base`` folds B·A
+into the (important) base weights and restarts B at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunelab.structure import ArchInfo, Unit
+from prunelab.structure.groups import Member, _expand, decoder_layers, grouped, lora_parts, members
+
+
+def _weight_members(arch: ArchInfo, unit: Unit) -> list[Member]:
+    return [m for m in members(arch, unit) if m.param == "weight"]
+
+
+def _delta(module: nn.Module) -> torch.Tensor:
+    """s·B·A summed over the adapters (zeros for a plain linear)."""
+    w = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+    out = torch.zeros_like(w, dtype=torch.float32)
+    for key in getattr(module, "lora_A", {}):
+        a, b = module.lora_A[key].weight.float(), module.lora_B[key].weight.float()
+        out += module.scaling[key] * (b @ a)
+    return out
+
+
+def _base(module: nn.Module) -> torch.Tensor:
+    return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+
+
+def _write(t: torch.Tensor, m: Member, sel: torch.Tensor, values: torch.Tensor) -> None:
+    """Write group rows ``values`` [|sel|, elems] back into ``t`` at the groups ``sel`` (bool [n])."""
+    idx = _expand(sel.to(t.device), m.width)
+    if m.dim == 0:
+        t[idx] = values.reshape(-1, t.shape[1]).to(t.dtype)
+    else:
+        k = int(sel.sum())
+        t[:, idx] = (
+            values.reshape(k, t.shape[0], m.width).permute(1, 0, 2).reshape(t.shape[0], -1).to(t.dtype)
+        )
+
+
+def _zero_lora(module: nn.Module, m: Member, sel: torch.Tensor) -> None:
+    idx = _expand(sel, m.width)
+    for a, b in lora_parts(module):
+        if m.dim == 0:
+            b.weight[idx.to(b.weight.device)] = 0
+        else:
+            a.weight[:, idx.to(a.weight.device)] = 0
+
+
+@torch.no_grad()
+def group_norms(model: nn.Module, arch: ArchInfo, unit: Unit, effective: bool = True) -> torch.Tensor:
+    """‖[W + s·B·A]_g‖ (or ‖W_g‖) of every group of ``unit`` over all its coupled slices."""
+    layer = decoder_layers(model)[unit.layer]
+    sq = torch.zeros(unit.n)
+    for m in _weight_members(arch, unit):
+        mod = layer.get_submodule(m.path)
+        w = _base(mod).float() + (_delta(mod) if effective else 0)
+        sq += grouped(w, m).pow(2).sum(1).cpu()
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def lhspg_step(
+    model: nn.Module,
+    arch: ArchInfo,
+    redundant: dict[str, torch.Tensor],
+    steps_left: int,
+    epsilon: float = 0.0,
+) -> dict[str, int]:
+    """One LHSPG update of every redundant group (``redundant[key]``: bool over the unit's
+    groups, True = redundant). Returns how many groups the half-space projection zeroed."""
+    layers = decoder_layers(model)
+    projected = {}
+    for key, sel in redundant.items():
+        if not bool(sel.any()):
+            continue
+        layer, kind = key.split(".")
+        unit = Unit(int(layer), kind, sel.numel())
+        block = layers[unit.layer]
+        ms = _weight_members(arch, unit)
+        mods = [block.get_submodule(m.path) for m in ms]
+        xs = [
+            grouped(_base(mod).float() + _delta(mod), m)[sel.to(_base(mod).device)]
+            for m, mod in zip(ms, mods, strict=True)
+        ]
+        ws = [
+            grouped(_base(mod).float(), m)[sel.to(_base(mod).device)] for m, mod in zip(ms, mods, strict=True)
+        ]
+        x, w = torch.cat(xs, 1), torch.cat(ws, 1)
+        w_norm = w.norm(dim=1, keepdim=True)
+        lam = x.norm(dim=1, keepdim=True) / max(1, steps_left)
+        direction = torch.where(w_norm > 0, w / w_norm.clamp_min(1e-30), torch.zeros_like(w))
+        new = x - lam * direction
+        new[w_norm.squeeze(1) == 0] = 0  # a group already at zero stays there
+        if steps_left <= 1:
+            new.zero_()  # the period ends: exactly zero
+        zero = (new * w).sum(1) < epsilon * w_norm.squeeze(1).pow(2)
+        new[zero] = 0
+        projected[key] = int(zero.sum())
+        start = 0
+        for m, mod, part in zip(ms, mods, xs, strict=True):
+            width = part.shape[1]
+            _write(_base(mod), m, sel, new[:, start : start + width])
+            _zero_lora(mod, m, sel)
+            start += width
+    return projected
+
+
+@torch.no_grad()
+def merge_lora_into_base(model: nn.Module) -> None:
+    """Fold s·B·A into every LoRA layer's base weight and restart B at zero (period end)."""
+    for mod in model.modules():
+        parts = lora_parts(mod)
+        if parts:
+            mod.base_layer.weight += _delta(mod).to(mod.base_layer.weight.dtype)
+            for _, b in parts:
+                b.weight.zero_()
+
+
+@torch.no_grad()
+def saliency(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
+    """LoRA-aware group saliency: the per-unit normalised sum of ‖W_g‖, |⟨W_g, (s·BA)_g⟩| and
+    cos(W_g, (s·BA)_g) + 1 (all ≥ 0; higher = keep)."""
+    layer = decoder_layers(model)[unit.layer]
+    ws, ds = [], []
+    for m in _weight_members(arch, unit):
+        mod = layer.get_submodule(m.path)
+        ws.append(grouped(_base(mod).float(), m).cpu())
+        ds.append(grouped(_delta(mod), m).cpu())
+    w, d = torch.cat(ws, 1), torch.cat(ds, 1)
+    norm = w.norm(dim=1)
+    inner = (w * d).sum(1).abs()
+    cos = torch.nn.functional.cosine_similarity(w, d, dim=1) + 1
+
+    def unit_scale(v: torch.Tensor) -> torch.Tensor:
+        return v / v.max() if float(v.max()) > 0 else v
+
+    return unit_scale(norm) + unit_scale(inner) + unit_scale(cos)
