@@ -111,3 +111,43 @@ def test_saliency_is_finite_nonnegative_per_group():
     assert (
         s.shape == (96,) and torch.isfinite(s).all() and bool((s >= 0).all()) and float(s.max()) <= 3 + 1e-6
     )
+
+
+def test_mixer_shifts_weight_to_the_source_made_worse_on_purpose():
+    """Two real sources of the embedded corpus; one is corrupted (shuffled tokens) for the
+    'pruned' model's measurement: the mixer moves weight to it and keeps the floor."""
+    from transformers import AutoTokenizer
+
+    from prunelab.data.sources import EmbeddedText
+    from prunelab.methods.lorashear.mixer import DataMixer, source_losses
+    from prunelab.models.embedded import asset_dir
+    from prunelab.models.loading import load_pretrained
+
+    d = asset_dir("tiny_llama")
+    model, tok = load_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)
+    windows = {
+        s: EmbeddedText(sources=[s]).calibration_windows(tok, 8, 64, seed=0, split="validation")
+        for s in ("reference", "docstrings")
+    }
+    reference = source_losses(model, windows)
+    g = torch.Generator().manual_seed(0)
+    worse = dict(windows)
+    worse["docstrings"] = windows["docstrings"][:, torch.randperm(64, generator=g)]  # word salad
+    losses = source_losses(model, worse)
+    assert losses["docstrings"] > reference["docstrings"] + 0.5
+    mixer = DataMixer(["reference", "docstrings"], eta=1.0, floor=0.1)
+    w = mixer.update(losses, reference, step=10)
+    assert w["docstrings"] > 0.5 > w["reference"] >= 0.1 and abs(sum(w.values()) - 1) < 1e-6
+    assert mixer.history[-1]["step"] == 10
+    picks = mixer.sample(200, torch.Generator().manual_seed(1))
+    assert picks.count("docstrings") > picks.count("reference")
+
+
+def test_mixer_refuses_a_floor_that_leaves_nothing_to_move():
+    import pytest
+
+    from prunelab.errors import ConfigError
+    from prunelab.methods.lorashear.mixer import DataMixer
+
+    with pytest.raises(ConfigError, match=r"method\.mixer\.floor=0\.5"):
+        DataMixer(["a", "b"], floor=0.5)
