@@ -61,3 +61,21 @@ def test_hidden_channel_plan():
     plan = plan_ratio(arch, 0.2, ("hidden",), [0, 1, 2, 3], tolerance=0.05)
     assert plan.params_before - plan.params_after == plan.remove["hidden"] * arch.hidden_channel_params()
     assert abs(plan.achieved - 0.2) <= 0.05 * 0.2
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25])
+def test_excluded_units_are_never_planned_and_the_ratio_still_holds(ratio):
+    """LoRAShear's unprunable groups: the target moves to the remaining units."""
+    arch = arch_info(make_model("llama", 4, layers=4, inter=128).config)
+    exclude = {"0.mlp", "3.attn", "3.mlp"}
+    plan = plan_ratio(arch, ratio, ("attn", "mlp"), [0, 1, 2, 3], exclude=exclude)
+    assert not exclude & set(plan.remove)
+    assert abs(plan.achieved - ratio) <= 0.01 * ratio
+    assert all(plan.remove[f"{i}.mlp"] > 0 for i in (1, 2))  # the excluded share went elsewhere
+
+
+def test_excluding_everything_leaves_nothing_to_prune():
+    arch = arch_info(make_model("llama", 4, layers=2, inter=128).config)
+    everything = {f"{i}.{k}" for i in range(2) for k in ("attn", "mlp")}
+    with pytest.raises(ConfigError, match="cannot be met"):
+        plan_ratio(arch, 0.1, ("attn", "mlp"), [0, 1], exclude=everything)

@@ -84,7 +84,10 @@ def plan_ratio(
     kinds: tuple[str, ...] = ("attn", "mlp"),
     layers: list[int] | None = None,
     tolerance: float = 0.01,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> PrunePlan:
+    """``exclude``: unit keys ("3.attn", "0.mlp") never pruned (e.g. LoRAShear's unprunable
+    groups); the target is met on the remaining units."""
     if not 0.0 < ratio < 1.0:
         raise ConfigError(
             f"ratio={ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed"
@@ -107,10 +110,17 @@ def plan_ratio(
         remove["hidden"] = k
         return _finish(arch, ratio, total, k * per, kinds, layers, remove, tolerance, step=per)
 
-    attn_caps = (
-        [arch.layers[i].num_key_value_heads - 1 for i in layers] if "attn" in kinds else [0] * len(layers)
-    )
-    mlp_caps = [arch.layers[i].intermediate_size - 1 for i in layers] if "mlp" in kinds else [0] * len(layers)
+    # groups open to pruning per layer (0: kind not targeted, or the unit excluded)
+    attn_n = [
+        arch.layers[i].num_key_value_heads if "attn" in kinds and f"{i}.attn" not in exclude else 0
+        for i in layers
+    ]
+    mlp_n = [
+        arch.layers[i].intermediate_size if "mlp" in kinds and f"{i}.mlp" not in exclude else 0
+        for i in layers
+    ]
+    attn_caps = [max(0, n - 1) for n in attn_n]
+    mlp_caps = [max(0, n - 1) for n in mlp_n]
     attn_p = [arch.attn_group_params(i) for i in layers]
     mlp_p = arch.mlp_channel_params()
     max_removable = sum(c * p for c, p in zip(attn_caps, attn_p, strict=True)) + sum(mlp_caps) * mlp_p
@@ -121,17 +131,14 @@ def plan_ratio(
             f"channel stay in each layer); allowed: (0, {max_removable / total:.3f}]"
         )
     if "attn" in kinds and "mlp" in kinds:
-        prunable = (
-            sum((c + 1) * p for c, p in zip(attn_caps, attn_p, strict=True))
-            + sum(c + 1 for c in mlp_caps) * mlp_p
-        )
+        prunable = sum(n * p for n, p in zip(attn_n, attn_p, strict=True)) + sum(mlp_n) * mlp_p
         frac = target / prunable
-        attn_k = [min(c, round(frac * (c + 1))) for c in attn_caps]
+        attn_k = [min(c, round(frac * n)) for c, n in zip(attn_caps, attn_n, strict=True)]
         while sum(k * p for k, p in zip(attn_k, attn_p, strict=True)) > target:  # rounding overshoot
             attn_k[attn_k.index(max(attn_k))] -= 1
         rest = target - sum(k * p for k, p in zip(attn_k, attn_p, strict=True))
         # Equal channel counts per layer keep equal-shaped layers equal (plain-loadable checkpoints).
-        per_layer = round(rest / mlp_p / len(layers))
+        per_layer = round(rest / mlp_p / max(1, sum(n > 0 for n in mlp_n)))
         mlp_k = [min(c, per_layer) for c in mlp_caps]
         attn_removed = sum(k * p for k, p in zip(attn_k, attn_p, strict=True))
         if abs(attn_removed + sum(mlp_k) * mlp_p - target) > tolerance * target:
@@ -150,9 +157,9 @@ def plan_ratio(
             f"method.targets={list(kinds)} is not allowed; allowed: [attn, mlp], [attn], [mlp], [layer]"
         )
     for i, a, m in zip(layers, attn_k, mlp_k, strict=True):
-        if "attn" in kinds:
+        if "attn" in kinds and f"{i}.attn" not in exclude:
             remove[f"{i}.attn"] = a
-        if "mlp" in kinds:
+        if "mlp" in kinds and f"{i}.mlp" not in exclude:
             remove[f"{i}.mlp"] = m
     removed = _achieved(arch, remove, kinds)
     return _finish(arch, ratio, total, removed, kinds, layers, remove, tolerance, step)
