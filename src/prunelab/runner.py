@@ -241,10 +241,14 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             model, tokenizer = load_model(cfg.model, "cpu" if offload else device)
         return model, tokenizer
 
-    def masks_of_run():
-        from prunelab.sparsity.checkpoint import load_masks
+    run_masks: dict = {}
 
-        return load_masks(rd.root / "masks.safetensors")
+    def masks_of_run():  # read once: eval, recovery and results all need them
+        if not run_masks:
+            from prunelab.sparsity.checkpoint import load_masks
+
+            run_masks.update(load_masks(rd.root / "masks.safetensors"))
+        return run_masks
 
     try:
         # 1. dense evaluation, cached across runs per (model, eval) config
@@ -397,7 +401,13 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                 )
                 save_model(merged, tok, recovered_dir / "model")
                 held[recovered_dir / "model"] = (merged, tok)
-                rec_recover = rd.finish("recover", {"time_s": time.perf_counter() - t})
+                after = {}
+                if sparse:  # measured on the merged weights, recorded with the stage
+                    from prunelab.sparsity.checkpoint import sparsity_summary
+
+                    s = sparsity_summary(merged, masks_of_run())
+                    after = {"sparsity_after": {k: s[k] for k in ("achieved", "zero_fraction")}}
+                rec_recover = rd.finish("recover", {"time_s": time.perf_counter() - t, **after})
             else:
                 resumed.append("recover")
             timings["recover"] = rec_recover["time_s"]
@@ -422,14 +432,13 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             }
             sparsity = rec["sparsity"]
             if recovered is not None:
-                from prunelab.sparsity.checkpoint import sparsity_summary
+                after = rec_recover.get("sparsity_after")
+                if after is None:  # a recover stage finished before this field existed
+                    from prunelab.sparsity.checkpoint import sparsity_summary
 
-                final_model, _ = stage_model(final_dir)
-                after = sparsity_summary(final_model, masks_of_run())
-                sparsity = {
-                    **sparsity,
-                    "after_recovery": {k: after[k] for k in ("achieved", "zero_fraction")},
-                }
+                    s = sparsity_summary(stage_model(final_dir)[0], masks_of_run())
+                    after = {k: s[k] for k in ("achieved", "zero_fraction")}
+                sparsity = {**sparsity, "after_recovery": after}
         else:
             ratio = {
                 "meaning": "fraction of all parameters removed",

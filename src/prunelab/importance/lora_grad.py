@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from prunelab.structure import ArchInfo, Unit
-from prunelab.structure.groups import decoder_layers, grouped, members
+from prunelab.structure.groups import base_weight, decoder_layers, grouped, lora_delta, members
 
 ESTIMATORS = ("lora_grad", "taylor", "magnitude")
 
@@ -43,17 +43,16 @@ def lora_grad_estimate(module: nn.Module, adapter: str = "default") -> torch.Ten
     return gb @ a_ + b_ @ ga - gb @ ga
 
 
-def merged_weight(module: nn.Module, adapter: str = "default") -> torch.Tensor:
+def merged_weight(module: nn.Module) -> torch.Tensor:
     """W0 + s·B·A (fp32)."""
-    a, b, s = _lora_parts(module, adapter)
-    return module.base_layer.weight.detach().float() + s * (b.detach().float() @ a.detach().float())
+    return base_weight(module).detach().float() + lora_delta(module)
 
 
 def element_importance(module: nn.Module, estimator: str, adapter: str = "default") -> torch.Tensor:
     if estimator == "lora_grad":
-        return (lora_grad_estimate(module, adapter) * merged_weight(module, adapter)).abs()
+        return (lora_grad_estimate(module, adapter) * merged_weight(module)).abs()
     if estimator == "magnitude":
-        return merged_weight(module, adapter).abs()
+        return merged_weight(module).abs()
     if estimator == "taylor":
         w = module.base_layer.weight
         if w.grad is None:

@@ -402,18 +402,20 @@ class LoraRecovery:
             return train, val, {"data_time_s": time.perf_counter() - start}
         train_ex, val_ex = self.examples(data_cfg)
         data_time = time.perf_counter() - start
+        train, val, extra = self._tokenize(tokenizer, train_ex, val_ex)
+        return train, val, {"data_time_s": data_time, **extra}
+
+    def _tokenize(
+        self, tokenizer: Any, train_ex: Sequence[Example], val_ex: Sequence[Example]
+    ) -> tuple[list[Feature], list[Feature], dict]:
         start = time.perf_counter()
         train, dropped_train = self.features(tokenizer, train_ex)
         val, dropped_val = self.features(tokenizer, val_ex)
-        return (
-            train,
-            val,
-            {
-                "data_time_s": data_time,
-                "dropped_no_answer": {"train": dropped_train, "validation": dropped_val},
-                "tokenize_time_s": time.perf_counter() - start,
-            },
-        )
+        extra = {
+            "dropped_no_answer": {"train": dropped_train, "validation": dropped_val},
+            "tokenize_time_s": time.perf_counter() - start,
+        }
+        return train, val, extra
 
     def fit(
         self,
@@ -427,14 +429,8 @@ class LoraRecovery:
         keep_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> nn.Module:
         """``recover`` on given instruction examples (tokenized here)."""
-        start = time.perf_counter()
-        train, dropped_train = self.features(tokenizer, train_examples)
-        val, dropped_val = self.features(tokenizer, val_examples)
-        extra = {
-            **(extra_history or {}),
-            "dropped_no_answer": {"train": dropped_train, "validation": dropped_val},
-            "tokenize_time_s": time.perf_counter() - start,
-        }
+        train, val, extra = self._tokenize(tokenizer, train_examples, val_examples)
+        extra = {**(extra_history or {}), **extra}
         return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra, keep_masks)
 
     def fit_features(

@@ -121,15 +121,15 @@ def sparsegpt(
     even after ``max_damping_retries`` tenfold damping increases, the layer falls back to the
     Wanda mask without update (recorded in the layer report).
     """
-    h = stats.gram
     cols = w.shape[1]
-    dead = h.diagonal() == 0
-    h = h.clone()
-    h.diagonal()[dead] = 1.0
-    upper, damp_used = stats.derived(
-        f"sparsegpt:{damping}:{max_damping_retries}",
-        lambda: _upper_inverse_factor(h, damping, max_damping_retries),
-    )
+    dead = stats.gram.diagonal() == 0
+
+    def factor():  # once per statistic: q/k/v (gate/up) share it
+        h = stats.gram.clone()
+        h.diagonal()[dead] = 1.0
+        return _upper_inverse_factor(h, damping, max_damping_retries)
+
+    upper, damp_used = stats.derived(f"sparsegpt:{damping}:{max_damping_retries}", factor)
     if upper is None:
         log.warning(
             "sparsegpt: H + δI not factorisable even at damping %.3g; Wanda mask, no update", damp_used

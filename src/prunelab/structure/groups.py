@@ -192,6 +192,20 @@ def lora_parts(module: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
     return [(module.lora_A[k], module.lora_B[k]) for k in module.lora_A]
 
 
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen weight of a peft LoRA layer, or a plain linear's weight."""
+    return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+
+
+def lora_delta(module: nn.Module) -> torch.Tensor:
+    """s·B·A summed over a LoRA layer's adapters, fp32 (zeros for a plain linear)."""
+    out = torch.zeros_like(base_weight(module), dtype=torch.float32)
+    for key in getattr(module, "lora_A", {}):
+        a, b = module.lora_A[key].weight.detach().float(), module.lora_B[key].weight.detach().float()
+        out += module.scaling[key] * (b @ a)
+    return out
+
+
 def _slice_linear(lin: nn.Module, dim: int, index: torch.Tensor) -> None:
     """Keep ``index`` along ``dim`` (0: output rows, 1: input columns). A peft LoRA layer is
     sliced with its adapters — lora_B rows for output rows, lora_A columns for input columns —

@@ -23,24 +23,12 @@ from torch import nn
 
 from prunelab.structure import ArchInfo, Unit
 from prunelab.structure.groups import Member, _expand, decoder_layers, grouped, lora_parts, members
+from prunelab.structure.groups import base_weight as _base
+from prunelab.structure.groups import lora_delta as _delta
 
 
 def _weight_members(arch: ArchInfo, unit: Unit) -> list[Member]:
     return [m for m in members(arch, unit) if m.param == "weight"]
-
-
-def _delta(module: nn.Module) -> torch.Tensor:
-    """s·B·A summed over the adapters (zeros for a plain linear)."""
-    w = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
-    out = torch.zeros_like(w, dtype=torch.float32)
-    for key in getattr(module, "lora_A", {}):
-        a, b = module.lora_A[key].weight.float(), module.lora_B[key].weight.float()
-        out += module.scaling[key] * (b @ a)
-    return out
-
-
-def _base(module: nn.Module) -> torch.Tensor:
-    return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
 
 
 def _write(t: torch.Tensor, m: Member, sel: torch.Tensor, values: torch.Tensor) -> None:
