@@ -243,11 +243,12 @@ def test_best_checkpoint_restored_when_validation_gets_worse(tok, tmp_path, monk
     scripted = iter([5.0, 3.0, 1.0, 2.0, 4.0])  # evals at steps 0..4: best at step 2
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
-    def fake_val_loss(self, peft_model, batches):
+    def fake_val_losses(self, peft_model, groups):
         snapshots[len(snapshots)] = lora_state(peft_model)
-        return next(scripted)
+        v = next(scripted)
+        return v, {"all": v}
 
-    monkeypatch.setattr(LoraRecovery, "_val_loss", fake_val_loss)
+    monkeypatch.setattr(LoraRecovery, "_val_losses", fake_val_losses)
     rec = quick(lr=1e-2, max_steps=4, r=4, alpha=8)
     out = rec.fit(model, tok, EXAMPLES, EXAMPLES[:2], tmp_path)
     h = json.loads((tmp_path / "history.json").read_text())
@@ -350,3 +351,36 @@ def test_all_bad_values_reported_together():
     with pytest.raises(ConfigError) as e:
         LoraRecovery(r=0, lr=-1.0)
     assert "recovery.r=" in str(e.value) and "recovery.lr=" in str(e.value)
+
+
+def test_patience_stops_when_validation_stops_improving(tok, tmp_path, monkeypatch):
+    scripted = iter([5.0, 3.0, 1.0, 2.0, 4.0, 0.5, 0.1])  # evals at steps 0..6
+    monkeypatch.setattr(LoraRecovery, "_val_losses", lambda self, m, g: (v := next(scripted), {"all": v}))
+    rec = quick(lr=1e-2, epochs=20, max_steps=6, r=4, alpha=8, patience=2)
+    rec.fit(tiny(), tok, EXAMPLES, EXAMPLES[:2], tmp_path)
+    h = json.loads((tmp_path / "history.json").read_text())
+    # best at step 2; steps 3 and 4 do not improve: stop after step 4, never see 0.5
+    assert h["stopped_early_at"] == 4 and h["steps_run"] == 4 and h["best_step"] == 2
+
+
+def test_validation_groups_are_reported_per_group(tok, tmp_path):
+    seen = []
+    from prunelab.recovery.lora import TrainHooks
+
+    rec = quick(lr=1e-2, max_steps=2, r=4, alpha=8)
+    train, _, _ = rec._tokenize(tok, EXAMPLES, [])
+    groups = {"a": train[:2], "b": train[2:5]}
+    rec.fit_features(
+        tiny(),
+        tok,
+        train,
+        groups,
+        tmp_path,
+        hooks=TrainHooks(on_validation=lambda s, per: seen.append((s, per))),
+    )
+    h = json.loads((tmp_path / "history.json").read_text())
+    assert [s for s, _ in seen] == [0, 1, 2] and all(set(per) == {"a", "b"} for _, per in seen)
+    # the overall loss is the token-weighted mean of the groups: between them
+    point = h["val"][-1]
+    lo, hi = sorted(point["per_group"].values())
+    assert lo <= point["loss"] <= hi

@@ -39,6 +39,25 @@ class Tracker(Protocol):
     def log(self, data: dict[str, Any], step: int) -> None: ...
 
 
+@dataclass
+class TrainHooks:
+    """How methods that train while they prune (LoRAPrune, LoRAShear) hook into the loop.
+
+    ``setup(peft_model)`` once after the adapters are attached; ``after_backward(model, step,
+    steps)`` with gradients present, before the optimizer step; ``after_step(model, step,
+    steps)`` after it (projections that must see the updated weights); ``on_validation(step,
+    losses)`` with the per-group validation losses; ``sample(step, n)`` the train indices of
+    a step (default: epoch-wise permutations). The best adapter is chosen among validation
+    points at steps >= ``select_from``."""
+
+    setup: Callable[[nn.Module], None] | None = None
+    after_backward: Callable[[nn.Module, int, int], None] | None = None
+    after_step: Callable[[nn.Module, int, int], None] | None = None
+    on_validation: Callable[[int, dict[str, float]], None] | None = None
+    sample: Callable[[int, int], list[int]] | None = None
+    select_from: int = 0
+
+
 Example = Mapping[str, str]
 Feature = dict[str, list[int]]
 
@@ -118,16 +137,25 @@ def loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
-    """Token-weighted mean loss over batches, in eval mode (no dropout)."""
+def group_losses(
+    model: nn.Module, groups: Mapping[str, Sequence[Mapping[str, torch.Tensor]]]
+) -> tuple[float, dict[str, float]]:
+    """Token-weighted mean loss over all batches and per group, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for b in batches:
-        total += float(loss_sum(model, b))
-        count += _target_count(b)
+    per, total, count = {}, 0.0, 0
+    for name, batches in groups.items():
+        t = float(sum(float(loss_sum(model, b)) for b in batches))
+        c = sum(_target_count(b) for b in batches)
+        per[name] = t / max(c, 1)
+        total, count = total + t, count + c
     model.train(was_training)
-    return total / max(count, 1)
+    return total / max(count, 1), per
+
+
+def mean_loss(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """Token-weighted mean loss over batches, in eval mode (no dropout)."""
+    return group_losses(model, {"all": batches})[0]
 
 
 # ----------------------------------------------------------------------------- peft helpers
@@ -222,6 +250,7 @@ class LoraRecovery:
     max_train_examples: int | None = None
     warmup_steps: int = 10
     weight_decay: float = 0.0
+    patience: int | None = None  # stop after this many validations without a new best (null: never)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -292,6 +321,11 @@ class LoraRecovery:
         )
         need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "must be an integer >= 0")
         need(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(
+            self.patience is None or (_is_int(self.patience) and self.patience > 0),
+            "patience",
+            "must be null or a positive integer (validations without improvement before stopping)",
+        )
         need(_is_int(self.seed), "seed", "must be an integer")
         return p
 
@@ -438,21 +472,16 @@ class LoraRecovery:
         model: nn.Module,
         tokenizer: Any,
         train: list[Feature],
-        val: list[Feature],
+        val: list[Feature] | Mapping[str, list[Feature]],
         out_dir: Path,
         tracker: Tracker | None = None,
         extra_history: Mapping[str, Any] | None = None,
         keep_masks: Mapping[str, torch.Tensor] | None = None,
-        setup_hook: Callable[[nn.Module], None] | None = None,
-        step_hook: Callable[[nn.Module, int, int], None] | None = None,
-        select_from: int = 0,
+        hooks: TrainHooks | None = None,
     ) -> nn.Module:
-        """``recover`` on tokenized ``{input_ids, labels}`` features.
-
-        Methods that train while they prune (LoRAPrune) hook in: ``setup_hook(peft_model)``
-        once after the adapters are attached, ``step_hook(peft_model, step, steps)`` after
-        each step's backward pass (gradients present) and before the optimizer step; the
-        best adapter is chosen among validation points at steps ≥ ``select_from``."""
+        """``recover`` on tokenized ``{input_ids, labels}`` features. ``val`` given as
+        ``{group: features}`` is validated per group too (logged, and passed to
+        ``hooks.on_validation``); methods that train while they prune hook in with ``hooks``."""
         from peft import LoraConfig, get_peft_model
 
         start = time.perf_counter()
@@ -473,8 +502,13 @@ class LoraRecovery:
         pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         device = next(model.parameters()).device
         micro = self.micro_batch_size
-        by_len = sorted(val, key=lambda f: len(f["input_ids"]))  # less padding; the mean is order-free
-        val_batches = [collate(by_len[i : i + micro], pad_id) for i in range(0, len(val), micro)]
+        hooks = hooks or TrainHooks()
+        val_groups = dict(val) if isinstance(val, Mapping) else {"all": val}
+        val_batches = {}
+        for name, feats in val_groups.items():
+            by_len = sorted(feats, key=lambda f: len(f["input_ids"]))  # less padding; the mean is order-free
+            val_batches[name] = [collate(by_len[i : i + micro], pad_id) for i in range(0, len(feats), micro)]
+        val_batches = {k: v for k, v in val_batches.items() if v}
         steps = self.num_steps(len(train))
 
         # Seeded LoRA init and dropout without disturbing the caller's RNG streams.
@@ -498,22 +532,23 @@ class LoraRecovery:
             )
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-            if setup_hook is not None:
-                setup_hook(peft_model)
+            if hooks.setup is not None:
+                hooks.setup(peft_model)
             history, best_state = self._train(
-                peft_model, opt, train, val_batches, steps, pad_id, tracker, step_hook, select_from
+                peft_model, opt, train, val_batches, steps, pad_id, tracker, hooks
             )
         if best_state is not None:
             load_lora_state(peft_model, best_state)
         peft_model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
-        check = val_batches[0] if val_batches else collate(train[:micro], pad_id)
+        first = next(iter(val_batches.values()), None)
+        check = first[0] if first else collate(train[:micro], pad_id)
         merged, diff = merge_lora(peft_model, check)
         if keep_masks is not None:
             history["remask"] = remask(merged, keep_masks, check)
         history.update(
             merge_max_abs_diff=diff,
             num_train_examples=len(train),
-            num_val_examples=len(val),
+            num_val_examples=sum(len(v) for v in val_groups.values()),
             trainable_params=sum(p.numel() for p in params),
             config=asdict(self),
         )
@@ -532,12 +567,11 @@ class LoraRecovery:
         model: nn.Module,
         opt: torch.optim.Optimizer,
         train: list[Feature],
-        val_batches: list[dict[str, torch.Tensor]],
+        val_batches: dict[str, list[dict[str, torch.Tensor]]],
         steps: int,
         pad_id: int,
         tracker: Tracker | None,
-        step_hook: Callable[[nn.Module, int, int], None] | None = None,
-        select_from: int = 0,
+        hooks: TrainHooks,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
         """The optimizer loop; returns (history, LoRA state of the best validation loss)."""
         g = torch.Generator().manual_seed(self.seed)
@@ -550,21 +584,36 @@ class LoraRecovery:
             "best_val_loss": None,
         }
         best_state = None
+        since_best = 0
+
+        def validate(step: int) -> float:
+            v, per = self._val_losses(model, val_batches)
+            point = {"step": step, "loss": v, **({"per_group": per} if len(per) > 1 else {})}
+            hist["val"].append(point)
+            if tracker is not None:
+                logged = {f"{self.log_prefix}/val_loss": v}
+                if len(per) > 1:
+                    logged.update({f"{self.log_prefix}/val_loss/{k}": x for k, x in per.items()})
+                tracker.log(logged, step=step)
+            if hooks.on_validation is not None:
+                hooks.on_validation(step, per)
+            return v
+
         # Step 0 is a reference point, not a candidate: as the papers' Trainer, a checkpoint
         # is one the optimizer produced.
         if val_batches:
-            v0 = self._val_loss(model, val_batches)
-            hist["val"].append({"step": 0, "loss": v0})
-            if tracker is not None:
-                tracker.log({f"{self.log_prefix}/val_loss": v0}, step=0)
+            validate(0)
         tokens, train_time = 0, 0.0
         model.train()
         bar = tqdm(range(1, steps + 1), desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False)
         for step in bar:
             t0 = time.perf_counter()
-            while len(order) < self.batch_size:  # one fresh permutation per epoch
-                order += torch.randperm(len(train), generator=g).tolist()
-            idx, order = order[: self.batch_size], order[self.batch_size :]
+            if hooks.sample is not None:
+                idx = list(hooks.sample(step, self.batch_size))
+            else:
+                while len(order) < self.batch_size:  # one fresh permutation per epoch
+                    order += torch.randperm(len(train), generator=g).tolist()
+                idx, order = order[: self.batch_size], order[self.batch_size :]
             # Similar lengths share a micro-batch (less padding); the batch's gradient is the same.
             idx.sort(key=lambda i: len(train[i]["input_ids"]))
             micro = [
@@ -583,28 +632,37 @@ class LoraRecovery:
                 loss.backward()
                 total += float(loss.detach())
                 tokens += int(b["attention_mask"].sum())
-            if step_hook is not None:
-                step_hook(model, step, steps)
+            if hooks.after_backward is not None:
+                hooks.after_backward(model, step, steps)
             opt.step()
+            if hooks.after_step is not None:
+                hooks.after_step(model, step, steps)
             train_time += time.perf_counter() - t0
             hist["train"].append({"step": step, "loss": total, "lr": lr})
             if tracker is not None:
                 tracker.log({f"{self.log_prefix}/train_loss": total, f"{self.log_prefix}/lr": lr}, step=step)
             bar.set_postfix(loss=f"{total:.4f}")
             if val_batches and (step % self.eval_every == 0 or step == steps):
-                v = self._val_loss(model, val_batches)
-                hist["val"].append({"step": step, "loss": v})
-                if tracker is not None:
-                    tracker.log({f"{self.log_prefix}/val_loss": v}, step=step)
-                if step >= select_from and (hist["best_val_loss"] is None or v < hist["best_val_loss"]):
-                    hist["best_val_loss"], hist["best_step"] = v, step
-                    best_state = lora_state(model)
+                v = validate(step)
+                if step >= hooks.select_from:
+                    if hist["best_val_loss"] is None or v < hist["best_val_loss"]:
+                        hist["best_val_loss"], hist["best_step"] = v, step
+                        best_state = lora_state(model)
+                        since_best = 0
+                    else:
+                        since_best += 1
                 bar.set_postfix(loss=f"{total:.4f}", val=f"{v:.4f}")
+                if self.patience is not None and since_best >= self.patience and step < steps:
+                    hist["stopped_early_at"] = step  # validation stopped improving
+                    break
         bar.close()
+        hist["steps_run"] = len(hist["train"])
         if not val_batches:  # nothing to choose by: the last state is the result
-            hist["best_step"] = steps
+            hist["best_step"] = hist["steps_run"]
         hist.update(train_time_s=train_time, train_tokens=tokens, tokens_per_s=tokens / max(train_time, 1e-9))
         return hist, best_state
 
-    def _val_loss(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-        return mean_loss(model, batches)
+    def _val_losses(
+        self, model: nn.Module, groups: dict[str, list[dict[str, torch.Tensor]]]
+    ) -> tuple[float, dict[str, float]]:
+        return group_losses(model, groups)

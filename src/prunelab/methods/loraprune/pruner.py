@@ -32,6 +32,7 @@ from torch import nn
 from prunelab.errors import ConfigError, bad_value
 from prunelab.importance.lora_grad import ESTIMATORS, unit_scores
 from prunelab.methods import PruneContext
+from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, members
 from prunelab.structure.plan import PrunePlan, prunable_layers
@@ -212,9 +213,9 @@ class LoRAPrune:
                 ctx.out_dir,
                 ctx.tracker,
                 extra,
-                setup_hook=setup,
-                step_hook=after_backward,
-                select_from=self.final_step(steps),
+                hooks=TrainHooks(
+                    setup=setup, after_backward=after_backward, select_from=self.final_step(steps)
+                ),
             )
         finally:
             for h in handles:
