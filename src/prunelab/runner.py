@@ -189,7 +189,16 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     t_start = time.perf_counter()
     method, recovery, plan = validate(cfg)
     skipped_recovery = None
-    if recovery is not None and getattr(method, "trains", False) and not method.then_recover:
+    # LoRAShear brings its own (dynamic) recovery: it replaces the `recovery` group's stage
+    own_recovery = bool(getattr(method, "recovers", False)) and method.recovery.enabled
+    if recovery is not None and getattr(method, "recovers", False):
+        skipped_recovery = (
+            f"method={cfg.method.name} runs its own recovery (method.recovery, "
+            f"{'enabled' if own_recovery else 'disabled'}); recovery={cfg.recovery.name} not used"
+        )
+        log.info(skipped_recovery)
+        recovery = None
+    elif recovery is not None and getattr(method, "trains", False) and not method.then_recover:
         skipped_recovery = (
             f"method={cfg.method.name} fine-tunes while it prunes (its LoRA training is the recovery); "
             f"recovery={cfg.recovery.name} skipped (method.then_recover=true runs it too)"
@@ -317,8 +326,11 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                 data_cfg=cfg.data,
                 out_dir=rd.root / "prune_train",
                 tracker=tracker,
+                run_dir=rd.root,
+                ratio_tolerance=float(cfg.ratio_tolerance),
             )
             masks = method.prune(m, plan, ctx)
+            used_plan = getattr(method, "final_plan", None) or plan  # re-planned after seeing the model
             method_time = time.perf_counter() - t_method
             extra = {"training": method.history} if getattr(method, "trains", False) else {}
             if sparse:
@@ -340,7 +352,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             rec = rd.finish(
                 "prune",
                 {
-                    "plan": plan.to_dict(),
+                    "plan": used_plan.to_dict(),
                     "params_after": new_arch.total_params(),
                     "layer_shapes": [s.to_dict() for s in new_arch.layers],
                     "time_s": time.perf_counter() - t,
@@ -382,23 +394,29 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
 
         # 4. recover with LoRA, merged back into a dense model of the pruned shape
         final_dir, recovered, recovery_info = pruned_dir, None, None
-        if recovery is not None:
+        if recovery is not None or own_recovery:
             recovered_dir = rd.root / "recovered"
             rec_recover = rd.done("recover")
             if rec_recover is None:
                 from prunelab.models.loading import save_model
 
-                log.info("recover: LoRA on %s", recovery.data)
                 t = time.perf_counter()
                 pruned, tok = stage_model(pruned_dir, take=True)  # LoRA merges into it in place
-                merged = recovery.recover(
-                    pruned,
-                    tok,
-                    recovered_dir,
-                    tracker=tracker,
-                    data_cfg=cfg.data,
-                    keep_masks=masks_of_run() if sparse else None,  # LoRA must not refill pruned weights
-                )
+                if own_recovery:
+                    log.info("recover: %s's own recovery (method.recovery)", cfg.method.name)
+                    merged = method.recover(
+                        pruned, tok, recovered_dir, tracker, cfg.data, prune_dir=rd.root / "prune_train"
+                    )
+                else:
+                    log.info("recover: LoRA on %s", recovery.data)
+                    merged = recovery.recover(
+                        pruned,
+                        tok,
+                        recovered_dir,
+                        tracker=tracker,
+                        data_cfg=cfg.data,
+                        keep_masks=masks_of_run() if sparse else None,  # LoRA must not refill pruned weights
+                    )
                 save_model(merged, tok, recovered_dir / "model")
                 held[recovered_dir / "model"] = (merged, tok)
                 after = {}

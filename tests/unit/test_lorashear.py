@@ -1,13 +1,20 @@
-"""LoRAShear parts built so far: the knowledge distribution analysis."""
+"""LoRAShear: the four parts as library code, then the method end to end."""
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 
+from prunelab.errors import ConfigError
+from prunelab.methods import PruneContext, build_method
 from prunelab.methods.lorashear.knowledge import knowledge_distribution, plot_knowledge
-from prunelab.structure import arch_info
+from prunelab.structure import apply_masks, arch_info, prune_physically
+from prunelab.structure.plan import plan_ratio
 from tests.conftest import make_model
 
 
@@ -151,3 +158,220 @@ def test_mixer_refuses_a_floor_that_leaves_nothing_to_move():
 
     with pytest.raises(ConfigError, match=r"method\.mixer\.floor=0\.5"):
         DataMixer(["a", "b"], floor=0.5)
+
+
+# ----------------------------------------------------------------------------- the method
+
+LS_TRAIN = {
+    "format": "text",
+    "cutoff_len": 32,
+    "batch_size": 4,
+    "micro_batch_size": 4,
+    "eval_every": 5,
+    "val_size": 4,
+    "warmup_steps": 0,
+    "max_train_examples": 64,
+}
+LS_RECOVERY = {
+    "stages": [
+        {
+            "name": "text",
+            "format": "text",
+            "sources": ["embedded:reference", "embedded:comments"],
+            "max_steps": 4,
+        },
+        {"name": "instruction", "format": "instruction", "sources": ["embedded:docstrings"], "max_steps": 2},
+    ],
+    "lora": {
+        "cutoff_len": 128,
+        "batch_size": 4,
+        "micro_batch_size": 4,
+        "eval_every": 2,
+        "val_size": 8,
+        "max_train_examples": 64,
+    },
+}
+
+
+def _lorashear(**kw):
+    cfg = {
+        "_target_": "prunelab.methods.lorashear.LoRAShear",
+        "name": "lorashear",
+        "train": LS_TRAIN,
+        "knowledge": {"tokens": 256, "seq_len": 32},
+        "lhspg": {"warmup_steps": 2, "periods": 3, "period_steps": 3},
+        "recovery": LS_RECOVERY,
+        **kw,
+    }
+    return build_method(OmegaConf.create(cfg))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from prunelab.models.embedded import asset_dir
+
+    return AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
+
+
+class Recorder:
+    def __init__(self):
+        self.logged, self.images = [], []
+
+    def log(self, data, step=None):
+        self.logged.append((step, data))
+
+    def image(self, key, path):
+        self.images.append((key, str(path)))
+
+
+def _prune(method, tmp_path, tok, ratio=0.2):
+    from prunelab.data.sources import load_source_config
+
+    model = make_model("llama", 2, layers=4, vocab=2048, max_pos=256, inter=128)
+    arch = arch_info(model.config)
+    plan = plan_ratio(arch, ratio, ("attn", "mlp"), method.layers(arch.num_layers), 0.05)
+    tracker = Recorder()
+    ctx = PruneContext(
+        tok,
+        None,
+        0,
+        data_cfg=load_source_config("embedded"),
+        out_dir=tmp_path / "prune_train",
+        tracker=tracker,
+        run_dir=tmp_path,
+        ratio_tolerance=0.05,
+    )
+    masks = method.prune(model, plan, ctx)
+    return model, arch, masks, tracker
+
+
+def test_lorashear_end_to_end_zero_groups_unprunable_set_and_exact_removal(tmp_path, tok):
+    method = _lorashear()
+    model, _, masks, tracker = _prune(method, tmp_path, tok)
+    h = method.history
+    plan = method.final_plan
+    # the knowledge analysis: saved, plotted, sent to the tracker; its unprunable groups never pruned
+    saved = json.loads((tmp_path / "knowledge_distribution.json").read_text())
+    assert saved["unprunable"] == h["unprunable"] and len(h["unprunable"]) == 2  # ceil(0.25 · 8 groups)
+    assert (tmp_path / "knowledge_distribution.png").read_bytes()[:4] == b"\x89PNG"
+    assert tracker.images == [
+        ("lorashear/knowledge_distribution", str(tmp_path / "knowledge_distribution.png"))
+    ]
+    for key in h["unprunable"]:
+        assert plan.remove.get(key, 0) == 0 and (key not in masks or bool(masks[key].all()))
+    # the budget is reached by the last period, in P steps, each period's groups exactly zero
+    selects = [e for e in h["events"] if e["event"] == "select"]
+    merges = [e for e in h["events"] if e["event"] == "period_end_merge"]
+    assert [e["step"] for e in selects] == [2, 5, 8] and [e["step"] for e in merges] == [5, 8, 11]
+    assert selects[-1]["redundant"] == {k: plan.remove[k] for k in selects[-1]["redundant"]}
+    assert all(e["redundant_max_norm"] == 0.0 for e in merges)
+    assert h["redundant_max_norm_after_merge"] == 0.0
+    assert all(int((~m).sum()) == plan.remove[k] for k, m in masks.items())
+    assert not any("lora" in n for n, _ in model.named_modules())
+    # the zero groups go with no change in outputs (not even by the masking)
+    ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = model(input_ids=ids).logits
+    masked = copy.deepcopy(model)
+    apply_masks(masked, masks)
+    assert torch.equal(masked(input_ids=ids).logits, before)
+    prune_physically(model, masks)
+    assert (model(input_ids=ids).logits - before).abs().max().item() <= 1e-5
+    # the dense reference losses the recovery's mixer needs were saved with the prune stage
+    ref = json.loads((tmp_path / "prune_train" / "reference_losses.json").read_text())
+    assert set(ref) == {"text", "instruction"} and set(ref["text"]) == {
+        "embedded:reference",
+        "embedded:comments",
+    }
+
+
+def test_without_lora_aware_groups_the_merge_refills_the_redundant_groups(tmp_path, tok):
+    method = _lorashear(lora_aware=False, knowledge={"enabled": False}, recovery={"enabled": False})
+    _, _, masks, _ = _prune(method, tmp_path, tok)
+    assert method.history["redundant_max_norm_after_merge"] > 0
+    assert method.history["unprunable"] == [] and not (tmp_path / "knowledge_distribution.json").exists()
+    assert all(int((~m).sum()) == method.final_plan.remove[k] for k, m in masks.items())
+
+
+def test_lhspg_off_zeroes_everything_at_once_after_warmup(tmp_path, tok):
+    method = _lorashear(
+        lhspg={"enabled": False, "warmup_steps": 2, "periods": 3, "period_steps": 3},
+        knowledge={"enabled": False},
+        recovery={"enabled": False},
+    )
+    _prune(method, tmp_path, tok)
+    events = method.history["events"]
+    selects = [e for e in events if e["event"] == "select"]
+    assert [e["step"] for e in selects] == [2]
+    assert selects[0]["redundant"] == {k: method.final_plan.remove[k] for k in selects[0]["redundant"]}
+    assert [e["step"] for e in events if e["event"] == "period_end_merge"] == [3]
+    assert method.history["steps"] == 11  # the same training steps as with LHSPG
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_dynamic_recovery_runs_stages_and_logs_the_mixture(tmp_path, tok, dynamic):
+    method = _lorashear(recovery={**LS_RECOVERY, "dynamic": dynamic})
+    model = make_model("llama", 2, layers=2, vocab=2048, max_pos=256, inter=64)
+    from prunelab.data.sources import load_source_config
+
+    data = load_source_config("embedded")
+    ref = method.recovery.reference_losses(model, tok, data)
+    ref["text"]["embedded:comments"] -= 1.0  # as if pruning had cost this source a whole nat
+    (tmp_path / "prune_train").mkdir()
+    (tmp_path / "prune_train" / "reference_losses.json").write_text(json.dumps(ref))
+    tracker = Recorder()
+    out = method.recover(
+        model, tok, tmp_path / "recovered", tracker, data, prune_dir=tmp_path / "prune_train"
+    )
+    assert not any("lora" in n for n, _ in out.named_modules())
+    h = json.loads((tmp_path / "recovered" / "history.json").read_text())
+    assert [s["name"] for s in h["stages"]] == ["text", "instruction"]
+    assert h["train_tokens"] == sum(s["train_tokens"] for s in h["stages"]) > 0
+    text = json.loads((tmp_path / "recovered" / "text" / "history.json").read_text())
+    weights = [m["weights"] for m in text["mixture"]]
+    assert len(weights) == len(text["val"])  # one mixture per validation (steps 0, 2, 4)
+    for w in weights:
+        assert abs(sum(w.values()) - 1) < 1e-6 and min(w.values()) >= 0.05 - 1e-9
+    if dynamic:  # the degraded source gains share at every update
+        shares = [w["embedded:comments"] for w in weights]
+        assert all(b > a for a, b in itertools.pairwise(shares))
+    else:
+        assert all(w == weights[0] for w in weights)
+    keys = {k for _, d in tracker.logged for k in d}
+    assert (
+        "recovery/text/mixture/embedded:reference" in keys
+        and "recovery/text/val_loss/embedded:comments" in keys
+    )
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"knowledge": {"gama": 0.2}}, "method.knowledge.gama is not a key"),
+        ({"knowledge": {"gamma": 1.5}}, "method.knowledge.gamma=1.5"),
+        ({"lhspg": {"periods": 0}}, "method.lhspg.periods=0"),
+        ({"lhspg": {"saliency": "taylor"}}, "method.lhspg.saliency"),
+        ({"train": {"max_steps": 10}}, "method.train.max_steps cannot be set"),
+        ({"train": {"lr": -1}}, "method.train.lr=-1"),
+        ({"recovery": {"floor": 0.5}}, "method.mixer.floor=0.5"),
+        ({"recovery": {"lora": {"max_steps": 3}}}, "method.recovery.lora.max_steps is set per stage"),
+        (
+            {
+                "recovery": {
+                    "stages": [{"name": "t", "format": "text", "sources": ["embedded:wiki"], "max_steps": 1}]
+                }
+            },
+            "embedded:wiki",
+        ),
+        (
+            {"recovery": {"stages": [{"name": "t", "format": "prose", "sources": ["c4"], "max_steps": 1}]}},
+            "format",
+        ),
+        ({"targets": ["layer"]}, "method.targets"),
+    ],
+)
+def test_bad_lorashear_values_name_their_key(kw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        m = _lorashear(**kw)
+        m.check()  # sources are resolved by check(), before any model loads

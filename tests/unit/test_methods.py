@@ -32,6 +32,16 @@ LP_TRAIN = {
     "warmup_steps": 0,
     "max_train_examples": 32,
 }
+LS = "prunelab.methods.lorashear.LoRAShear"
+# LoRAShear: knowledge analysis + LHSPG periods on the same small budget; its recovery is a
+# separate stage (tests/unit/test_lorashear.py)
+LS_CFG = {
+    "_target_": LS,
+    "train": {k: v for k, v in LP_TRAIN.items() if k != "max_steps"},
+    "knowledge": {"tokens": 256, "seq_len": 32},
+    "lhspg": {"warmup_steps": 1, "periods": 2, "period_steps": 3},
+    "recovery": {"enabled": False},
+}
 CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(7))
 
 # (id, method config, ratio, relative tolerance); whole-head/-layer rows get the nearest amount
@@ -54,6 +64,9 @@ METHODS = [
     ("llm_pruner-channel", {"_target_": LLM, "mode": "channel"}, 0.2, 0.05),
     ("loraprune-lora_grad", {"_target_": LP, "train": LP_TRAIN}, 0.1, 0.05),
     ("loraprune-taylor", {"_target_": LP, "importance": "taylor", "train": LP_TRAIN}, 0.1, 0.05),
+    ("lorashear", LS_CFG, 0.1, 0.05),
+    ("lorashear-ablated", {**LS_CFG, "lora_aware": False, "knowledge": {"enabled": False},
+                           "lhspg": {"enabled": False}}, 0.1, 0.05),
 ]
 # fmt: on
 
@@ -74,7 +87,9 @@ def _pruned(method_cfg, ratio, tol, family=("llama", 2), out_dir=None):
 
         model = make_model(*family, layers=6, inter=128, vocab=2048, max_pos=256)
         tok = AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
-        ctx = PruneContext(tok, None, 0, data_cfg=load_source_config("embedded"), out_dir=out_dir)
+        ctx = PruneContext(
+            tok, None, 0, data_cfg=load_source_config("embedded"), out_dir=out_dir, ratio_tolerance=tol
+        )
     else:
         model = make_model(*family, layers=6, inter=128)
     arch = arch_info(model.config)

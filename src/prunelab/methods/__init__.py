@@ -34,6 +34,8 @@ class PruneContext:
     data_cfg: Any = None
     out_dir: Any = None
     tracker: Any = None
+    run_dir: Any = None  # the run directory: artefacts researchers look at (LoRAShear's plot)
+    ratio_tolerance: float = 0.01  # for methods that re-plan once they have seen the model
 
 
 class Method(Protocol):

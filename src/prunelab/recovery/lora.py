@@ -116,6 +116,17 @@ def collate(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The id right-padding uses: pad, else eos, else 0 (never a target: labels are -100)."""
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+
+def eval_batches(features: Sequence[Feature], pad_id: int, size: int) -> list[dict[str, torch.Tensor]]:
+    """Evaluation batches of similar lengths (less padding; a token-weighted mean is order-free)."""
+    by_len = sorted(features, key=lambda f: len(f["input_ids"]))
+    return [collate(by_len[i : i + size], pad_id) for i in range(0, len(by_len), size)]
+
+
 def _target_count(batch: Mapping[str, torch.Tensor]) -> int:
     """Tokens that carry loss: labels shifted by one (position t predicts t+1)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -499,16 +510,12 @@ class LoraRecovery:
                 f"recovery.target_modules: {missing} not in the model; it has "
                 f"{', '.join(t for t in TARGET_MODULES if t in names)}"
             )
-        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        pad_id = pad_id_of(tokenizer)
         device = next(model.parameters()).device
         micro = self.micro_batch_size
         hooks = hooks or TrainHooks()
         val_groups = dict(val) if isinstance(val, Mapping) else {"all": val}
-        val_batches = {}
-        for name, feats in val_groups.items():
-            by_len = sorted(feats, key=lambda f: len(f["input_ids"]))  # less padding; the mean is order-free
-            val_batches[name] = [collate(by_len[i : i + micro], pad_id) for i in range(0, len(feats), micro)]
-        val_batches = {k: v for k, v in val_batches.items() if v}
+        val_batches = {k: eval_batches(v, pad_id, micro) for k, v in val_groups.items() if v}
         steps = self.num_steps(len(train))
 
         # Seeded LoRA init and dropout without disturbing the caller's RNG streams.
@@ -588,11 +595,12 @@ class LoraRecovery:
 
         def validate(step: int) -> float:
             v, per = self._val_losses(model, val_batches)
-            point = {"step": step, "loss": v, **({"per_group": per} if len(per) > 1 else {})}
+            named = set(per) != {"all"}  # validation given per group (e.g. per data source)
+            point = {"step": step, "loss": v, **({"per_group": per} if named else {})}
             hist["val"].append(point)
             if tracker is not None:
                 logged = {f"{self.log_prefix}/val_loss": v}
-                if len(per) > 1:
+                if named:
                     logged.update({f"{self.log_prefix}/val_loss/{k}": x for k, x in per.items()})
                 tracker.log(logged, step=step)
             if hooks.on_validation is not None:

@@ -23,6 +23,9 @@ class NullTracker:
     def summary(self, data: dict) -> None:
         pass
 
+    def image(self, key: str, path: str | Path) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -76,6 +79,12 @@ class WandbTracker:
 
     def summary(self, data: dict) -> None:
         self.run.summary.update(flatten(data))
+
+    def image(self, key: str, path: str | Path) -> None:
+        """A figure the run produced (a PNG file), shown in the run's media panel."""
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))})
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

@@ -48,6 +48,7 @@ def knowledge_distribution(
     gamma: float = 0.25,
     layers: list[int] | None = None,
     batch_size: int = 16,
+    kinds: tuple[str, ...] = ("attn", "mlp"),
 ) -> KnowledgeReport:
     """Probe each (layer, attn|mlp) group alone on held-out token ids (1-D); the model comes
     back bit-identical."""
@@ -55,7 +56,7 @@ def knowledge_distribution(
     model.eval()
     ppl = lambda: perplexity(model, ids, seq_len, batch_size=batch_size)  # noqa: E731
     base = ppl()
-    todo = [u for u in units(arch, ("attn", "mlp")) if layers is None or u.layer in layers]
+    todo = [u for u in units(arch, kinds) if layers is None or u.layer in layers]
     scores = MagnitudeImportance().scores(model, arch, todo)
     deviations: dict[str, dict[str, float]] = {}
     for unit in todo:

@@ -71,9 +71,14 @@ def lhspg_step(
     redundant: dict[str, torch.Tensor],
     steps_left: int,
     epsilon: float = 0.0,
+    lora_aware: bool = True,
 ) -> dict[str, int]:
     """One LHSPG update of every redundant group (``redundant[key]``: bool over the unit's
-    groups, True = redundant). Returns how many groups the half-space projection zeroed."""
+    groups, True = redundant). Returns how many groups the half-space projection zeroed.
+
+    ``lora_aware=False`` is the ablation without LoRA-aware groups: the step sees and writes
+    the base weights only and leaves the LoRA slices training, so merging B·A refills the
+    "zero" groups."""
     layers = decoder_layers(model)
     projected = {}
     for key, sel in redundant.items():
@@ -85,7 +90,7 @@ def lhspg_step(
         ms = _weight_members(arch, unit)
         mods = [block.get_submodule(m.path) for m in ms]
         xs = [
-            grouped(_base(mod).float() + _delta(mod), m)[sel.to(_base(mod).device)]
+            grouped(_base(mod).float() + (_delta(mod) if lora_aware else 0), m)[sel.to(_base(mod).device)]
             for m, mod in zip(ms, mods, strict=True)
         ]
         ws = [
@@ -106,7 +111,8 @@ def lhspg_step(
         for m, mod, part in zip(ms, mods, xs, strict=True):
             width = part.shape[1]
             _write(_base(mod), m, sel, new[:, start : start + width])
-            _zero_lora(mod, m, sel)
+            if lora_aware:
+                _zero_lora(mod, m, sel)
             start += width
     return projected
 

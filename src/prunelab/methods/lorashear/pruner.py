@@ -1,0 +1,380 @@
+"""LoRAShear (Chen et al. 2023): progressive structured pruning of the base weights while
+LoRA keeps learning, then dynamic knowledge recovery.
+
+    prunelab method=lorashear ratio=0.2
+    prunelab -m method=lorashear ratio=0.5 method.lora_aware=false,true   # an ablation
+
+The four parts, each switchable by config for ablations:
+
+1. **LoRA-aware groups** (``lora_aware``): a head group / MLP channel owns its LoRA slices
+   (lora_B rows of q/k/v/gate/up, lora_A columns of o/down); the projection acts on the
+   effective weight W + s·B·A and zeroes the slices, so a redundant group is exactly zero
+   in the merged model. Off: the projection sees W only and LoRA keeps training the slices
+   (the merge refills the group; its removal then costs accuracy).
+2. **Knowledge distribution analysis** (``knowledge``): every (layer, attn|mlp) group of
+   the prunable layers is pruned alone with magnitude scores at ``ratios``, its perplexity
+   deviation measured on ``tokens`` held-out validation tokens of the run's data, and the
+   model restored bit-exactly; the ``gamma`` fraction with the largest mean deviation is
+   never pruned (the target moves to the other groups). Results: ``knowledge_distribution
+   .json`` and ``.png`` in the run directory, the PNG also in W&B.
+3. **LHSPG** (``lhspg``): ``warmup_steps`` of plain LoRA training, then ``periods`` periods
+   of ``period_steps``. At each period start the least salient not-yet-redundant groups of
+   each unit join the redundant set so that the plan's per-unit count is reached by the last
+   period (p/P of it after period p). During the period, after every optimizer step, the
+   half-space projected step drives them to zero — λ_g = ‖x_g‖/steps_left (a linear decay
+   that reaches exactly zero at the period's last step), projection to zero when
+   ⟨x̃_g, W_g⟩ < ε‖W_g‖² (ε = ``epsilon``, default 0) — and at period end LoRA is merged
+   into the base weights. Off: all redundant groups are chosen after the warm-up and zeroed
+   at once (one-shot), the same steps then train around them.
+4. **Dynamic knowledge recovery** (``recovery``, see recovery.py): text stage, then
+   instruction stage, mixture rebuilt from per-source degradation. ``recovery.dynamic=false``
+   keeps each stage's natural mixture; ``recovery.enabled=false`` skips the stage.
+
+``ratio`` is the fraction of all parameters removed, as for every structured method; the
+per-unit counts come from the same planner as LLM-Pruner's (uniform over the pruned units),
+re-planned around the unprunable groups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunelab.errors import ConfigError, bad_value
+from prunelab.methods import PruneContext
+from prunelab.methods.lorashear.recovery import DynamicRecovery, sub_config
+from prunelab.recovery.lora import TrainHooks
+from prunelab.structure import Unit, arch_info, units
+from prunelab.structure.groups import Masks
+from prunelab.structure.plan import PrunePlan, plan_ratio, prunable_layers
+
+TARGETS = ("attn", "mlp")
+SALIENCY = ("lora_aware", "magnitude")
+
+
+@dataclass
+class KnowledgeConfig:
+    enabled: bool = True
+    gamma: float = 0.25  # fraction of (layer, attn|mlp) groups kept unprunable
+    ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])  # probe ratios per group
+    tokens: int = 8192  # held-out validation tokens the deviation is measured on
+    seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"method.knowledge.enabled={self.enabled!r} must be true or false")
+        if not (isinstance(self.gamma, (int, float)) and 0 <= self.gamma < 1):
+            raise ConfigError(f"method.knowledge.gamma={self.gamma!r} must be in [0, 1)")
+        if not self.ratios or not all(isinstance(r, (int, float)) and 0 < r < 1 for r in self.ratios):
+            raise ConfigError(f"method.knowledge.ratios={self.ratios!r} must be a non-empty list in (0, 1)")
+        for key in ("tokens", "seq_len"):
+            v = getattr(self, key)
+            if not (isinstance(v, int) and v >= 2):
+                raise ConfigError(f"method.knowledge.{key}={v!r} must be an integer >= 2")
+
+
+@dataclass
+class LHSPGConfig:
+    enabled: bool = True
+    warmup_steps: int = 10  # LoRA-only steps before the first period
+    periods: int = 4  # P
+    period_steps: int = 10  # steps per period
+    epsilon: float = 0.0  # half-space threshold ε
+    saliency: str = "lora_aware"  # lora_aware (‖W‖, |⟨W,BA⟩|, cos) | magnitude (‖W + BA‖)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"method.lhspg.enabled={self.enabled!r} must be true or false")
+        for key, lo in (("warmup_steps", 0), ("periods", 1), ("period_steps", 1)):
+            v = getattr(self, key)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+                raise ConfigError(f"method.lhspg.{key}={v!r} must be an integer >= {lo}")
+        if not (isinstance(self.epsilon, (int, float)) and 0 <= self.epsilon < 1):
+            raise ConfigError(f"method.lhspg.epsilon={self.epsilon!r} must be in [0, 1)")
+        if self.saliency not in SALIENCY:
+            raise bad_value("method.lhspg.saliency", self.saliency, SALIENCY)
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.periods * self.period_steps
+
+
+def schedule(cfg: LHSPGConfig) -> tuple[list[int], list[int]]:
+    """(selection steps, period end steps): groups are chosen after step s of the first list
+    and reach zero at the matching end. Off: one selection after warm-up, zero at once."""
+    if not cfg.enabled:
+        return [cfg.warmup_steps], [cfg.warmup_steps + 1]
+    starts = [cfg.warmup_steps + p * cfg.period_steps for p in range(cfg.periods)]
+    return starts, [s + cfg.period_steps for s in starts]
+
+
+@dataclass
+class LoRAShear:
+    name: str = "lorashear"
+    targets: tuple[str, ...] = field(default_factory=lambda: TARGETS)
+    keep_first_layers: float | int = 0  # the knowledge analysis decides what stays
+    keep_last_layers: float | int = 0
+    lora_aware: bool = True
+    knowledge: Any = field(default_factory=dict)
+    lhspg: Any = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # LoRA of the LHSPG phase: keys of recovery=lora
+    recovery: Any = field(default_factory=dict)
+    seed: int = 0
+
+    sparse: ClassVar[bool] = False
+    trains: ClassVar[bool] = True
+    recovers: ClassVar[bool] = True  # brings its own recovery stage (replaces the `recovery` group)
+    needs_calibration: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        from omegaconf import DictConfig, OmegaConf
+
+        from prunelab.recovery.lora import LoraRecovery
+
+        self.targets = tuple(self.targets)
+        if not self.targets or any(t not in TARGETS for t in self.targets):
+            raise ConfigError(
+                f"method.targets={list(self.targets)} is not allowed; allowed: any of {list(TARGETS)}"
+            )
+        if not isinstance(self.lora_aware, bool):
+            raise ConfigError(f"method.lora_aware={self.lora_aware!r} must be true or false")
+        self.knowledge = sub_config(KnowledgeConfig, self.knowledge, "method.knowledge")
+        self.lhspg = sub_config(LHSPGConfig, self.lhspg, "method.lhspg")
+        rec = self.recovery
+        if isinstance(rec, DictConfig):
+            rec = OmegaConf.to_container(rec, resolve=True)
+        if isinstance(rec, dict):
+            rec = {"seed": self.seed, **rec}
+        self.recovery = sub_config(DynamicRecovery, rec, "method.recovery")
+        train = OmegaConf.to_container(self.train) if isinstance(self.train, DictConfig) else dict(self.train)
+        for k in ("max_steps", "epochs", "patience"):
+            if k in train:
+                raise ConfigError(
+                    f"method.train.{k} cannot be set: the LHSPG phase runs exactly method.lhspg.warmup_steps + "
+                    "periods × period_steps optimizer steps"
+                )
+        try:
+            self.trainer = LoraRecovery(
+                **{
+                    "name": "lorashear",
+                    "seed": self.seed,
+                    **train,
+                    "max_steps": self.lhspg.steps,
+                    "epochs": 1e6,
+                }
+            )
+        except TypeError as e:
+            raise ConfigError(f"method.train: {e}; allowed keys: those of recovery=lora") from e
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        need = {
+            "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+            "mlp": ("gate_proj", "up_proj", "down_proj"),
+        }
+        missing = [m for t in self.targets for m in need[t] if m not in self.trainer.target_modules]
+        if missing:
+            raise ConfigError(
+                f"method.train.target_modules={list(self.trainer.target_modules)} misses {missing}: LoRA-aware "
+                "groups need an adapter on every module coupled to a pruned structure"
+            )
+        self.trainer.log_prefix = "lorashear"
+        self.history: dict[str, Any] = {}
+        self.final_plan: PrunePlan | None = None
+
+    def layers(self, num_layers: int) -> list[int]:
+        return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)
+
+    def check(self, data_cfg: Any = None) -> None:
+        try:
+            self.trainer.check(data_cfg)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        if self.recovery.enabled:
+            self.recovery.check(data_cfg)
+
+    # ------------------------------------------------------------------ part 2
+
+    def _knowledge(self, model: nn.Module, arch: Any, plan: PrunePlan, ctx: PruneContext) -> dict:
+        from prunelab.data.sources import build_source
+        from prunelab.methods.lorashear.knowledge import knowledge_distribution, plot_knowledge
+
+        k = self.knowledge
+        source = build_source(ctx.data_cfg)
+        split = "validation" if "validation" in getattr(source, "splits", ("validation",)) else "train"
+        windows = source.calibration_windows(
+            ctx.tokenizer, max(1, k.tokens // k.seq_len), k.seq_len, ctx.seed, split
+        )
+        report = knowledge_distribution(
+            model,
+            arch,
+            windows.reshape(-1),
+            seq_len=k.seq_len,
+            ratios=tuple(k.ratios),
+            gamma=k.gamma,
+            layers=plan.prunable_layers,
+            kinds=self.targets,
+        )
+        run_dir = Path(ctx.run_dir or ctx.out_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        out = {**report.to_dict(), "split": split, "tokens": int(windows.numel())}
+        (run_dir / "knowledge_distribution.json").write_text(json.dumps(out, indent=2) + "\n")
+        png = plot_knowledge(report, run_dir / "knowledge_distribution.png")
+        if ctx.tracker is not None and hasattr(ctx.tracker, "image"):
+            ctx.tracker.image("lorashear/knowledge_distribution", png)
+        return out
+
+    # ------------------------------------------------------------------ part 3
+
+    def _select(self, model: nn.Module, arch: Any, todo: list[Unit], redundant: Masks, want: dict) -> None:
+        """Grow each unit's redundant set to ``want[key]`` with its least salient groups."""
+        from prunelab.methods.lorashear.lhspg import group_norms, saliency
+
+        for u in todo:
+            have = int(redundant[u.key].sum())
+            if want[u.key] <= have:
+                continue
+            if self.lhspg.saliency == "lora_aware":
+                s = saliency(model, arch, u)
+            else:
+                s = group_norms(model, arch, u, effective=True)
+            s = s.masked_fill(redundant[u.key], math.inf)
+            redundant[u.key][torch.sort(s, stable=True).indices[: want[u.key] - have]] = True
+
+    @staticmethod
+    def _residual(model: nn.Module, arch: Any, todo: list[Unit], redundant: Masks, effective: bool) -> float:
+        """The largest norm among the redundant groups (over all their coupled slices)."""
+        from prunelab.methods.lorashear.lhspg import group_norms
+
+        out = 0.0
+        for u in todo:
+            if bool(redundant[u.key].any()):
+                out = max(out, float(group_norms(model, arch, u, effective)[redundant[u.key]].max()))
+        return out
+
+    def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks:
+        """Knowledge analysis → re-plan → LoRA warm-up + LHSPG periods; returns the keep masks.
+        The model comes back with LoRA merged and the redundant groups at zero (removed by the
+        runner). Also measures the dense reference losses the recovery's mixer needs."""
+        from prunelab.methods.lorashear.lhspg import lhspg_step, merge_lora_into_base
+
+        arch = arch_info(model.config)
+        out_dir = Path(ctx.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        history: dict[str, Any] = {"parts": self.parts()}
+        unprunable: list[str] = []
+        if self.knowledge.enabled:
+            history["knowledge"] = self._knowledge(model, arch, plan, ctx)
+            unprunable = history["knowledge"]["unprunable"]
+            plan = plan_ratio(
+                arch, plan.requested, self.targets, plan.prunable_layers, ctx.ratio_tolerance, set(unprunable)
+            )
+        self.final_plan = plan
+        if self.recovery.enabled:  # the dense model's losses: the mixer's degradation reference
+            ref = self.recovery.reference_losses(model, ctx.tokenizer, ctx.data_cfg)
+            (out_dir / "reference_losses.json").write_text(json.dumps(ref, indent=2) + "\n")
+        todo = [u for u in units(arch, self.targets) if plan.remove.get(u.key, 0) > 0]
+        redundant: Masks = {u.key: torch.zeros(u.n, dtype=torch.bool) for u in todo}
+        starts, ends = schedule(self.lhspg)
+        n_sel = len(starts)
+        log: list[dict] = []
+
+        def after_step(peft_model: nn.Module, step: int, steps: int) -> None:
+            active = [i for i, s in enumerate(starts) if s < step]  # periods begun
+            if active:
+                end = ends[active[-1]]
+                left = max(1, end - step + 1)  # steps_left 1 = exactly zero now
+                proj = lhspg_step(
+                    peft_model, arch, redundant, left, self.lhspg.epsilon, lora_aware=self.lora_aware
+                )
+                if step == end:
+                    # the effective weights W + s·B·A of every redundant group: exactly 0 here
+                    # with LoRA-aware groups (the ablation leaves LoRA's share in them)
+                    residual = self._residual(peft_model, arch, todo, redundant, effective=True)
+                    merge_lora_into_base(peft_model)  # B·A into the kept groups; B restarts at 0
+                    log.append(
+                        {
+                            "step": step,
+                            "event": "period_end_merge",
+                            "projected": proj,
+                            "redundant_max_norm": residual,
+                        }
+                    )
+            if step in starts:
+                p = starts.index(step) + 1
+                want = {u.key: round(p / n_sel * plan.remove[u.key]) for u in todo}
+                self._select(peft_model, arch, todo, redundant, want)
+                log.append(
+                    {
+                        "step": step,
+                        "event": "select",
+                        "redundant": {k: int(v.sum()) for k, v in redundant.items()},
+                    }
+                )
+
+        def setup(peft_model: nn.Module) -> None:
+            if self.lhspg.warmup_steps == 0:
+                after_step(peft_model, 0, self.lhspg.steps)  # select before the first step
+
+        tr = self.trainer
+        train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
+        steps = tr.num_steps(len(train))
+        merged = tr.fit_features(
+            model,
+            ctx.tokenizer,
+            train,
+            val,
+            out_dir,
+            ctx.tracker,
+            extra,
+            hooks=TrainHooks(setup=setup, after_step=after_step, select_from=steps),
+        )
+        if merged is not model:
+            raise RuntimeError("LoRA merge must update the model in place")
+        short = {
+            k: plan.remove[k] - int(v.sum()) for k, v in redundant.items() if int(v.sum()) != plan.remove[k]
+        }
+        if short:
+            raise RuntimeError(f"lorashear ended short of the plan: {short}")
+        # How far from zero the redundant groups ended, in the merged model: 0.0 exactly with
+        # LoRA-aware groups; the refill the merge brought back without them.
+        residual = self._residual(model, arch, todo, redundant, effective=False)
+        history.update(
+            unprunable=unprunable,
+            plan=plan.to_dict(),
+            schedule={"selection_steps": starts, "zero_at_steps": ends},
+            events=log,
+            steps=steps,
+            redundant_max_norm_after_merge=residual,
+        )
+        self.history = history
+        return {k: ~v for k, v in redundant.items()}
+
+    def parts(self) -> dict[str, bool]:
+        return {
+            "lora_aware_groups": self.lora_aware,
+            "knowledge_analysis": self.knowledge.enabled,
+            "lhspg": self.lhspg.enabled,
+            "dynamic_recovery": self.recovery.enabled and self.recovery.dynamic,
+        }
+
+    def recover(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        out_dir: Path,
+        tracker: Any = None,
+        data_cfg: Any = None,
+        prune_dir: Path | None = None,
+    ) -> nn.Module:
+        """Part 4 on the physically pruned model (the runner's recover stage)."""
+        ref = None
+        path = Path(prune_dir) / "reference_losses.json" if prune_dir is not None else None
+        if path is not None and path.exists():
+            ref = json.loads(path.read_text())
+        return self.recovery.recover(model, tokenizer, out_dir, tracker, data_cfg, ref)
