@@ -25,10 +25,17 @@ from prunelab.runner import VOLATILE_KEYS
 log = logging.getLogger("prunelab")
 
 
+MAX_DIR_NAME = 200  # file systems allow 255 bytes per name; long ablation override lists exceed it
+
+
 def _run_dir_name(override_dirname: str) -> str:
     # One directory per distinct set of overrides: the same command resumes the same run.
     # Hydra escapes ':' in values (method.sparsity_pattern=2\:4); the directory keeps the plain value.
-    return override_dirname.replace("\\:", ":").replace("/", "_") or "default"
+    name = override_dirname.replace("\\:", ":").replace("/", "_") or "default"
+    if len(name.encode()) > MAX_DIR_NAME:  # a readable prefix + a hash of the whole: still one dir per config
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name.encode()[: MAX_DIR_NAME - 14].decode(errors="ignore") + f"..{digest}"
+    return name
 
 
 if not OmegaConf.has_resolver("run_dir_name"):

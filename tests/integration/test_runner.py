@@ -217,3 +217,63 @@ def test_multirun_loraprune_importances(tmp_path):
         steps = r["training"]["prune_steps"]
         assert steps[-1]["fraction"] == 1.0 and r["training"]["history"]["steps"] == 20
         assert math.isfinite(r["pruned"]["perplexity"]["embedded"])
+
+
+LS_FAST = [
+    "method=lorashear",
+    "ratio=0.2",
+    "method.knowledge.tokens=1024",
+    "method.lhspg.warmup_steps=2",
+    "method.lhspg.periods=2",
+    "method.lhspg.period_steps=3",
+    "method.train.val_size=20",
+    "method.train.eval_every=4",
+    "method.recovery.stages.0.max_steps=4",
+    "method.recovery.stages.1.max_steps=2",
+    "method.recovery.lora.eval_every=2",
+    "method.recovery.lora.val_size=8",
+]
+
+
+def test_lorashear_run_plot_in_run_dir_and_wandb(tmp_path):
+    """Issue 6: `prunelab method=lorashear ratio=0.2` (short schedule), W&B offline."""
+    p = prunelab(*LS_FAST, "eval=quick", f"output_root={tmp_path}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    r = json.loads((run_dir / "results.json").read_text())
+    assert abs(r["ratio"]["achieved"] - 0.2) <= 0.01 * 0.2
+    t = r["training"]
+    assert t["parts"] == dict.fromkeys(
+        ("lora_aware_groups", "knowledge_analysis", "lhspg", "dynamic_recovery"), True
+    )
+    assert t["redundant_max_norm_after_merge"] == 0.0 and len(t["knowledge"]["unprunable"]) == 4
+    assert r["plan"]["remove"] == t["plan"]["remove"]  # the re-planned counts are the ones recorded
+    assert all(r["plan"]["remove"].get(k, 0) == 0 for k in t["knowledge"]["unprunable"])
+    assert (run_dir / "knowledge_distribution.png").exists()
+    assert list(run_dir.glob("wandb/*/files/media/images/lorashear/knowledge_distribution*.png"))
+    assert "own recovery" in r["recovery_skipped"]
+    stages = r["recovery"]["stages"]
+    assert [s["name"] for s in stages] == ["text", "instruction"] and [s["steps_run"] for s in stages] == [
+        4,
+        2,
+    ]
+    assert math.isfinite(r["recovered"]["perplexity"]["embedded"])
+    from prunelab.models.loading import load_pretrained
+
+    assert sum(p.numel() for p in load_pretrained(r["model_dir"]).parameters()) == r["ratio"]["params_after"]
+
+
+def test_lorashear_ablation_multirun(tmp_path):
+    """Each part switched off by config, one job per switch."""
+    results = sweep(
+        tmp_path,
+        *LS_FAST,
+        "method.recovery.enabled=false",
+        "method.lora_aware=true,false",
+    )
+    by = {r["config"]["method"]["lora_aware"]: r for r in results}
+    assert set(by) == {True, False}
+    assert by[True]["training"]["redundant_max_norm_after_merge"] == 0.0
+    assert by[False]["training"]["redundant_max_norm_after_merge"] > 0  # the merge refilled them
+    for r in results:
+        assert r["recovered"] is None and abs(r["ratio"]["achieved"] - 0.2) <= 0.01 * 0.2

@@ -218,3 +218,15 @@ def test_struct_mode_guards_typos_in_code():
     with open_dict(cfg):
         cfg.extra = 1
     assert cfg.extra == 1
+
+
+def test_long_override_lists_get_a_short_unique_run_dir_name():
+    from prunelab.cli import MAX_DIR_NAME, _run_dir_name
+
+    short = "method=wanda,method.sparsity_pattern=2\\:4"
+    assert _run_dir_name(short) == "method=wanda,method.sparsity_pattern=2:4"
+    long_a = ",".join(f"method.knob{i}={i}" for i in range(40))
+    long_b = long_a + ",ratio=0.5"
+    a, b = _run_dir_name(long_a), _run_dir_name(long_b)
+    assert len(a.encode()) <= MAX_DIR_NAME and len(b.encode()) <= MAX_DIR_NAME
+    assert a != b and a.startswith("method.knob0=0") and a == _run_dir_name(long_a)
