@@ -6,6 +6,7 @@ run directories as the CLI, so a rerun resumes and only missing rows are compute
     python experiments/embedded_results.py llm_pruner                  # estimators, ± LoRA recovery
     python experiments/embedded_results.py layerwise                   # ADMM/SparseGPT/Wanda/magnitude
     python experiments/embedded_results.py loraprune                   # LoRAPrune vs LLM-Pruner + LoRA
+    python experiments/embedded_results.py lorashear                   # LoRAShear vs both + its ablations
 
 Random rows are mean ± std over seeds 0, 1, 2. Tables are printed as markdown and written
 to <output-root>/embedded_<table>_<model>.md (+ .json with every number).
@@ -20,12 +21,18 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-import prunelab.cli  # noqa: F401  (registers the run-dir resolver)
+import prunelab.cli  # registers the run-dir resolver; _run_dir_name names the run dirs
 from prunelab.paths import conf_dir
 from prunelab.runner import run
 
 TASKS = ("prunelab_ending", "prunelab_cloze", "prunelab_order")
 SEEDS = (0, 1, 2)
+
+# LoRAShear with one 100-step text stage instead of text (70) + instruction (30)
+TEXT_ONLY = (
+    "method.recovery.stages=[{name:text,format:text,"
+    "sources:[embedded:reference,embedded:docstrings,embedded:comments],max_steps:100}]"
+)
 
 # table -> rows: (label, overrides, several seeds?)
 TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
@@ -64,6 +71,17 @@ TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
         ("LoRAPrune (lora_grad)", ["method=loraprune"], False),
         ("LoRAPrune (taylor)", ["method=loraprune", "method.importance=taylor"], False),
         ("LoRAPrune (magnitude)", ["method=loraprune", "method.importance=magnitude"], False),
+    ],
+    # equal training tokens (at most): LHSPG 50 steps + recovery ≤ 100 steps, vs 150 steps
+    "lorashear": [
+        ("LLM-Pruner element1 + LoRA", ["method=llm_pruner", "method.importance=element1"], False),
+        ("LoRAPrune (lora_grad)", ["method=loraprune"], False),
+        ("LoRAShear", ["method=lorashear"], False),
+        ("LoRAShear, text-only recovery", ["method=lorashear", TEXT_ONLY], False),
+        ("− LoRA-aware groups", ["method=lorashear", "method.lora_aware=false"], False),
+        ("− knowledge analysis", ["method=lorashear", "method.knowledge.enabled=false"], False),
+        ("− LHSPG (one-shot)", ["method=lorashear", "method.lhspg.enabled=false"], False),
+        ("− dynamic mixture", ["method=lorashear", "method.recovery.dynamic=false"], False),
     ],
 }
 
@@ -142,7 +160,7 @@ def job(overrides: list[str], output_root: str) -> dict:
         cfg = compose(
             config_name="config", overrides=[*overrides, f"output_root={output_root}", "logger=none"]
         )
-    return run(cfg, Path(output_root) / "runs" / ",".join(sorted(overrides)))
+    return run(cfg, Path(output_root) / "runs" / prunelab.cli._run_dir_name(",".join(sorted(overrides))))
 
 
 def stats(vals: list[float]) -> tuple[float, float]:
@@ -159,6 +177,12 @@ def summarise(results: list[dict]) -> dict:
         "achieved": results[0]["ratio"]["achieved"],
         "recovered": results[0]["recovered"] is not None,
         "trained": results[0].get("training") is not None,
+        # every token LoRA trained on: while pruning (LoRAPrune, LoRAShear) and in recovery
+        "train_tokens": sum(
+            (r.get("recovery") or {}).get("train_tokens", 0)
+            + ((r.get("training") or {}).get("history") or {}).get("train_tokens", 0)
+            for r in results[:1]
+        ),
     }
     for t in TASKS:
         out[t] = stats([m["zeroshot"][t]["acc"] for m in final])
@@ -193,10 +217,12 @@ def main() -> None:
             rows.append((label + (f" ({len(SEEDS)} seeds)" if seeded else ""), ratio, summarise(results)))
 
     dense_avg = statistics.mean(dense["zeroshot"][t]["acc"] for t in TASKS)
+    tok = args.table == "lorashear"  # equal-token comparisons show the tokens
     lines = [
-        f"| {args.model} | ratio (achieved) | params | ppl pruned | ppl final | ending | cloze | order | avg acc |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| dense | 0 | {dense['cost']['parameters']:,} | {dense['perplexity']['embedded']:.2f} | | "
+        f"| {args.model} | ratio (achieved) | params |{' train tokens |' if tok else ''} ppl pruned | ppl final "
+        "| ending | cloze | order | avg acc |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if tok else ""),
+        f"| dense | 0 | {dense['cost']['parameters']:,} |{' |' if tok else ''} {dense['perplexity']['embedded']:.2f} | | "
         + " | ".join(f"{100 * dense['zeroshot'][t]['acc']:.1f}" for t in TASKS)
         + f" | {100 * dense_avg:.1f} |",
     ]
@@ -207,7 +233,9 @@ def main() -> None:
             else ("(trained while pruning)" if r["trained"] else "(no recovery)")
         )
         lines.append(
-            f"| {label} | {ratio:.0%} ({r['achieved']:.2%}) | {r['params']:,} | {fmt(r['ppl_pruned'])} | {final} | "
+            f"| {label} | {ratio:.0%} ({r['achieved']:.2%}) | {r['params']:,} |"
+            + (f" {r['train_tokens']:,} |" if tok else "")
+            + f" {fmt(r['ppl_pruned'])} | {final} | "
             + " | ".join(fmt(r[t], 1, 100) for t in TASKS)
             + f" | {fmt(r['avg'], 1, 100)} |"
         )

@@ -268,7 +268,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
                 "eval": {k: v for k, v in resolved["eval"].items() if k not in ("dense", "semi_structured")},
                 # eval sets named like the run's data are read through its node (local_files)
                 "data": resolved["data"]
-                if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval))
+                if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval, cfg.data))
                 else None,
             }
         )

@@ -42,6 +42,13 @@ LS_CFG = {
     "lhspg": {"warmup_steps": 1, "periods": 2, "period_steps": 3},
     "recovery": {"enabled": False},
 }
+ATP = "prunelab.methods.atp.ATP"
+ATP_CFG = {
+    "_target_": ATP,
+    "train": {**LP_TRAIN, "max_steps": 12},
+    "generator": {"dim": 16, "heads": 2, "layers": 1, "lr": 5e-2},
+    "freeze_patience": 2,
+}
 CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(7))
 
 # (id, method config, ratio, relative tolerance); whole-head/-layer rows get the nearest amount
@@ -65,6 +72,8 @@ METHODS = [
     ("loraprune-lora_grad", {"_target_": LP, "train": LP_TRAIN}, 0.1, 0.05),
     ("loraprune-taylor", {"_target_": LP, "importance": "taylor", "train": LP_TRAIN}, 0.1, 0.05),
     ("lorashear", LS_CFG, 0.1, 0.05),
+    ("atp", ATP_CFG, 0.1, 0.01),
+    ("atp-gru", {**ATP_CFG, "generator": {**ATP_CFG["generator"], "encoder": "gru"}}, 0.1, 0.01),
     ("lorashear-ablated", {**LS_CFG, "lora_aware": False, "knowledge": {"enabled": False},
                            "lhspg": {"enabled": False}}, 0.1, 0.05),
 ]

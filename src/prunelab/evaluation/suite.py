@@ -12,12 +12,19 @@ from torch import nn
 from prunelab.evaluation.perplexity import perplexity
 
 
-def perplexity_sets(cfg: Any) -> list[tuple[str, str]]:
-    """``eval.perplexity.datasets`` entries ``name`` or ``name:split`` (default split: test)."""
+def perplexity_sets(cfg: Any, data_cfg: Any = None) -> list[tuple[str, str]]:
+    """``eval.perplexity.datasets`` entries ``name`` or ``name:split`` (default split: test);
+    with ``eval.perplexity.run_data`` also the run's own data (its test split) when it is not
+    listed and has one — a domain run (ATP, data=embedded_domain) reports in-domain and general
+    perplexity side by side."""
     out = []
     for entry in cfg.perplexity.datasets:
         name, _, split = str(entry).partition(":")
         out.append((name, split or "test"))
+    if cfg.perplexity.get("run_data") and data_cfg is not None and data_cfg.name not in {n for n, _ in out}:
+        splits = data_cfg.get("splits")
+        if splits is None or "test" in splits:  # the embedded corpus always has one
+            out.append((str(data_cfg.name), "test"))
     return out
 
 
@@ -38,7 +45,9 @@ def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
     if not isinstance(cfg.get("semi_structured", False), bool):
         raise ConfigError(f"eval.semi_structured={cfg.semi_structured!r} must be true or false")
 
-    for name, _split in perplexity_sets(cfg):
+    if not isinstance(cfg.perplexity.get("run_data", False), bool):
+        raise ConfigError(f"eval.perplexity.run_data={cfg.perplexity.run_data!r} must be true or false")
+    for name, _split in perplexity_sets(cfg, data_cfg):
         source_for(name, data_cfg).check()
     if cfg.zeroshot.tasks:
         check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
@@ -50,7 +59,7 @@ def evaluate(
     """{"perplexity": {dataset: ppl}, "zeroshot": {task: {acc, acc_norm, ...}}, "cost": {...}, "time_s": {...}}"""
     out: dict[str, Any] = {"perplexity": {}, "zeroshot": {}, "cost": {}, "time_s": {}}
     t = time.perf_counter()
-    for name, split in perplexity_sets(cfg):
+    for name, split in perplexity_sets(cfg, data_cfg):
         ids = source_for(name, data_cfg).token_ids(tokenizer, split)
         out["perplexity"][name] = perplexity(
             model,

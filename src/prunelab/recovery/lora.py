@@ -43,7 +43,9 @@ class Tracker(Protocol):
 class TrainHooks:
     """How methods that train while they prune (LoRAPrune, LoRAShear) hook into the loop.
 
-    ``setup(peft_model)`` once after the adapters are attached; ``after_backward(model, step,
+    ``setup(peft_model)`` once after the adapters are attached; ``before_step(model, step,
+    steps, micro_batches)`` before the step's forward (ATP's generator step on the same batch);
+    ``after_backward(model, step,
     steps)`` with gradients present, before the optimizer step; ``after_step(model, step,
     steps)`` after it (projections that must see the updated weights); ``on_validation(step,
     losses)`` with the per-group validation losses; ``sample(step, n)`` the train indices of
@@ -51,6 +53,7 @@ class TrainHooks:
     points at steps >= ``select_from``."""
 
     setup: Callable[[nn.Module], None] | None = None
+    before_step: Callable[[nn.Module, int, int, list[dict[str, torch.Tensor]]], None] | None = None
     after_backward: Callable[[nn.Module, int, int], None] | None = None
     after_step: Callable[[nn.Module, int, int], None] | None = None
     on_validation: Callable[[int, dict[str, float]], None] | None = None
@@ -628,6 +631,8 @@ class LoraRecovery:
                 collate([train[i] for i in idx[j : j + self.micro_batch_size]], pad_id)
                 for j in range(0, len(idx), self.micro_batch_size)
             ]
+            if hooks.before_step is not None:
+                hooks.before_step(model, step, steps, micro)
             # Mean over the whole batch's target tokens, not a mean of micro-batch means.
             count = max(1, sum(_target_count(b) for b in micro))
             lr = self.lr * self._lr_factor(step - 1, steps)

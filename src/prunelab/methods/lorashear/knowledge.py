@@ -92,6 +92,9 @@ def plot_knowledge(report: KnowledgeReport, path: str | Path) -> Path:
         for b, k in zip(bars, keys, strict=True):
             if k in report.unprunable:
                 b.set_hatch("//")
+    vals = sorted(abs(v) for v in report.score.values())
+    if vals and vals[-1] > 20 * max(vals[len(vals) // 2], 1e-9):  # one group dwarfs the rest: log scale
+        ax.set_yscale("symlog", linthresh=max(vals[len(vals) // 2], 1e-3))
     ax.set_xlabel("layer")
     ax.set_ylabel("Δ perplexity (mean over ratios)")
     ax.set_title(f"knowledge distribution (base ppl {report.base_ppl:.2f}; hatched: unprunable)")

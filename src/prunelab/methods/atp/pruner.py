@@ -1,0 +1,488 @@
+"""ATP — All-in-One Tuning and Structural Pruning (Lu et al. 2024): a trainable
+pruning-decision generator and LoRA trained together on (domain) data, one stage.
+
+    prunelab method=atp ratio=0.4 data=embedded_domain
+    prunelab -m method=atp,llm_pruner ratio=0.4 data=embedded_domain recovery.data=embedded_domain
+
+Every training step, on the same batch:
+
+1. **generator step** — soft decisions s on the merged path of every structure's output
+   rows, y = (W·x + B·A·x) ⊙ s (q/k/v rows of a KV group, gate/up rows of an MLP channel);
+   loss = LM loss + ``budget_weight`` · log(max(r, p) / min(r, p)), where r is the kept
+   fraction of the prunable *parameters* under the straight-through hard decisions and p the
+   fraction the ratio leaves; only the generator is updated.
+2. **LoRA step** — the generator's deterministic hard decisions d on the frozen path only,
+   y = (W·x) ⊙ d + B·A·x; objective = LM loss + λ · Σ_g √p_g·‖w_g‖ over the pruned
+   structures' LoRA slices, one group g per structure and adapter matrix (its lora_B rows of
+   q/k/v/gate/up, its lora_A columns of o/down; p_g entries; λ = ``lasso``), so a pruned structure's LoRA path is driven to zero and the structure can
+   be removed; only LoRA is updated. The lasso term is applied by its proximal operator after
+   each optimizer step (group soft-thresholding at lr_t·λ·√p_g), which reaches exact zeros;
+   its subgradient under Adam only oscillates around zero at the learning rate's scale.
+
+Once the budget loss stays below ``freeze_tolerance`` for ``freeze_patience`` generator steps
+(or at ``freeze_by`` of the run at the latest), the decisions are frozen: the fewest
+decisions are flipped (by the generator's margins) to meet the budget to within one
+structure, the generator stops, and LoRA keeps training on the frozen structure. At the end
+the final adapter is merged, and the runner removes the pruned
+structures physically; ``training.removal_max_abs_logit_change`` is what that removal costs
+(the LoRA slices the lasso did not zero).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunelab.errors import ConfigError, bad_value
+from prunelab.methods import PruneContext
+from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
+from prunelab.methods.lorashear.recovery import sub_config
+from prunelab.recovery.lora import TrainHooks, loss_sum
+from prunelab.structure import ArchInfo, Unit, arch_info, units
+from prunelab.structure.groups import Masks, decoder_layers, lora_parts
+from prunelab.structure.plan import PrunePlan, prunable_layers
+
+TARGETS = ("attn", "mlp")
+# the linears whose output rows carry a structure's decision, per kind
+OUTPUTS = {
+    "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp": ("mlp.gate_proj", "mlp.up_proj"),
+}
+INPUTS = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}  # lora_A columns per structure
+
+
+@dataclass
+class GeneratorConfig:
+    encoder: str = "transformer"  # transformer | gru (the earlier work's bidirectional GRU)
+    dim: int = 64
+    heads: int = 4
+    layers: int = 2
+    temperature: float = 0.4
+    offset: float = 3.0  # > 0: every structure starts kept
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise bad_value("method.generator.encoder", self.encoder, ENCODERS)
+        for key in ("dim", "heads", "layers"):
+            v = getattr(self, key)
+            if not (isinstance(v, int) and v > 0):
+                raise ConfigError(f"method.generator.{key}={v!r} must be a positive integer")
+        if self.encoder == "transformer" and self.dim % self.heads:
+            raise ConfigError(
+                f"method.generator.heads={self.heads} must divide method.generator.dim={self.dim}"
+            )
+        for key in ("temperature", "lr"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ConfigError(f"method.generator.{key}={v!r} must be positive")
+        if not (isinstance(self.offset, (int, float)) and self.offset > 0):
+            raise ConfigError(
+                f"method.generator.offset={self.offset!r} must be positive (structures start kept)"
+            )
+
+
+def structure_params(arch: ArchInfo, unit: Unit) -> int:
+    """Parameters one structure of ``unit`` holds (a KV group with its heads; an MLP channel)."""
+    return arch.attn_group_params(unit.layer) if unit.kind == "attn" else arch.mlp_channel_params()
+
+
+def budget_loss(kept: torch.Tensor, target: float) -> torch.Tensor:
+    """log(max(r, p) / min(r, p)) = |log r − log p|: zero exactly at the target."""
+    return (kept.double().clamp_min(1e-12).log() - math.log(target)).abs()  # fp64: exactly 0 at p
+
+
+def kept_fraction(decisions: dict[str, torch.Tensor], weights: dict[str, int], total: int) -> torch.Tensor:
+    """Kept fraction of the prunable parameters (differentiable through ``decisions``)."""
+    return sum(decisions[k].sum() * w for k, w in weights.items()) / total
+
+
+def meet_budget(
+    keep: dict[str, torch.Tensor], margins: dict[str, torch.Tensor], weights: dict[str, int], target: float
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Flip the fewest decisions, least confident first, until the kept parameters are within
+    half a structure of ``target`` (at least one structure per unit stays); returns (keep, flips)."""
+    keep = {k: v.clone() for k, v in keep.items()}
+    flips = 0
+    for k, v in keep.items():  # a unit left empty keeps its most confident structure
+        if not bool(v.any()):
+            v[int(torch.argmax(margins[k]))] = True
+            flips += 1
+    kept = sum(int(keep[k].sum()) * w for k, w in weights.items())
+    if kept > target:  # prune the kept structures with the smallest margins
+        cand = sorted(
+            (float(margins[k][i]), k, i) for k in keep for i in torch.nonzero(keep[k]).flatten().tolist()
+        )
+        for _, k, i in cand:
+            if kept - weights[k] / 2 <= target:
+                break
+            if int(keep[k].sum()) > 1:
+                keep[k][i] = False
+                kept -= weights[k]
+                flips += 1
+    else:  # restore the pruned structures with the largest margins
+        cand = sorted(
+            (-float(margins[k][i]), k, i) for k in keep for i in torch.nonzero(~keep[k]).flatten().tolist()
+        )
+        for _, k, i in cand:
+            if kept + weights[k] / 2 >= target:
+                break
+            keep[k][i] = True
+            kept += weights[k]
+            flips += 1
+    return keep, flips
+
+
+def _lora_slices(model: nn.Module, arch: ArchInfo, unit: Unit) -> list[torch.Tensor]:
+    """[n, ·] copies of every LoRA slice of ``unit``'s structures: lora_B rows of its output
+    linears, lora_A columns of its input linear."""
+    layer = decoder_layers(model)[unit.layer]
+    q_width = arch.group_size(unit.layer) * arch.head_dim if unit.kind == "attn" else 1
+    out = []
+    for path in OUTPUTS[unit.kind]:
+        w = q_width if path.endswith("q_proj") else (arch.head_dim if unit.kind == "attn" else 1)
+        for _, b in lora_parts(layer.get_submodule(path)):
+            out.append(b.weight.reshape(unit.n, w * b.weight.shape[1]))
+    for a, _ in lora_parts(layer.get_submodule(INPUTS[unit.kind])):
+        r = a.weight.shape[0]
+        out.append(a.weight.reshape(r, unit.n, q_width).transpose(0, 1).reshape(unit.n, r * q_width))
+    return out
+
+
+def lora_group_norms(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
+    """‖LoRA slices‖ of every structure of ``unit`` (lora_B rows of its output linears, lora_A
+    columns of its input linear)."""
+    sq = sum(t.detach().float().pow(2).sum(1) for t in _lora_slices(model, arch, unit))
+    return sq.sqrt() if torch.is_tensor(sq) else torch.zeros(unit.n)
+
+
+@torch.no_grad()
+def group_lasso_prox(
+    model: nn.Module, arch: ArchInfo, unit: Unit, pruned: torch.Tensor, threshold: float
+) -> None:
+    """The proximal step of threshold·Σ_g √p_g·‖w_g‖ over the pruned structures' LoRA slices,
+    one group per structure and adapter matrix (its lora_B rows in q/k/v/gate/up, its lora_A
+    columns in o/down; p_g = the group's entries, the usual group-lasso weighting):
+    w_g ← w_g · max(0, 1 − threshold·√p_g / ‖w_g‖) — exact zeros once ‖w_g‖ ≤ threshold·√p_g.
+    Per matrix, not per structure: the B rows that carry a pruned structure's output start at
+    zero and are zeroed exactly, whatever the (randomly initialised) A columns weigh."""
+
+    def shrink(groups: torch.Tensor) -> torch.Tensor:  # [n, p] -> factor [n]
+        norms = groups.float().norm(dim=1)
+        factor = (1 - threshold * groups.shape[1] ** 0.5 / norms.clamp_min(1e-30)).clamp_min(0)
+        return torch.where(pruned.to(factor.device), factor, torch.ones_like(factor))
+
+    layer = decoder_layers(model)[unit.layer]
+    q_width = arch.group_size(unit.layer) * arch.head_dim if unit.kind == "attn" else 1
+    for path in OUTPUTS[unit.kind]:
+        w = q_width if path.endswith("q_proj") else (arch.head_dim if unit.kind == "attn" else 1)
+        for _, b in lora_parts(layer.get_submodule(path)):
+            f = shrink(b.weight.reshape(unit.n, -1))
+            b.weight.mul_(f.to(b.weight.dtype).repeat_interleave(w)[:, None])
+    for a, _ in lora_parts(layer.get_submodule(INPUTS[unit.kind])):
+        r = a.weight.shape[0]
+        f = shrink(a.weight.reshape(r, unit.n, q_width).transpose(0, 1).reshape(unit.n, -1))
+        a.weight.mul_(f.to(a.weight.dtype).repeat_interleave(q_width)[None, :])
+
+
+class _Gates:
+    """Forward hooks that apply decisions to the structures' output rows: ``hard`` on the
+    frozen path (peft's base layer), ``soft`` on the merged path (the LoRA wrapper)."""
+
+    def __init__(self, arch: ArchInfo, todo: list[Unit]) -> None:
+        self.arch, self.todo = arch, todo
+        self.mode: str | None = None
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def _hook(self, key: str, width: int, mode: str):
+        def hook(module, args, out):
+            if self.mode != mode:
+                return None
+            g = self.values[key].to(out.device, out.dtype).repeat_interleave(width)
+            return out * g
+
+        return hook
+
+    def install(self, model: nn.Module) -> None:
+        layers = decoder_layers(model)
+        for u in self.todo:
+            for path in OUTPUTS[u.kind]:
+                mod = layers[u.layer].get_submodule(path)
+                if u.kind == "mlp":
+                    width = 1
+                elif path.endswith("q_proj"):
+                    width = self.arch.group_size(u.layer) * self.arch.head_dim
+                else:
+                    width = self.arch.head_dim
+                self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, width, "hard")))
+                self.handles.append(mod.register_forward_hook(self._hook(u.key, width, "soft")))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+@dataclass
+class ATP:
+    name: str = "atp"
+    targets: tuple[str, ...] = field(default_factory=lambda: TARGETS)
+    keep_first_layers: float | int = 0
+    keep_last_layers: float | int = 0
+    generator: Any = field(default_factory=dict)
+    budget_weight: float = 5.0  # the reference's weight on the log-ratio budget loss
+    lasso: float = 1.0  # λ of the group lasso on pruned structures' LoRA slices (√p_g-weighted)
+    freeze_tolerance: float = 0.02  # budget loss below this ...
+    freeze_patience: int = 10  # ... for this many generator steps freezes the decisions
+    freeze_by: float = 0.5  # at the latest at this fraction of the run
+    train: dict[str, Any] = field(default_factory=dict)  # the joint LoRA training: keys of recovery=lora
+    seed: int = 0
+
+    sparse: ClassVar[bool] = False
+    trains: ClassVar[bool] = True
+    then_recover: ClassVar[bool] = False  # the joint training is the recovery (one stage)
+    needs_calibration: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        from omegaconf import DictConfig, OmegaConf
+
+        from prunelab.recovery.lora import LoraRecovery
+
+        self.targets = tuple(self.targets)
+        if not self.targets or any(t not in TARGETS for t in self.targets):
+            raise ConfigError(
+                f"method.targets={list(self.targets)} is not allowed; allowed: any of {list(TARGETS)}"
+            )
+        self.generator = sub_config(GeneratorConfig, self.generator, "method.generator")
+        for key in ("budget_weight", "lasso"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ConfigError(f"method.{key}={v!r} must be >= 0")
+        if not (isinstance(self.freeze_tolerance, (int, float)) and self.freeze_tolerance > 0):
+            raise ConfigError(f"method.freeze_tolerance={self.freeze_tolerance!r} must be positive")
+        if not (isinstance(self.freeze_patience, int) and self.freeze_patience > 0):
+            raise ConfigError(f"method.freeze_patience={self.freeze_patience!r} must be a positive integer")
+        if not (isinstance(self.freeze_by, (int, float)) and 0 < self.freeze_by <= 1):
+            raise ConfigError(f"method.freeze_by={self.freeze_by!r} must be a fraction of the run in (0, 1]")
+        train = (
+            OmegaConf.to_container(self.train, resolve=True)
+            if isinstance(self.train, DictConfig)
+            else dict(self.train)
+        )
+        if "patience" in train:
+            raise ConfigError("method.train.patience cannot be set: the decisions need the whole run")
+        try:
+            self.trainer = LoraRecovery(**{"name": "atp", "seed": self.seed, **train})
+        except TypeError as e:
+            raise ConfigError(f"method.train: {e}; allowed keys: those of recovery=lora") from e
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        need = {m.rsplit(".", 1)[1] for t in self.targets for m in (*OUTPUTS[t], INPUTS[t])}
+        missing = sorted(need - set(self.trainer.target_modules))
+        if missing:
+            raise ConfigError(
+                f"method.train.target_modules={list(self.trainer.target_modules)} misses {missing}: the LoRA "
+                "step and the group lasso need an adapter on every module of a pruned structure"
+            )
+        self.trainer.log_prefix = "atp"
+        self.history: dict[str, Any] = {}
+        self.final_plan: PrunePlan | None = None
+
+    def layers(self, num_layers: int) -> list[int]:
+        return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)
+
+    def check(self, data_cfg: Any = None) -> None:
+        try:
+            self.trainer.check(data_cfg)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+
+    def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks:
+        """Joint generator + LoRA training; returns the keep masks. The model comes back with
+        LoRA merged (pruned structures still present, removed by the runner)."""
+        arch = arch_info(model.config)
+        todo = [u for u in units(arch, self.targets) if u.layer in plan.prunable_layers]
+        weights = {u.key: structure_params(arch, u) for u in todo}
+        prunable = sum(u.n * weights[u.key] for u in todo)
+        target = (prunable - plan.requested * plan.params_before) / prunable  # kept fraction p
+        floor = sum(weights.values()) / prunable  # one structure per unit stays
+        if not floor <= target < 1:
+            raise ConfigError(
+                f"ratio={plan.requested} cannot be met by pruning heads and MLP channels of layers "
+                f"{plan.prunable_layers} (at most {1 - floor:.3f} of their parameters can go)"
+            )
+        g = self.generator
+        device = next(model.parameters()).device
+        gen = DecisionGenerator(
+            todo, arch.num_layers, g.dim, g.heads, g.layers, g.encoder, g.temperature, g.offset, self.seed
+        ).to(device)
+        gen_opt = torch.optim.AdamW(gen.parameters(), lr=g.lr, weight_decay=0.0)
+        gates = _Gates(arch, todo)
+        state: dict[str, Any] = {"frozen": None, "below": 0, "frozen_at": None, "forced": False, "flips": 0}
+        log: list[dict] = []
+        tr = self.trainer
+        train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
+        steps = tr.num_steps(len(train))
+        freeze_limit = max(1, math.floor(self.freeze_by * steps))
+
+        def deterministic() -> dict[str, torch.Tensor]:
+            return (
+                state["frozen"]
+                if state["frozen"] is not None
+                else {k: v.cpu() for k, v in gen.decisions().items()}
+            )
+
+        def freeze(step: int, forced: bool) -> None:
+            keep, flips = meet_budget(deterministic(), gen.margins(), weights, target * prunable)
+            state.update(frozen=keep, frozen_at=step, forced=forced, flips=flips)
+            log.append({"step": step, "event": "freeze", "forced": forced, "flips": flips})
+
+        def before_step(peft_model: nn.Module, step: int, steps_: int, batches: list) -> None:
+            if state["frozen"] is None:  # 1. the generator step (LoRA frozen for it)
+                lora = [p for p in peft_model.parameters() if p.requires_grad]
+                for p in lora:
+                    p.requires_grad_(False)
+                gen.train()
+                gen_opt.zero_grad(set_to_none=True)
+                soft, hard = gen(noise=True)
+                gates.mode, gates.values = "soft", soft
+                count = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+                lm = sum(loss_sum(peft_model, b) for b in batches) / count
+                bl = budget_loss(kept_fraction(hard, weights, prunable), target)
+                (lm + self.budget_weight * bl).backward()
+                gen_opt.step()
+                for p in lora:
+                    p.requires_grad_(True)
+                det = deterministic()
+                r = float(kept_fraction({k: v.float() for k, v in det.items()}, weights, prunable))
+                det_loss = float(budget_loss(torch.tensor(r), target))
+                state["below"] = state["below"] + 1 if det_loss < self.freeze_tolerance else 0
+                entry = {
+                    "step": step,
+                    "lm_loss": float(lm),
+                    "budget_loss": det_loss,
+                    "kept_params": r,
+                    "kept": {k: float(v.float().mean()) for k, v in det.items()},
+                }
+                log.append(entry)
+                if ctx.tracker is not None:
+                    ctx.tracker.log(
+                        {
+                            "atp/budget_loss": det_loss,
+                            "atp/kept_params": r,
+                            "atp/generator_lm_loss": float(lm),
+                            **{f"atp/kept/{k}": v for k, v in entry["kept"].items()},
+                        },
+                        step=step,
+                    )
+                if state["below"] >= self.freeze_patience or step >= freeze_limit:
+                    freeze(step, forced=state["below"] < self.freeze_patience)
+            gates.mode, gates.values = "hard", {k: v.float() for k, v in deterministic().items()}
+
+        def after_step(peft_model: nn.Module, step: int, steps_: int) -> None:
+            # 2. the LoRA step's group lasso over the pruned structures' LoRA slices, by its
+            # proximal operator (threshold lr_t·λ): exact zeros, which its subgradient under
+            # Adam never reaches (it oscillates at the scale of the learning rate)
+            if self.lasso == 0:
+                return
+            lr = tr.lr * tr._lr_factor(step - 1, steps_)
+            for u in todo:
+                pruned = ~gates.values[u.key].bool()
+                if bool(pruned.any()):
+                    group_lasso_prox(peft_model, arch, u, pruned, lr * self.lasso)
+
+        # the final adapter: the lasso has had the whole post-freeze run to zero the pruned slices
+        # (an earlier "best" adapter would bring their LoRA paths back)
+        select_from = steps
+        try:
+            merged = tr.fit_features(
+                model,
+                ctx.tokenizer,
+                train,
+                val,
+                ctx.out_dir,
+                ctx.tracker,
+                extra,
+                hooks=TrainHooks(
+                    setup=gates.install,
+                    before_step=before_step,
+                    after_step=after_step,
+                    select_from=select_from,
+                ),
+            )
+        finally:
+            gates.remove()
+        if merged is not model:
+            raise RuntimeError("LoRA merge must update the model in place")
+        keep = state["frozen"]
+        masks = {u.key: keep[u.key].clone() for u in todo if not bool(keep[u.key].all())}
+        # the trainer's merge check compares the trained model (LoRA-aware forward, final
+        # decisions) with the merged model whose pruned structures are masked == removed
+        fit = json.loads((Path(ctx.out_dir) / "history.json").read_text())
+        removal = fit["merge_max_abs_diff"]
+        remove = {k: int((~v).sum()) for k, v in masks.items()}
+        removed = sum(n * weights[k] for k, n in remove.items())
+        after = plan.params_before - removed
+        self.final_plan = PrunePlan(
+            plan.requested,
+            1 - after / plan.params_before,
+            plan.params_before,
+            after,
+            self.targets,
+            plan.prunable_layers,
+            remove,
+        )
+        history = {
+            "target_kept_fraction": target,
+            "frozen_at": state["frozen_at"],
+            "freeze_forced": state["forced"],
+            "budget_flips": state["flips"],
+            "decisions": log,
+            "steps": steps,
+            "removal_max_abs_logit_change": removal,
+            "plan": self.final_plan.to_dict(),
+        }
+        self.history = history
+        run_dir = Path(ctx.run_dir or ctx.out_dir)
+        (run_dir / "atp_decisions.json").write_text(json.dumps(log, indent=2) + "\n")
+        png = plot_decisions(log, run_dir / "atp_decisions.png")
+        if ctx.tracker is not None and hasattr(ctx.tracker, "image"):
+            ctx.tracker.image("atp/decisions", png)
+        return masks
+
+
+def plot_decisions(log: list[dict], path: str | Path) -> Path:
+    """Kept fraction per (layer, kind) over the generator steps; the budget in the title. PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [e for e in log if "kept" in e]
+    keys = sorted(points[0]["kept"], key=lambda k: (k.split(".")[1], int(k.split(".")[0]))) if points else []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
+    for ax, kind in zip(axes, ("attn", "mlp"), strict=True):
+        for k in (k for k in keys if k.endswith(kind)):
+            ax.plot(
+                [e["step"] for e in points], [e["kept"][k] for e in points], label=f"layer {k.split('.')[0]}"
+            )
+        freeze = [e["step"] for e in log if e.get("event") == "freeze"]
+        for s in freeze:
+            ax.axvline(s, color="k", linestyle=":", linewidth=1)
+        ax.set_title(f"{kind}: kept fraction")
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("kept")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
