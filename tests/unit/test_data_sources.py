@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -326,3 +327,54 @@ def test_every_data_config_builds():
 
 def test_conf_dir_is_repo_conf():
     assert (conf_dir() / "data" / "embedded.yaml").is_file()
+
+
+def test_atp_domain_configs_read_local_files_in_their_hub_formats(tmp_path):
+    # BillSum rows: text, summary, title; PubMedQA (pqa_artificial): pubid, question, context, long_answer, ...
+    bills = [{"text": f"SECTION {i}. The Act may be cited.", "summary": "s", "title": "t"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(bills), tmp_path / "billsum_train.parquet")
+    pq.write_table(pa.Table.from_pylist(bills[:2]), tmp_path / "billsum_test.parquet")
+    source = hub(
+        "legal_billsum", train=tmp_path / "billsum_train.parquet", test=tmp_path / "billsum_test.parquet"
+    )
+    assert source.text("test") == "\n\n".join(b["text"] for b in bills[:2])
+    qa = [
+        {
+            "pubid": i,
+            "question": "Does it help?",
+            "context": {"contexts": ["c"], "labels": ["L"], "meshes": ["m"]},
+            "long_answer": f"Answer {i}: the trial shows an effect.",
+            "final_decision": "yes",
+        }
+        for i in range(3)
+    ]
+    pq.write_table(pa.Table.from_pylist(qa), tmp_path / "pubmedqa.parquet")
+    source = hub("health_pubmedqa", train=tmp_path / "pubmedqa.parquet")
+    assert source.text("train") == "\n\n".join(q["long_answer"] for q in qa)
+    with pytest.raises(ConfigError, match="no split 'test'"):
+        source.text("test")
+
+
+def test_embedded_domain_is_the_reference_source(embedded, tokenizer):
+    domain = S.build_source(S.load_source_config("embedded_domain"))
+    assert domain.sources == ("reference",)
+    assert 0 < domain.token_ids(tokenizer, "test").numel() < embedded.token_ids(tokenizer, "test").numel()
+
+
+def test_in_domain_eval_adds_the_run_data_test_split_to_perplexity():
+    from omegaconf import OmegaConf
+
+    from prunelab.evaluation.suite import perplexity_sets
+
+    ev = OmegaConf.create({"perplexity": {"datasets": ["embedded:test"]}})
+    assert perplexity_sets(ev, S.load_source_config("embedded")) == [("embedded", "test")]
+    domain = S.load_source_config("embedded_domain")
+    assert perplexity_sets(ev, domain) == [("embedded", "test"), ("embedded_domain", "test")]
+    bad = S.load_source_config("embedded_domain")
+    bad.in_domain_eval = "yes"
+    with pytest.raises(ConfigError, match="data.in_domain_eval='yes'"):
+        S.build_source(bad)
+    no_test = S.load_source_config("health_pubmedqa")
+    no_test.in_domain_eval = True
+    with pytest.raises(ConfigError, match="needs a test split"):
+        S.build_source(no_test)

@@ -420,7 +420,7 @@ class HubText:
 _MODULE = "prunelab.data.sources"  # not __name__, which is "__main__" under python -m
 _CLASSES: dict[str, type] = {"EmbeddedText": EmbeddedText, "HubText": HubText}
 _KEYS = {
-    "EmbeddedText": ("name", "_target_", "sources", "calibration"),
+    "EmbeddedText": ("name", "_target_", "sources", "calibration", "in_domain_eval"),
     "HubText": (
         "name",
         "_target_",
@@ -434,6 +434,7 @@ _KEYS = {
         "calibration",
         "text_format",
         "max_rows",
+        "in_domain_eval",
     ),
 }
 
@@ -471,7 +472,15 @@ def build_source(cfg: Any) -> TextSource:
     for key in cfg:
         if key not in _KEYS[short]:
             raise bad_value("data key", key, _KEYS[short])
-    kwargs = {k: v for k, v in cfg.items() if k != "_target_"}
+    # in_domain_eval (a domain dataset: runs also report perplexity on its test split) is read
+    # by the evaluation, not by the source
+    if not isinstance(cfg.get("in_domain_eval", False), bool):
+        raise ConfigError(f"data.in_domain_eval={cfg['in_domain_eval']!r} must be true or false")
+    if cfg.get("in_domain_eval") and "test" not in (cfg.get("splits") or {"test": "test"}):
+        raise ConfigError(
+            f"data.in_domain_eval=true needs a test split; data {name!r} maps only {', '.join(cfg['splits'])}"
+        )
+    kwargs = {k: v for k, v in cfg.items() if k not in ("_target_", "in_domain_eval")}
     return _CLASSES[short](**kwargs)
 
 

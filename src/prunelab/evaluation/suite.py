@@ -13,18 +13,16 @@ from prunelab.evaluation.perplexity import perplexity
 
 
 def perplexity_sets(cfg: Any, data_cfg: Any = None) -> list[tuple[str, str]]:
-    """``eval.perplexity.datasets`` entries ``name`` or ``name:split`` (default split: test);
-    with ``eval.perplexity.run_data`` also the run's own data (its test split) when it is not
-    listed and has one — a domain run (ATP, data=embedded_domain) reports in-domain and general
-    perplexity side by side."""
+    """``eval.perplexity.datasets`` entries ``name`` or ``name:split`` (default split: test),
+    plus the run's own data (its test split) when that data config declares
+    ``in_domain_eval: true`` — a domain run (ATP, data=embedded_domain) reports in-domain and
+    general perplexity side by side."""
     out = []
     for entry in cfg.perplexity.datasets:
         name, _, split = str(entry).partition(":")
         out.append((name, split or "test"))
-    if cfg.perplexity.get("run_data") and data_cfg is not None and data_cfg.name not in {n for n, _ in out}:
-        splits = data_cfg.get("splits")
-        if splits is None or "test" in splits:  # the embedded corpus always has one
-            out.append((str(data_cfg.name), "test"))
+    if data_cfg is not None and data_cfg.get("in_domain_eval") and data_cfg.name not in {n for n, _ in out}:
+        out.append((str(data_cfg.name), "test"))
     return out
 
 
@@ -45,8 +43,6 @@ def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
     if not isinstance(cfg.get("semi_structured", False), bool):
         raise ConfigError(f"eval.semi_structured={cfg.semi_structured!r} must be true or false")
 
-    if not isinstance(cfg.perplexity.get("run_data", False), bool):
-        raise ConfigError(f"eval.perplexity.run_data={cfg.perplexity.run_data!r} must be true or false")
     for name, _split in perplexity_sets(cfg, data_cfg):
         source_for(name, data_cfg).check()
     if cfg.zeroshot.tasks:
