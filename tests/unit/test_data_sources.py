@@ -372,7 +372,7 @@ def test_in_domain_eval_adds_the_run_data_test_split_to_perplexity():
     assert perplexity_sets(ev, domain) == [("embedded", "test"), ("embedded_domain", "test")]
     bad = S.load_source_config("embedded_domain")
     bad.in_domain_eval = "yes"
-    with pytest.raises(ConfigError, match="data.in_domain_eval='yes'"):
+    with pytest.raises(ConfigError, match=re.escape("data.in_domain_eval='yes'")):
         S.build_source(bad)
     no_test = S.load_source_config("health_pubmedqa")
     no_test.in_domain_eval = True
