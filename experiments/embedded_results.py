@@ -7,6 +7,7 @@ run directories as the CLI, so a rerun resumes and only missing rows are compute
     python experiments/embedded_results.py layerwise                   # ADMM/SparseGPT/Wanda/magnitude
     python experiments/embedded_results.py loraprune                   # LoRAPrune vs LLM-Pruner + LoRA
     python experiments/embedded_results.py lorashear                   # LoRAShear vs both + its ablations
+    python experiments/embedded_results.py atp                         # ATP vs two-stage, domain data
 
 Random rows are mean ± std over seeds 0, 1, 2. Tables are printed as markdown and written
 to <output-root>/embedded_<table>_<model>.md (+ .json with every number).
@@ -105,6 +106,52 @@ LAYERWISE_SETTINGS = [
 ]
 
 
+# ATP's comparison (one- vs two-stage on the same domain data and tokens): in-domain
+# (reference source) and general perplexity, zero-shot, % of dense recovered.
+ATP_DOMAIN = ["data=embedded_domain"]
+ATP_METHODS = [
+    (
+        "LLM-Pruner element1 + LoRA (two-stage)",
+        ["method=llm_pruner", "method.importance=element1", "recovery.data=embedded_domain"],
+    ),
+    ("ATP (one stage)", ["method=atp"]),
+]
+
+
+def atp_table(model: str, output_root: str, ratios: list[float]) -> None:
+    def avg(m: dict) -> float:
+        return 100 * statistics.mean(m["zeroshot"][t]["acc"] for t in TASKS)
+
+    rows, dense = [], None
+    for ratio in ratios:
+        for label, overrides in ATP_METHODS:
+            r = job([f"model={model}", f"ratio={ratio}", *ATP_DOMAIN, *overrides], output_root)
+            dense = r["dense"]
+            rows.append((label, ratio, r))
+    dp = dense["perplexity"]
+    lines = [
+        f"| {model} | ratio (achieved) | train tokens | ppl in-domain | ppl general | avg acc "
+        "| % dense: in-domain ppl | % dense: general ppl | % dense: acc |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense | 0 | | {dp['embedded_domain']:.2f} | {dp['embedded']:.2f} | {avg(dense):.1f} | 100 | 100 | 100 |",
+    ]
+    for label, ratio, r in rows:
+        final = r["recovered"] or r["pruned"]
+        fp = final["perplexity"]
+        tokens = (r.get("recovery") or {}).get("train_tokens", 0) + (
+            (r.get("training") or {}).get("history") or {}
+        ).get("train_tokens", 0)
+        lines.append(
+            f"| {label} | {ratio:.0%} ({r['ratio']['achieved']:.2%}) | {tokens:,} | {fp['embedded_domain']:.2f} | "
+            f"{fp['embedded']:.2f} | {avg(final):.1f} | {100 * dp['embedded_domain'] / fp['embedded_domain']:.1f} | "
+            f"{100 * dp['embedded'] / fp['embedded']:.1f} | {100 * avg(final) / avg(dense):.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out = Path(output_root) / f"embedded_atp_{model}.md"
+    out.write_text(table + "\n")
+
+
 def layerwise_table(model: str, output_root: str) -> None:
     cells: dict[tuple[str, str], dict] = {}
     for label, overrides in LAYERWISE_METHODS:
@@ -196,13 +243,16 @@ def fmt(ms: tuple[float, float], digits: int = 2, scale: float = 1.0) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=sorted([*TABLES, "layerwise"]))
+    p.add_argument("table", choices=sorted([*TABLES, "layerwise", "atp"]))
     p.add_argument("--model", default="tiny_llama")
     p.add_argument("--output-root", default="outputs")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     args = p.parse_args()
     if args.table == "layerwise":
         layerwise_table(args.model, args.output_root)
+        return
+    if args.table == "atp":  # the paper's headline ratio 40%, and 20%, 50%
+        atp_table(args.model, args.output_root, [0.2, 0.4, 0.5] if args.ratios == [0.2, 0.5] else args.ratios)
         return
     rows, dense = [], None
     for ratio in args.ratios:

@@ -38,6 +38,14 @@ def sweep(tmp_path: Path, *overrides: str) -> list[dict]:
     return [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
 
 
+def one_run(tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
+    """``prunelab <overrides>`` (quick eval, W&B offline) in tmp_path; (run dir, results.json)."""
+    p = prunelab(*overrides, "eval=quick", f"output_root={tmp_path}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
 def test_default_run_end_to_end(tmp_path):
     p = prunelab("logger=none", f"output_root={tmp_path}", *FAST_EVAL, *FAST_RECOVERY, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -237,10 +245,7 @@ LS_FAST = [
 
 def test_lorashear_run_plot_in_run_dir_and_wandb(tmp_path):
     """Issue 6: `prunelab method=lorashear ratio=0.2` (short schedule), W&B offline."""
-    p = prunelab(*LS_FAST, "eval=quick", f"output_root={tmp_path}", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
-    r = json.loads((run_dir / "results.json").read_text())
+    run_dir, r = one_run(tmp_path, *LS_FAST)
     assert abs(r["ratio"]["achieved"] - 0.2) <= 0.01 * 0.2
     t = r["training"]
     assert t["parts"] == dict.fromkeys(
@@ -277,3 +282,21 @@ def test_lorashear_ablation_multirun(tmp_path):
     assert by[False]["training"]["redundant_max_norm_after_merge"] > 0  # the merge refilled them
     for r in results:
         assert r["recovered"] is None and abs(r["ratio"]["achieved"] - 0.2) <= 0.01 * 0.2
+
+
+def test_atp_domain_run_logs_and_plots_decisions(tmp_path):
+    """Issue 7: `prunelab method=atp ratio=0.4 data=embedded_domain` (short), W&B offline."""
+    atp = ["method=atp", "ratio=0.4", "data=embedded_domain", "method.freeze_patience=3"]
+    train = ["method.train.max_steps=24", "method.train.eval_every=12", "method.train.val_size=16"]
+    run_dir, r = one_run(tmp_path, *atp, *train)
+    assert abs(r["ratio"]["achieved"] - 0.4) <= 0.01 * 0.4
+    assert r["plan"]["remove"] == r["training"]["plan"]["remove"]  # ATP's own allocation is recorded
+    assert set(r["pruned"]["perplexity"]) == {"embedded", "embedded_domain"}  # general and in-domain
+    assert r["recovered"] is None and "skipped" in r["recovery_skipped"]
+    t = r["training"]
+    assert t["frozen_at"] is not None and t["removal_max_abs_logit_change"] < 1e-2
+    assert t["history"]["config"]["data"] == "embedded_domain"  # tuned on the domain
+    assert (run_dir / "atp_decisions.png").exists() and json.loads(
+        (run_dir / "atp_decisions.json").read_text()
+    )
+    assert list(run_dir.glob("wandb/*/files/media/images/atp/decisions*.png"))
