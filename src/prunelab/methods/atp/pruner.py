@@ -65,7 +65,7 @@ class GeneratorConfig:
     layers: int = 2
     temperature: float = 0.4
     offset: float = 3.0  # > 0: every structure starts kept
-    lr: float = 1e-3
+    lr: float = 1e-2  # logits must move by ~offset within a short run
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
