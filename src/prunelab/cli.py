@@ -69,18 +69,49 @@ def sweep_group(cfg: DictConfig) -> str | None:
     return ("sweep:" + ",".join(keys) if keys else "sweep") + suffix
 
 
+FAILED: list[str] = []  # jobs of this multirun that failed (the sweep goes on without them)
+
+
+def _record_failure(run_dir: Path, e: BaseException) -> None:
+    """error.json in the job's run directory: what the aggregation reports for this job."""
+    import json
+    import traceback
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.json").write_text(
+        json.dumps(
+            {
+                "type": type(e).__name__,
+                "message": str(e),
+                "traceback": "".join(traceback.format_exception(e)),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     from prunelab.runner import run
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode.name == "MULTIRUN"
     try:
-        results = run(cfg, Path(HydraConfig.get().runtime.output_dir), group=sweep_group(cfg))
-    except ConfigError as e:
-        log.error("%s", e)
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        results = run(cfg, run_dir, group=sweep_group(cfg))
+    except Exception as e:  # a multirun records the failure and goes on with the other jobs
+        if not multirun:
+            if isinstance(e, ConfigError):
+                log.error("%s", e)
+                sys.exit(2)
             raise
-        sys.exit(2)
+        log.exception("job %s failed; the sweep continues (error.json in its run directory)", run_dir.name)
+        _record_failure(run_dir, e)
+        FAILED.append(run_dir.name)
+        return None
+    (run_dir / "error.json").unlink(missing_ok=True)  # a rerun that succeeds clears an old failure
     final = results["recovered"] or results["pruned"]
     ppl = final["perplexity"]
     return float(next(iter(ppl.values()))) if ppl else None  # a metric for sweepers
@@ -88,6 +119,9 @@ def _main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     _main()
+    if FAILED:  # every other job ran; the sweep as a whole did not succeed
+        log.error("%d job(s) of the multirun failed: %s", len(FAILED), ", ".join(FAILED))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,15 @@ def test_rundir_refuses_a_different_config(tmp_path):
         RunDir(tmp_path, {"ratio": 0.5})
 
 
+def test_rundir_treats_a_key_added_later_with_a_null_default_as_the_same_config(tmp_path):
+    rd = RunDir(tmp_path, {"ratio": 0.2, "recovery": {"lr": 1e-4}})
+    rd.finish("prune", {"time_s": 1})
+    # a newer prunelab adds recovery.patience: null — the old run still resumes
+    assert RunDir(tmp_path, {"ratio": 0.2, "recovery": {"lr": 1e-4, "patience": None}}).done("prune")
+    with pytest.raises(ConfigError, match=r"different config.*recovery"):
+        RunDir(tmp_path, {"ratio": 0.2, "recovery": {"lr": 1e-4, "patience": 3}})
+
+
 def test_model_fingerprint_follows_the_weights(tmp_path):
     import os
 

@@ -22,6 +22,14 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def same_config(a: Any, b: Any) -> bool:
+    """Equal configs, where a key one side lacks counts as null: a key added to prunelab with
+    a null default (``recovery.patience``) does not orphan run directories made before it."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(same_config(a.get(k), b.get(k)) for k in set(a) | set(b))
+    return a == b
+
+
 class RunDir:
     def __init__(self, root: Path, config: dict) -> None:
         self.root = Path(root)
@@ -30,8 +38,9 @@ class RunDir:
         saved = self.root / "config.json"
         if saved.exists() and self.finished_stages():
             old = json.loads(saved.read_text())
-            if old != json.loads(json.dumps(config, default=str)):
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            new = json.loads(json.dumps(config, default=str))
+            if not same_config(old, new):
+                diff = sorted(k for k in set(old) | set(new) if not same_config(old.get(k), new.get(k)))
                 raise ConfigError(
                     f"run directory {self.root} holds finished stages of a different config (differs in: "
                     f"{', '.join(diff)}); choose another output_root/run dir or delete that directory"

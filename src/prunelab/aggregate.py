@@ -1,0 +1,340 @@
+"""``prunelab-aggregate``: run or sweep directories → a paper-style table and plots.
+
+    prunelab-aggregate outputs/runs                                   # every job under it
+    prunelab-aggregate outputs/runs --out outputs/tables/llm_pruner --published llm_pruner_table1
+    prunelab-aggregate 'outputs/runs/*method=lorashear*' --title "LoRAShear ablation"
+
+Rows are the configurations, named by what varies between the jobs (the method, then the
+method's keys that vary among its own jobs, then other varying groups such as recovery);
+jobs that differ only in ``seed`` are averaged (mean ± std). Columns: ratio (requested and
+achieved), parameters, perplexity per dataset and zero-shot accuracy per task of the final
+model (recovered if there is a recovery, else pruned), and the average accuracy; the dense
+row comes first. A job whose run directory holds ``error.json`` (a failed multirun job) is
+listed as failed. ``--published`` adds the seed paper's numbers (``published.yaml``) next to
+the matching rows. Writes ``table.md``, ``table.tex``, ``table.json`` and, when more than
+one ratio was run, ``ppl_vs_ratio.png`` and ``acc_vs_ratio.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SKIP_KEYS = ("ratio", "seed", "tags", "sweep_name", "output_root", "cache_dir", "logger", "device")
+
+
+@dataclass
+class Job:
+    run_dir: Path
+    config: dict
+    results: dict | None = None
+    error: dict | None = None
+    label: str = ""
+    flat: dict = field(default_factory=dict)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def collect(paths: list[str]) -> list[Job]:
+    """Every job directory (``config.json`` with results.json or error.json) at or one level
+    under the given paths (globs allowed)."""
+    dirs: list[Path] = []
+    for p in paths:
+        for match in sorted(glob.glob(p)) or [p]:
+            root = Path(match)
+            cands = [root] if (root / "config.json").exists() else sorted(root.glob("*/"))
+            dirs += [d for d in cands if (d / "config.json").exists()]
+    jobs = []
+    for d in dict.fromkeys(dirs):  # keep order, drop repeats
+        res, err = d / "results.json", d / "error.json"
+        if not (res.exists() or err.exists()):
+            continue  # unfinished (a rerun resumes it)
+        jobs.append(
+            Job(
+                d,
+                json.loads((d / "config.json").read_text()),
+                json.loads(res.read_text()) if res.exists() and not err.exists() else None,
+                json.loads(err.read_text()) if err.exists() else None,
+            )
+        )
+    if not jobs:
+        raise SystemExit(f"no finished or failed prunelab jobs under {paths}")
+    _label(jobs)
+    return jobs
+
+
+def _label(jobs: list[Job]) -> None:
+    for j in jobs:
+        j.flat = {k: v for k, v in flatten(j.config).items() if k.split(".")[0] not in SKIP_KEYS}
+    keys = sorted({k for j in jobs for k in j.flat})
+
+    def varies(subset: list[Job], key: str) -> bool:
+        return len({json.dumps(j.flat.get(key), default=str) for j in subset}) > 1
+
+    by_method: dict[str, list[Job]] = {}
+    for j in jobs:
+        by_method.setdefault(str(j.flat.get("method.name")), []).append(j)
+    other = [k for k in keys if not k.startswith("method.") and varies(jobs, k)]
+    # a group's name says it all (recovery.name, data.name, model.name): not each of its keys
+    named = {k.rsplit(".", 1)[0] for k in other if k.endswith(".name")}
+    other = [k for k in other if k.endswith(".name") or k.rsplit(".", 1)[0] not in named]
+
+    def short(v: Any) -> str:
+        text = str(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    for method, group in by_method.items():
+        own = [k for k in keys if k.startswith("method.") and k != "method.name" and varies(group, k)]
+        # a method key is shown where it departs from the value most of the method's jobs use
+        mode = {k: statistics.mode(json.dumps(j.flat.get(k), default=str) for j in group) for k in own}
+        for j in group:
+            parts = [method] + [
+                f"{k.removeprefix('method.')}={short(j.flat.get(k))}"
+                for k in own
+                if json.dumps(j.flat.get(k), default=str) != mode[k]
+            ]
+            parts += [f"{k.removesuffix('.name')}={j.flat.get(k)}" for k in other]
+            j.label = ", ".join(parts)
+
+
+def _final(r: dict) -> dict:
+    return r["recovered"] or r["pruned"]
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(jobs: list[Job]) -> dict:
+    """{"dense": metrics, "rows": [...]} — one row per (label, ratio), seeds averaged."""
+    groups: dict[tuple[str, float], list[Job]] = {}
+    for j in jobs:
+        groups.setdefault((j.label, float(j.config.get("ratio", 0))), []).append(j)
+    dense = next((j.results["dense"] for j in jobs if j.results and j.results.get("dense")), None)
+    rows = []
+    for (label, ratio), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ok = [j for j in group if j.results is not None]
+        row: dict[str, Any] = {
+            "label": label,
+            "ratio": ratio,
+            "jobs": len(group),
+            "failed": [{"run_dir": str(j.run_dir), **(j.error or {})} for j in group if j.error],
+            "config": ok[0].flat if ok else group[0].flat,
+        }
+        if ok:
+            finals = [_final(j.results) for j in ok]
+            row["achieved"] = ok[0].results["ratio"]["achieved"]
+            row["params"] = ok[0].results["ratio"]["params_after"]
+            row["perplexity"] = {
+                name: _mean_std([f["perplexity"][name] for f in finals]) for name in finals[0]["perplexity"]
+            }
+            tasks = sorted(t for t in (finals[0].get("zeroshot") or {}) if t != "average")
+            row["zeroshot"] = {t: _mean_std([100 * f["zeroshot"][t]["acc"] for f in finals]) for t in tasks}
+            if tasks:
+                row["avg_acc"] = _mean_std(
+                    [statistics.mean(100 * f["zeroshot"][t]["acc"] for t in tasks) for f in finals]
+                )
+            row["seeds"] = len(ok)
+        rows.append(row)
+    return {"dense": dense, "rows": rows}
+
+
+def _published(name: str | None) -> dict | None:
+    if not name:
+        return None
+    import yaml
+
+    table = yaml.safe_load((Path(__file__).parent / "published.yaml").read_text())
+    if name not in table:
+        raise SystemExit(f"--published {name!r} is not in published.yaml; allowed: {', '.join(table)}")
+    return table[name]
+
+
+def _published_for(pub: dict | None, row: dict | None) -> dict | None:
+    """The published row that matches a measured row (dense: row None)."""
+    if pub is None:
+        return None
+    for p in pub["rows"]:
+        if row is None:
+            if p.get("dense"):
+                return p
+            continue
+        if p.get("dense") or ("ratio" in p and abs(p["ratio"] - row["ratio"]) > 1e-9):
+            continue
+        if "ratio" not in p and "ratio" in pub and abs(pub["ratio"] - row["ratio"]) > 1e-9:
+            continue
+        if all(str(row["config"].get(k)) == str(v) for k, v in p.get("match", {}).items()):
+            return p
+    return None
+
+
+def _fmt(ms: tuple[float, float] | None, digits: int = 2) -> str:
+    if ms is None:
+        return "–"
+    mean, std = ms
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def render(summary: dict, published: dict | None = None, title: str = "") -> tuple[str, str]:
+    """(markdown, LaTeX) of the summary; published numbers in "(paper …)" cells."""
+    dense, rows = summary["dense"], summary["rows"]
+    datasets = sorted(
+        {d for r in rows for d in r.get("perplexity", {})} | set((dense or {}).get("perplexity", {}))
+    )
+    tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
+    head = ["method", "ratio (achieved)", "params", *[f"ppl {d}" for d in datasets], *tasks, "avg acc"]
+    body: list[list[str]] = []
+
+    def pub_cell(p: dict | None, key: str) -> str:
+        return f" (paper {p[key]:.2f})" if p and key in p else ""
+
+    if dense:
+        p = _published_for(published, None)
+        zs = dense.get("zeroshot") or {}
+        avg = (
+            statistics.mean(100 * zs[t]["acc"] for t in tasks)
+            if tasks and all(t in zs for t in tasks)
+            else None
+        )
+        body.append(
+            ["dense", "0", f"{dense['cost']['parameters']:,}" if dense.get("cost") else "–"]
+            + [
+                f"{dense['perplexity'][d]:.2f}{pub_cell(p, d)}" if d in dense["perplexity"] else "–"
+                for d in datasets
+            ]
+            + [f"{100 * zs[t]['acc']:.1f}" if t in zs else "–" for t in tasks]
+            + [(f"{avg:.1f}" if avg is not None else "–") + pub_cell(p, "avg_acc")]
+        )
+    for r in rows:
+        if "perplexity" not in r:  # every job of this row failed
+            err = r["failed"][0]
+            body.append(
+                [
+                    r["label"],
+                    f"{r['ratio']:.0%}",
+                    f"FAILED: {err.get('type')}: {str(err.get('message'))[:80]}",
+                ]
+                + [""] * (len(head) - 3)
+            )
+            continue
+        p = _published_for(published, r)
+        seeds = f" ({r['seeds']} seeds)" if r["seeds"] > 1 else ""
+        failed = f" ({len(r['failed'])} failed)" if r["failed"] else ""
+        body.append(
+            [r["label"] + seeds + failed, f"{r['ratio']:.0%} ({r['achieved']:.2%})", f"{r['params']:,}"]
+            + [_fmt(r["perplexity"].get(d)) + pub_cell(p, d) for d in datasets]
+            + [_fmt(r["zeroshot"].get(t), 1) for t in tasks]
+            + [_fmt(r.get("avg_acc"), 1) + pub_cell(p, "avg_acc")]
+        )
+    md = [f"**{title}**", ""] if title else []
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(b) + " |" for b in body
+    ]
+    if published:
+        md += ["", f"Published: {published['source']}."]
+
+    def tex(s: str) -> str:
+        return (
+            s.replace("\\", r"\textbackslash{}")
+            .replace("%", r"\%")
+            .replace("_", r"\_")
+            .replace("±", r"$\pm$")
+        )
+
+    cols = "l" + "r" * (len(head) - 1)
+    latex = [
+        r"\begin{tabular}{" + cols + "}",
+        r"\toprule",
+        " & ".join(tex(h) for h in head) + r" \\",
+        r"\midrule",
+    ]
+    latex += [" & ".join(tex(c) for c in b) + r" \\" for b in body]
+    latex += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(md) + "\n", "\n".join(latex) + "\n"
+
+
+def plot(summary: dict, out: Path) -> list[Path]:
+    """Perplexity and average accuracy vs ratio, one line per configuration (PNG)."""
+    rows = [r for r in summary["rows"] if "perplexity" in r]
+    if len({r["ratio"] for r in rows}) < 2:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    dense = summary["dense"]
+    written = []
+    for metric, ylabel, fname in (
+        ("ppl", "perplexity", "ppl_vs_ratio.png"),
+        ("acc", "avg accuracy (%)", "acc_vs_ratio.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for lab in labels:
+            pts = sorted((r["ratio"], r) for r in rows if r["label"] == lab)
+            if metric == "ppl":
+                ys = [next(iter(r["perplexity"].values()))[0] for _, r in pts]
+            else:
+                if not all("avg_acc" in r for _, r in pts):
+                    continue
+                ys = [r["avg_acc"][0] for _, r in pts]
+            ax.plot([x for x, _ in pts], ys, marker="o", label=lab)
+        if dense and metric == "ppl":
+            ax.axhline(next(iter(dense["perplexity"].values())), color="k", linestyle=":", label="dense")
+        ax.set_xlabel("ratio")
+        ax.set_ylabel(ylabel + (f" ({next(iter(rows[0]['perplexity']))})" if metric == "ppl" else ""))
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def aggregate(paths: list[str], out: Path, published: str | None = None, title: str = "") -> dict:
+    jobs = collect(paths)
+    summary = summarise(jobs)
+    pub = _published(published)
+    md, latex = render(summary, pub, title)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(md)
+    (out / "table.tex").write_text(latex)
+    (out / "table.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plots = plot(summary, out)
+    return {"summary": summary, "markdown": md, "latex": latex, "plots": [str(p) for p in plots]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="run directories, sweep directories or globs")
+    p.add_argument("--out", default="outputs/tables/latest", help="folder for table.{md,tex,json} and plots")
+    p.add_argument("--published", default=None, help="a table of published.yaml shown beside the rows")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    res = aggregate(args.paths, Path(args.out), args.published, args.title)
+    print(res["markdown"])
+    failed = [f for r in res["summary"]["rows"] for f in r["failed"]]
+    if failed:
+        print(f"{len(failed)} failed job(s): " + ", ".join(f["run_dir"] for f in failed))
+
+
+if __name__ == "__main__":
+    main()
