@@ -85,15 +85,27 @@ def _label(jobs: list[Job]) -> None:
     keys = sorted({k for j in jobs for k in j.flat})
 
     def varies(subset: list[Job], key: str) -> bool:
+        # a key some jobs lack (added to prunelab after they ran) does not name rows; seeds are averaged
+        if key.rsplit(".", 1)[-1] == "seed" or not all(key in j.flat for j in subset):
+            return False
         return len({json.dumps(j.flat.get(key), default=str) for j in subset}) > 1
 
     by_method: dict[str, list[Job]] = {}
     for j in jobs:
         by_method.setdefault(str(j.flat.get("method.name")), []).append(j)
     other = [k for k in keys if not k.startswith("method.") and varies(jobs, k)]
-    # a group's name says it all (recovery.name, data.name, model.name): not each of its keys
+    # a group's name says it all (recovery.name, model.name) unless a key also varies among
+    # the jobs that share the name (recovery=lora with two max_steps)
     named = {k.rsplit(".", 1)[0] for k in other if k.endswith(".name")}
-    other = [k for k in other if k.endswith(".name") or k.rsplit(".", 1)[0] not in named]
+
+    def within_name(k: str) -> bool:
+        g = k.rsplit(".", 1)[0]
+        same: dict[str, list[Job]] = {}
+        for j in jobs:
+            same.setdefault(str(j.flat.get(f"{g}.name")), []).append(j)
+        return any(varies(sub, k) for sub in same.values())
+
+    other = [k for k in other if k.endswith(".name") or k.rsplit(".", 1)[0] not in named or within_name(k)]
 
     def short(v: Any) -> str:
         text = str(v)
@@ -101,13 +113,19 @@ def _label(jobs: list[Job]) -> None:
 
     for method, group in by_method.items():
         own = [k for k in keys if k.startswith("method.") and k != "method.name" and varies(group, k)]
-        # a method key is shown where it departs from the value most of the method's jobs use
+        # short values (importance=l2) name every row; switches and long values (ablation
+        # flags, stage lists) only the rows that depart from what most of the method's jobs use
         mode = {k: statistics.mode(json.dumps(j.flat.get(k), default=str) for j in group) for k in own}
+        always = {
+            k
+            for k in own
+            if all(not isinstance(j.flat.get(k), bool) and len(str(j.flat.get(k))) <= 40 for j in group)
+        }
         for j in group:
             parts = [method] + [
                 f"{k.removeprefix('method.')}={short(j.flat.get(k))}"
                 for k in own
-                if json.dumps(j.flat.get(k), default=str) != mode[k]
+                if k in always or json.dumps(j.flat.get(k), default=str) != mode[k]
             ]
             parts += [f"{k.removesuffix('.name')}={j.flat.get(k)}" for k in other]
             j.label = ", ".join(parts)

@@ -99,6 +99,19 @@ def _main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
+    if cfg.get("dry_run"):  # validate only: no model loads, nothing downloads
+        from prunelab.runner import validate
+
+        try:
+            validate(cfg, plan=False)
+        except ConfigError as e:
+            log.error("%s", e)
+            if multirun:
+                FAILED.append(run_dir.name)
+                return None
+            sys.exit(2)
+        log.info("dry run: the config of %s is valid", run_dir.name)
+        return None
     try:
         results = run(cfg, run_dir, group=sweep_group(cfg))
     except Exception as e:  # a multirun records the failure and goes on with the other jobs

@@ -26,9 +26,10 @@ LOGGERS = ("wandb", "none")
 
 
 # ---------------------------------------------------------------- validation (no model loads)
-def validate(cfg: DictConfig):
+def validate(cfg: DictConfig, plan: bool = True):
     """Check every group of the config; return (method, recovery, plan). Raises one ConfigError
-    listing every problem found."""
+    listing every problem found. ``plan=False`` (a dry run) stops before reading the model's
+    config.json, so hub configs validate without a download (plan: None)."""
     from prunelab.data.sources import build_source
     from prunelab.evaluation.suite import check_eval_config
     from prunelab.methods import build_dataclass, build_method
@@ -80,14 +81,22 @@ def validate(cfg: DictConfig):
         )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    if not plan:
+        return method, recovery, None
     # Architecture from config.json alone: the plan fails here, before the weights load.
     arch = arch_info(load_config(cfg.model))
     layers = method.layers(arch.num_layers)
     if sparse:  # element-wise: ratio = sparsity of the pruned linear layers
-        plan = plan_sparsity(arch, float(cfg.ratio), method.pattern, method.scope, method.modules, layers)
-    else:
-        plan = plan_ratio(arch, float(cfg.ratio), method.targets, layers, float(cfg.ratio_tolerance))
-    return method, recovery, plan
+        return (
+            method,
+            recovery,
+            plan_sparsity(arch, float(cfg.ratio), method.pattern, method.scope, method.modules, layers),
+        )
+    return (
+        method,
+        recovery,
+        plan_ratio(arch, float(cfg.ratio), method.targets, layers, float(cfg.ratio_tolerance)),
+    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -102,7 +111,7 @@ def _hash(obj: Any) -> str:
 
 
 # Keys that never change results: they neither name run directories nor block resuming.
-VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir")
+VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir", "dry_run")
 
 
 def model_fingerprint(cfg: DictConfig) -> str:

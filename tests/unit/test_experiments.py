@@ -1,0 +1,144 @@
+"""Experiment configs compose and validate (dry run, no download); the aggregation of a
+fixture sweep gives the expected table."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import prunelab.cli  # noqa: F401  (registers the run-dir resolver)
+from prunelab.aggregate import aggregate, collect
+from prunelab.paths import conf_dir
+from prunelab.runner import validate
+
+EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    """The override lists of every job of ``prunelab -m experiment=<name>``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params or {}
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    return [list(c) for c in itertools.product(*axes)]
+
+
+def test_every_paper_table_has_an_embedded_twin():
+    hub = [e for e in EXPERIMENTS if not e.endswith("_embedded")]
+    assert set(hub) >= {"llm_pruner_table1", "loraprune_table", "lorashear_table1", "admm_table", "atp_table"}
+    assert all(f"{e}_embedded" in EXPERIMENTS for e in hub)
+    for e in EXPERIMENTS:  # each file is headed by the command that runs it
+        lines = (conf_dir() / "experiment" / f"{e}.yaml").read_text().splitlines()
+        assert lines[0] == "# @package _global_" and lines[1].startswith(f"# prunelab -m experiment={e}")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_job_of_every_experiment_composes_and_validates(name):
+    jobs = sweep_jobs(name)
+    assert len(jobs) >= 2
+    for overrides in jobs:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = compose(config_name="config", overrides=[f"experiment={name}", *overrides])
+        method, _, plan = validate(cfg, plan=False)  # names, keys, data and eval: no download
+        assert plan is None and method is not None
+        if not name.endswith("_embedded"):
+            assert not str(cfg.model.path).startswith("embedded:")
+
+
+def _job(root: Path, name: str, cfg: dict, results: dict | None = None, error: dict | None = None) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    if results is not None:
+        (d / "results.json").write_text(json.dumps(results))
+    if error is not None:
+        (d / "error.json").write_text(json.dumps(error))
+
+
+def _res(ppl: float, accs: tuple[float, float], ratio: float, params: int) -> dict:
+    metrics = {
+        "perplexity": {"embedded": ppl},
+        "zeroshot": {"t1": {"acc": accs[0]}, "t2": {"acc": accs[1]}},
+        "cost": {"parameters": params},
+    }
+    dense = {
+        "perplexity": {"embedded": 50.0},
+        "zeroshot": {"t1": {"acc": 0.6}, "t2": {"acc": 0.8}},
+        "cost": {"parameters": 100},
+    }
+    return {
+        "dense": dense,
+        "pruned": metrics,
+        "recovered": None,
+        "ratio": {"achieved": ratio, "params_after": params},
+    }
+
+
+def test_aggregation_of_a_fixture_sweep(tmp_path):
+    base = {"model": {"name": "m"}, "recovery": {"name": "none"}}
+    for seed, ppl in ((0, 60.0), (1, 62.0)):
+        _job(
+            tmp_path,
+            f"a{seed}",
+            {**base, "ratio": 0.2, "seed": seed, "method": {"name": "llm_pruner", "importance": "element1"}},
+            _res(ppl, (0.5, 0.7), 0.2, 80),
+        )
+    _job(
+        tmp_path,
+        "b",
+        {**base, "ratio": 0.2, "seed": 0, "method": {"name": "llm_pruner", "importance": "l2"}},
+        _res(90.0, (0.4, 0.6), 0.2, 80),
+    )
+    _job(
+        tmp_path,
+        "c",
+        {**base, "ratio": 0.5, "seed": 0, "method": {"name": "llm_pruner", "importance": "element1"}},
+        _res(100.0, (0.3, 0.5), 0.5, 50),
+    )
+    _job(
+        tmp_path,
+        "d",
+        {**base, "ratio": 0.5, "seed": 0, "method": {"name": "llm_pruner", "importance": "l2"}},
+        error={"type": "RuntimeError", "message": "boom"},
+    )
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text("{}")
+
+    res = aggregate([str(tmp_path)], tmp_path / "table")
+    md = res["markdown"].splitlines()
+    assert md[0] == "| method | ratio (achieved) | params | ppl embedded | t1 | t2 | avg acc |"
+    assert md[2] == "| dense | 0 | 100 | 50.00 | 60.0 | 80.0 | 70.0 |"
+    assert (
+        md[3]
+        == "| llm_pruner, importance=element1 (2 seeds) | 20% (20.00%) | 80 | 61.00 ± 1.41 | 50.0 | 70.0 | 60.0 |"
+    )
+    assert md[4] == "| llm_pruner, importance=l2 | 20% (20.00%) | 80 | 90.00 | 40.0 | 60.0 | 50.0 |"
+    assert md[5] == "| llm_pruner, importance=element1 | 50% (50.00%) | 50 | 100.00 | 30.0 | 50.0 | 40.0 |"
+    assert md[6].startswith("| llm_pruner, importance=l2 | 50% | FAILED: RuntimeError: boom |")
+    assert len(md) == 7  # the unfinished job is not a row
+    assert "\\toprule" in res["latex"] and "61.00 $\\pm$ 1.41" in res["latex"]
+    assert sorted(Path(p).name for p in res["plots"]) == ["acc_vs_ratio.png", "ppl_vs_ratio.png"]
+    assert {p.name for p in (tmp_path / "table").iterdir()} >= {"table.md", "table.tex", "table.json"}
+    assert len(collect([str(tmp_path)])) == 5
+
+
+def test_published_numbers_appear_beside_matching_rows(tmp_path):
+    cfg = {
+        "ratio": 0.2,
+        "seed": 0,
+        "model": {"name": "m"},
+        "recovery": {"name": "none"},
+        "method": {"name": "llm_pruner", "importance": "element1"},
+    }
+    _job(tmp_path, "a", cfg, _res(60.0, (0.5, 0.7), 0.2, 80))
+    md = aggregate([str(tmp_path)], tmp_path / "t", published="llm_pruner_table1")["markdown"]
+    assert "60.0 (paper 56.69)" in md and "70.0 (paper 63.25)" in md  # element1 no tuning; dense
+    with pytest.raises(SystemExit, match=r"not in published\.yaml"):
+        aggregate([str(tmp_path)], tmp_path / "t", published="nope")
