@@ -72,12 +72,20 @@ def sweep_group(cfg: DictConfig) -> str | None:
 FAILED: list[str] = []  # jobs of this multirun that failed (the sweep goes on without them)
 
 
-def _record_failure(run_dir: Path, e: BaseException) -> None:
-    """error.json in the job's run directory: what the aggregation reports for this job."""
+def _record_failure(run_dir: Path, cfg: DictConfig, e: BaseException) -> None:
+    """error.json in the job's run directory (and its config, if the job failed before
+    writing one): what the aggregation reports for this job."""
     import json
     import traceback
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.json").exists():
+        try:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # an unresolvable config: keep it as written
+            resolved = OmegaConf.to_container(cfg, resolve=False)
+        config = {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS}
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     (run_dir / "error.json").write_text(
         json.dumps(
             {
@@ -111,7 +119,7 @@ def _main(cfg: DictConfig) -> float | None:
                 return None
             sys.exit(2)
         log.info("dry run: the config of %s is valid", run_dir.name)
-        return None
+        return 0.0 if multirun else None  # a placeholder for sweepers that need a number (Optuna)
     try:
         results = run(cfg, run_dir, group=sweep_group(cfg))
     except Exception as e:  # a multirun records the failure and goes on with the other jobs
@@ -121,9 +129,9 @@ def _main(cfg: DictConfig) -> float | None:
                 sys.exit(2)
             raise
         log.exception("job %s failed; the sweep continues (error.json in its run directory)", run_dir.name)
-        _record_failure(run_dir, e)
+        _record_failure(run_dir, cfg, e)
         FAILED.append(run_dir.name)
-        return None
+        return float("nan")  # a sweeper (Optuna) marks the trial failed and goes on
     (run_dir / "error.json").unlink(missing_ok=True)  # a rerun that succeeds clears an old failure
     final = results["recovered"] or results["pruned"]
     ppl = final["perplexity"]

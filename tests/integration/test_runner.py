@@ -300,3 +300,83 @@ def test_atp_domain_run_logs_and_plots_decisions(tmp_path):
         (run_dir / "atp_decisions.json").read_text()
     )
     assert list(run_dir.glob("wandb/*/files/media/images/atp/decisions*.png"))
+
+
+def test_multirun_with_a_failing_job_completes_the_others(tmp_path):
+    """Issue 8: one job fails (an impossible ratio), the others finish, the aggregate marks it."""
+    p = prunelab(
+        "-m",
+        "method=structured",
+        "recovery=none",
+        "ratio=0.2,0.97,0.5",
+        "eval=quick",
+        "logger=none",
+        f"output_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 1  # the sweep as a whole failed ...
+    runs = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    ok = [d for d in runs if (d / "results.json").exists()]
+    failed = [d for d in runs if (d / "error.json").exists()]
+    assert len(ok) == 2 and len(failed) == 1 and "ratio=0.97" in failed[0].name  # ... the others ran
+    err = json.loads((failed[0] / "error.json").read_text())
+    assert err["type"] == "ConfigError" and "ratio=0.97" in err["message"]
+    from prunelab.aggregate import aggregate
+
+    md = aggregate([str(tmp_path / "runs")], tmp_path / "table")["markdown"]
+    assert "FAILED: ConfigError" in md and md.count("| structured") == 3
+
+
+def test_interrupted_multirun_rerun_skips_finished_jobs(tmp_path):
+    args = ["-m", "method=structured", "recovery=none", "ratio=0.2,0.5", "eval=quick", "logger=none"]
+    args.append(f"output_root={tmp_path}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prunelab.cli", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs").glob("*ratio=0.2*/results.json")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the first job done, the second under way
+    proc.wait()
+    (first,) = (tmp_path / "runs").glob("*ratio=0.2*")
+    weights = first / "pruned" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    p = prunelab(*args, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r1 = json.loads((first / "results.json").read_text())
+    assert {"prune", "eval"} <= set(r1["resumed_stages"]) and weights.stat().st_mtime_ns == mtime
+    (second,) = (tmp_path / "runs").glob("*ratio=0.5*")
+    assert (second / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [["hydra/launcher=local_parallel"], ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
+)
+def test_multirun_through_the_joblib_and_submitit_launchers(tmp_path, launcher):
+    """Issue 8: the local variants of the parallel / cluster launchers run a two-job sweep."""
+    results = sweep(tmp_path, *launcher, "method=structured", "recovery=none", "ratio=0.2,0.5")
+    assert sorted(r["config"]["ratio"] for r in results) == [0.2, 0.5]
+    assert all(math.isfinite(r["pruned"]["perplexity"]["embedded"]) for r in results)
+
+
+def test_optuna_sweep_minimises_the_returned_perplexity(tmp_path):
+    p = prunelab(
+        "-m",
+        "experiment=admm_rho_optuna_embedded",
+        "hydra.sweeper.n_trials=2",
+        "eval=quick",
+        "logger=none",
+        f"output_root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
+    assert len(runs) == 2 and len({r["config"]["method"]["rho"] for r in runs}) == 2
+    best = min(r["pruned"]["perplexity"]["embedded"] for r in runs)
+    assert f"Best value: {best}" in p.stdout + p.stderr
