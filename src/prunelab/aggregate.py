@@ -140,10 +140,24 @@ def _mean_std(vals: list[float]) -> tuple[float, float]:
 
 
 def summarise(jobs: list[Job]) -> dict:
-    """{"dense": metrics, "rows": [...]} — one row per (label, ratio), seeds averaged."""
-    groups: dict[tuple[str, float], list[Job]] = {}
+    """{"dense": metrics, "rows": [...]} — one row per configuration and ratio; jobs that
+    differ only in seed are averaged."""
+    common = set.intersection(*(set(j.flat) for j in jobs))  # keys some jobs lack cannot tell them apart
+
+    def signature(j: Job) -> str:
+        return json.dumps(
+            {k: j.flat[k] for k in sorted(common) if k.rsplit(".", 1)[-1] != "seed"}, default=str
+        )
+
+    by_config: dict[tuple[float, str], list[Job]] = {}
     for j in jobs:
-        groups.setdefault((j.label, float(j.config.get("ratio", 0))), []).append(j)
+        by_config.setdefault((float(j.config.get("ratio", 0)), signature(j)), []).append(j)
+    groups: dict[tuple[str, float], list[Job]] = {}
+    for (ratio, _), group in by_config.items():
+        label, n = group[0].label, 2
+        while (label, ratio) in groups:  # same name, different config (keys the label omits)
+            label, n = f"{group[0].label} [config {n}]", n + 1
+        groups[label, ratio] = group
     dense = next((j.results["dense"] for j in jobs if j.results and j.results.get("dense")), None)
     rows = []
     for (label, ratio), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
