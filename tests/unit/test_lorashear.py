@@ -375,3 +375,25 @@ def test_bad_lorashear_values_name_their_key(kw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         m = _lorashear(**kw)
         m.check()  # sources are resolved by check(), before any model loads
+
+
+def test_dynamic_recovery_resumes_after_the_last_finished_stage(tmp_path, tok):
+    from prunelab.data.sources import load_source_config
+
+    method = _lorashear(recovery={**LS_RECOVERY, "dynamic": False})
+    data = load_source_config("embedded")
+    make = lambda: make_model("llama", 2, layers=2, vocab=2048, max_pos=256, inter=64)  # noqa: E731
+    out = tmp_path / "recovered"
+    method.recover(make(), tok, out, None, data)
+    assert (out / "instruction" / "model").exists() and not (out / "text" / "model").exists()  # latest only
+    text_hist = out / "text" / "history.json"
+    mtime = text_hist.stat().st_mtime_ns
+    # as if killed during the instruction stage: the text stage's model is there, its marker too
+    (out / "instruction" / "done.json").unlink()
+    import shutil
+
+    shutil.copytree(out / "instruction" / "model", out / "text" / "model")
+    method.recover(make(), tok, out, None, data)
+    h = json.loads((out / "history.json").read_text())
+    assert h["resumed_stages"] == ["text"] and [s["name"] for s in h["stages"]] == ["text", "instruction"]
+    assert text_hist.stat().st_mtime_ns == mtime  # the text stage was not trained again

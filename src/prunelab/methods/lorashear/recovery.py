@@ -209,11 +209,36 @@ class DynamicRecovery:
         data_cfg: Any = None,
         reference: dict | None = None,
     ) -> nn.Module:
-        """Run the stages in order; returns the merged model (LoRA of every stage folded in)."""
+        """Run the stages in order; returns the merged model (LoRA of every stage folded in).
+
+        Each finished stage saves its merged model (``<stage>/model``) and record
+        (``<stage>/done.json``) before the next begins; a rerun after a kill loads the last
+        finished stage's model and goes on from there (only the latest stage model is kept)."""
+        from prunelab.models.loading import load_pretrained, save_model
+
         out_dir = Path(out_dir)
         report: dict[str, Any] = {"stages": [], "config": {**asdict(self), "stages": self.stages}}
-        for st in self.parsed:
-            model, rec = self._stage(st, model, tokenizer, out_dir / st.name, tracker, data_cfg, reference)
+        done = []
+        for st in self.parsed:  # the finished prefix of the stages
+            marker = out_dir / st.name / "done.json"
+            if not marker.exists():
+                break
+            done.append(json.loads(marker.read_text()))
+        if done:
+            last = out_dir / self.parsed[len(done) - 1].name / "model"
+            device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+            model = load_pretrained(last, dtype=dtype).to(device).eval()
+            report["resumed_stages"] = [d["name"] for d in done]
+        report["stages"] += done
+        for i, st in enumerate(self.parsed[len(done) :], start=len(done)):
+            stage_dir = out_dir / st.name
+            model, rec = self._stage(st, model, tokenizer, stage_dir, tracker, data_cfg, reference)
+            save_model(model, tokenizer, stage_dir / "model")
+            (stage_dir / "done.json").write_text(json.dumps(rec, indent=2) + "\n")
+            if i > 0:  # the previous stage's model is superseded
+                import shutil
+
+                shutil.rmtree(out_dir / self.parsed[i - 1].name / "model", ignore_errors=True)
             report["stages"].append(rec)
         report["train_tokens"] = sum(s["train_tokens"] for s in report["stages"])
         report["steps_run"] = sum(s["steps_run"] for s in report["stages"])
