@@ -368,7 +368,7 @@ def test_multirun_through_the_joblib_and_submitit_launchers(tmp_path, launcher):
 def test_optuna_sweep_minimises_the_returned_perplexity(tmp_path):
     p = prunelab(
         "-m",
-        "experiment=admm_rho_optuna_embedded",
+        "experiment=optuna_admm_rho",
         "hydra.sweeper.n_trials=2",
         "eval=quick",
         "logger=none",
