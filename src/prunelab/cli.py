@@ -58,7 +58,9 @@ def sweep_group(cfg: DictConfig) -> str | None:
     if spec.exists():
         overrides = list(OmegaConf.load(spec).hydra.overrides.task)
     parsed = OverridesParser.create().parse_overrides(overrides)
-    keys = sorted({o.key_or_group for o in parsed if o.is_sweep_override()})
+    keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    params = hc.sweeper.get("params") or {}  # an experiment's sweep (hydra.sweeper.params)
+    keys = sorted(keys | {str(k).lstrip("+~") for k in params})
     # Sweeps over the same keys but with other fixed overrides (another model, say) get their own group.
     fixed = sorted(
         o.input_line

@@ -378,5 +378,8 @@ def test_optuna_sweep_minimises_the_returned_perplexity(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     runs = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json")]
     assert len(runs) == 2 and len({r["config"]["method"]["rho"] for r in runs}) == 2
+    # one group for the search, named by the searched keys
+    assert {r["tracking"]["group"] for r in runs} == {runs[0]["tracking"]["group"]}
+    assert runs[0]["tracking"]["group"].startswith("sweep:method.iterations,method.rho@")
     best = min(r["pruned"]["perplexity"]["embedded"] for r in runs)
     assert f"Best value: {best}" in p.stdout + p.stderr
