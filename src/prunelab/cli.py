@@ -65,7 +65,9 @@ def sweep_group(cfg: DictConfig) -> str | None:
     fixed = sorted(
         o.input_line
         for o in parsed
-        if not o.is_sweep_override() and o.key_or_group.split(".")[0] not in VOLATILE_KEYS
+        if not o.is_sweep_override()
+        and o.key_or_group.split(".")[0] not in VOLATILE_KEYS
+        and o.key_or_group not in keys  # a sweeper's per-trial value (Optuna) is not a fixed override
     )
     suffix = f"@{hashlib.sha1(repr(fixed).encode()).hexdigest()[:6]}" if fixed else ""
     return ("sweep:" + ",".join(keys) if keys else "sweep") + suffix
