@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from prunelab.errors import ConfigError
@@ -68,3 +68,64 @@ def build_dataclass(cfg: DictConfig, group: str) -> Any:
 
 def build_method(cfg: DictConfig) -> Method:
     return build_dataclass(cfg, "method")
+
+
+def sub_config(cls: type, value: Any, key: str) -> Any:
+    """A nested method config node (``method.knowledge``) as its dataclass; unknown keys are
+    refused by name."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, cls):
+        return value
+    allowed = [f.name for f in fields(cls)]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} must be a mapping with keys {allowed}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]} is not a key of {key}; allowed: {', '.join(allowed)}")
+    return cls(**value)
+
+
+# The linears coupled to each structure kind: a method that trains LoRA on the structures it
+# prunes needs an adapter on every one of them.
+COUPLED_MODULES = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def method_trainer(
+    train: Any,
+    name: str,
+    seed: int,
+    targets: tuple[str, ...] = (),
+    key: str = "method.train",
+    why: str = "",
+    **fixed: Any,
+) -> Any:
+    """The LoRA trainer (``LoraRecovery``) of a method that trains while it prunes, from its
+    ``train`` node (keys of recovery=lora; ``fixed`` keys override them). Errors name ``key``;
+    every module coupled to a pruned structure kind in ``targets`` must get an adapter."""
+    from prunelab.recovery.lora import LoraRecovery
+
+    if isinstance(train, DictConfig):
+        train = OmegaConf.to_container(train, resolve=True)
+    try:
+        trainer = LoraRecovery(**{"name": name, "seed": seed, **dict(train), **fixed})
+    except TypeError as e:
+        raise ConfigError(f"{key}: {e}; allowed keys: those of recovery=lora") from e
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("recovery.", f"{key}.")) from e
+    missing = [m for t in targets for m in COUPLED_MODULES[t] if m not in trainer.target_modules]
+    if missing:
+        raise ConfigError(f"{key}.target_modules={list(trainer.target_modules)} misses {missing}: {why}")
+    trainer.log_prefix = name
+    return trainer
+
+
+def check_trainer(trainer: Any, data_cfg: Any = None, key: str = "method.train") -> None:
+    """Cheap checks of a method trainer's data (before any model loads), errors under ``key``."""
+    try:
+        trainer.check(data_cfg)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("recovery.", f"{key}.")) from e

@@ -40,9 +40,8 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
-from prunelab.methods import PruneContext
+from prunelab.methods import PruneContext, check_trainer, method_trainer, sub_config
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
-from prunelab.methods.lorashear.recovery import sub_config
 from prunelab.recovery.lora import TrainHooks, loss_sum
 from prunelab.structure import ArchInfo, Unit, arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, lora_parts
@@ -253,8 +252,6 @@ class ATP:
     def __post_init__(self) -> None:
         from omegaconf import DictConfig, OmegaConf
 
-        from prunelab.recovery.lora import LoraRecovery
-
         self.targets = tuple(self.targets)
         if not self.targets or any(t not in TARGETS for t in self.targets):
             raise ConfigError(
@@ -278,20 +275,13 @@ class ATP:
         )
         if "patience" in train:
             raise ConfigError("method.train.patience cannot be set: the decisions need the whole run")
-        try:
-            self.trainer = LoraRecovery(**{"name": "atp", "seed": self.seed, **train})
-        except TypeError as e:
-            raise ConfigError(f"method.train: {e}; allowed keys: those of recovery=lora") from e
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
-        need = {m.rsplit(".", 1)[1] for t in self.targets for m in (*OUTPUTS[t], INPUTS[t])}
-        missing = sorted(need - set(self.trainer.target_modules))
-        if missing:
-            raise ConfigError(
-                f"method.train.target_modules={list(self.trainer.target_modules)} misses {missing}: the LoRA "
-                "step and the group lasso need an adapter on every module of a pruned structure"
-            )
-        self.trainer.log_prefix = "atp"
+        self.trainer = method_trainer(
+            train,
+            "atp",
+            self.seed,
+            self.targets,
+            why="the LoRA step and the group lasso need an adapter on every module of a pruned structure",
+        )
         self.history: dict[str, Any] = {}
         self.final_plan: PrunePlan | None = None
 
@@ -299,10 +289,7 @@ class ATP:
         return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)
 
     def check(self, data_cfg: Any = None) -> None:
-        try:
-            self.trainer.check(data_cfg)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        check_trainer(self.trainer, data_cfg)
 
     def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks:
         """Joint generator + LoRA training; returns the keep masks. The model comes back with

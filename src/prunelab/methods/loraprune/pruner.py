@@ -31,7 +31,7 @@ from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
 from prunelab.importance.lora_grad import ESTIMATORS, unit_scores
-from prunelab.methods import PruneContext
+from prunelab.methods import PruneContext, check_trainer, method_trainer
 from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, members
@@ -82,10 +82,6 @@ class LoRAPrune:
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        from omegaconf import DictConfig, OmegaConf
-
-        from prunelab.recovery.lora import LoraRecovery
-
         self.targets = tuple(self.targets)
         if self.importance not in ESTIMATORS:
             raise bad_value("method.importance", self.importance, ESTIMATORS)
@@ -110,34 +106,20 @@ class LoRAPrune:
                 f"method.warmup={self.warmup} + method.cooldown={self.cooldown} leave no room to prune; "
                 "their sum must be < 1"
             )
-        train = OmegaConf.to_container(self.train) if isinstance(self.train, DictConfig) else dict(self.train)
-        try:
-            self.trainer = LoraRecovery(**{"name": "loraprune", "seed": self.seed, **train})
-        except TypeError as e:
-            raise ConfigError(f"method.train: {e}; allowed keys: those of recovery=lora") from e
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
-        coupled = {
-            "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-            "mlp": ("gate_proj", "up_proj", "down_proj"),
-        }
-        need = [m for t in self.targets for m in coupled[t] if m not in self.trainer.target_modules]
-        if need:
-            raise ConfigError(
-                f"method.train.target_modules={list(self.trainer.target_modules)} misses {need}: every module "
-                f"coupled to a pruned structure needs a LoRA adapter (its scores come from it)"
-            )
-        self.trainer.log_prefix = "loraprune"
+        self.trainer = method_trainer(
+            self.train,
+            "loraprune",
+            self.seed,
+            self.targets,
+            why="every module coupled to a pruned structure needs a LoRA adapter (its scores come from it)",
+        )
         self.history: dict[str, Any] = {}
 
     def layers(self, num_layers: int) -> list[int]:
         return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)
 
     def check(self, data_cfg: Any = None) -> None:
-        try:
-            self.trainer.check(data_cfg)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        check_trainer(self.trainer, data_cfg)
 
     def final_step(self, steps: int) -> int:
         """The pruning step at which the plan's counts are reached."""

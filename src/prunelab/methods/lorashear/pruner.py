@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
-from prunelab.methods import PruneContext
-from prunelab.methods.lorashear.recovery import DynamicRecovery, sub_config
+from prunelab.methods import PruneContext, check_trainer, method_trainer, sub_config
+from prunelab.methods.lorashear.recovery import DynamicRecovery
 from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import Unit, arch_info, units
 from prunelab.structure.groups import Masks
@@ -135,8 +135,6 @@ class LoRAShear:
     def __post_init__(self) -> None:
         from omegaconf import DictConfig, OmegaConf
 
-        from prunelab.recovery.lora import LoraRecovery
-
         self.targets = tuple(self.targets)
         if not self.targets or any(t not in TARGETS for t in self.targets):
             raise ConfigError(
@@ -159,31 +157,15 @@ class LoRAShear:
                     f"method.train.{k} cannot be set: the LHSPG phase runs exactly method.lhspg.warmup_steps + "
                     "periods × period_steps optimizer steps"
                 )
-        try:
-            self.trainer = LoraRecovery(
-                **{
-                    "name": "lorashear",
-                    "seed": self.seed,
-                    **train,
-                    "max_steps": self.lhspg.steps,
-                    "epochs": 1e6,
-                }
-            )
-        except TypeError as e:
-            raise ConfigError(f"method.train: {e}; allowed keys: those of recovery=lora") from e
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
-        need = {
-            "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-            "mlp": ("gate_proj", "up_proj", "down_proj"),
-        }
-        missing = [m for t in self.targets for m in need[t] if m not in self.trainer.target_modules]
-        if missing:
-            raise ConfigError(
-                f"method.train.target_modules={list(self.trainer.target_modules)} misses {missing}: LoRA-aware "
-                "groups need an adapter on every module coupled to a pruned structure"
-            )
-        self.trainer.log_prefix = "lorashear"
+        self.trainer = method_trainer(
+            train,
+            "lorashear",
+            self.seed,
+            self.targets,
+            why="LoRA-aware groups need an adapter on every module coupled to a pruned structure",
+            max_steps=self.lhspg.steps,
+            epochs=1e6,
+        )
         self.history: dict[str, Any] = {}
         self.final_plan: PrunePlan | None = None
 
@@ -191,10 +173,7 @@ class LoRAShear:
         return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)
 
     def check(self, data_cfg: Any = None) -> None:
-        try:
-            self.trainer.check(data_cfg)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("recovery.", "method.train.")) from e
+        check_trainer(self.trainer, data_cfg)
         if self.recovery.enabled:
             self.recovery.check(data_cfg)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +50,6 @@ LORA_DEFAULTS: dict[str, Any] = {
     "epochs": 100,  # a stage ends at max_steps or when validation stops improving
 }
 STAGE_KEYS = ("name", "format", "sources", "max_steps")
-
-
-def sub_config(cls: type, value: Any, key: str) -> Any:
-    """A nested method config node as its dataclass; unknown keys are refused by name."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}={value!r} must be a mapping with keys {[f.name for f in fields(cls)]}")
-    allowed = [f.name for f in fields(cls)]
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]} is not a key of {key}; allowed: {', '.join(allowed)}")
-    return cls(**value)
 
 
 def source_node(spec: str, data_cfg: Any = None) -> Any:
@@ -151,17 +134,16 @@ class DynamicRecovery:
                 raise ConfigError(
                     f"method.recovery.lora.{k} is set per stage (method.recovery.stages), not here"
                 )
-        try:
-            self.trainers = {st.name: self._trainer(st, lora) for st in parsed}
-        except TypeError as e:
-            raise ConfigError(f"method.recovery.lora: {e}; allowed keys: those of recovery=lora") from e
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("recovery.", "method.recovery.lora.")) from e
+        self.trainers = {st.name: self._trainer(st, lora) for st in parsed}
 
     def _trainer(self, st: Stage, lora: dict) -> LoraRecovery:
-        name = st.sources[0].partition(":")[0]
-        cfg = {**LORA_DEFAULTS, **lora, "format": st.format, "max_steps": st.max_steps}
-        tr = LoraRecovery(name=f"lorashear_{st.name}", data=name, seed=self.seed, **cfg)
+        from prunelab.methods import method_trainer
+
+        data = st.sources[0].partition(":")[0]  # the stage's sources come through source_node()
+        fixed = {"data": data, "format": st.format, "max_steps": st.max_steps}
+        tr = method_trainer(
+            {**LORA_DEFAULTS, **lora}, f"lorashear_{st.name}", self.seed, key="method.recovery.lora", **fixed
+        )
         tr.log_prefix = f"recovery/{st.name}"
         return tr
 
