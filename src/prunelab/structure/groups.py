@@ -121,6 +121,11 @@ def members(arch: ArchInfo, unit: Unit) -> list[Member]:
     raise ValueError(f"unit kind {unit.kind!r} has no members")
 
 
+def weight_members(arch: ArchInfo, unit: Unit) -> list[Member]:
+    """The members of ``unit`` that are weight matrices (biases left out)."""
+    return [m for m in members(arch, unit) if m.param == "weight"]
+
+
 def member_tensor(model: nn.Module, layer: int | None, m: Member) -> torch.Tensor:
     root = base_model(model) if layer is None else decoder_layers(model)[layer]
     return getattr(root.get_submodule(m.path), m.param)
@@ -176,11 +181,11 @@ def apply_masks(model: nn.Module, masks: Masks, arch: ArchInfo | None = None) ->
             else:
                 t[:, drop] = 0
             if m.param == "weight":  # the adapters' slices of a pruned group go with it
-                for a, b in lora_parts(root.get_submodule(m.path)):
+                for w in lora_slices(root.get_submodule(m.path), m):
                     if m.dim == 0:
-                        b.weight[drop.to(b.weight.device)] = 0
+                        w[drop.to(w.device)] = 0
                     else:
-                        a.weight[:, drop.to(a.weight.device)] = 0
+                        w[:, drop.to(w.device)] = 0
 
 
 def lora_parts(module: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
@@ -190,6 +195,13 @@ def lora_parts(module: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
     if getattr(module, "lora_magnitude_vector", None):
         raise ValueError("DoRA adapters (lora_magnitude_vector) cannot be sliced by structure yet")
     return [(module.lora_A[k], module.lora_B[k]) for k in module.lora_A]
+
+
+def lora_slices(module: nn.Module, m: Member) -> list[torch.Tensor]:
+    """The adapter weights that hold member ``m``'s slices in a peft LoRA layer: lora_B (its
+    rows) for an output-row member (q/k/v/gate/up), lora_A (its columns) for an input-column
+    member (o/down); sliced along ``m.dim`` in blocks of ``m.width`` like the base weight."""
+    return [b.weight if m.dim == 0 else a.weight for a, b in lora_parts(module)]
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,16 +45,10 @@ from prunelab.methods import PruneContext, check_trainer, method_trainer, sub_co
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
 from prunelab.recovery.lora import TrainHooks, loss_sum
 from prunelab.structure import ArchInfo, Unit, arch_info, units
-from prunelab.structure.groups import Masks, decoder_layers, lora_parts
+from prunelab.structure.groups import Masks, Member, decoder_layers, grouped, lora_slices, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
 
 TARGETS = ("attn", "mlp")
-# the linears whose output rows carry a structure's decision, per kind
-OUTPUTS = {
-    "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp": ("mlp.gate_proj", "mlp.up_proj"),
-}
-INPUTS = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}  # lora_A columns per structure
 
 
 @dataclass
@@ -138,27 +133,21 @@ def meet_budget(
     return keep, flips
 
 
-def _lora_slices(model: nn.Module, arch: ArchInfo, unit: Unit) -> list[torch.Tensor]:
-    """[n, ·] copies of every LoRA slice of ``unit``'s structures: lora_B rows of its output
-    linears, lora_A columns of its input linear."""
+def _lora_members(model: nn.Module, arch: ArchInfo, unit: Unit) -> Iterator[tuple[Member, torch.Tensor]]:
+    """(member, adapter weight) for every LoRA matrix holding slices of ``unit``'s structures:
+    lora_B rows of its output linears, lora_A columns of its input linear."""
     layer = decoder_layers(model)[unit.layer]
-    q_width = arch.group_size(unit.layer) * arch.head_dim if unit.kind == "attn" else 1
-    out = []
-    for path in OUTPUTS[unit.kind]:
-        w = q_width if path.endswith("q_proj") else (arch.head_dim if unit.kind == "attn" else 1)
-        for _, b in lora_parts(layer.get_submodule(path)):
-            out.append(b.weight.reshape(unit.n, w * b.weight.shape[1]))
-    for a, _ in lora_parts(layer.get_submodule(INPUTS[unit.kind])):
-        r = a.weight.shape[0]
-        out.append(a.weight.reshape(r, unit.n, q_width).transpose(0, 1).reshape(unit.n, r * q_width))
-    return out
+    for m in weight_members(arch, unit):
+        for t in lora_slices(layer.get_submodule(m.path), m):
+            yield m, t
 
 
 def lora_group_norms(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
-    """‖LoRA slices‖ of every structure of ``unit`` (lora_B rows of its output linears, lora_A
-    columns of its input linear)."""
-    sq = sum(t.detach().float().pow(2).sum(1) for t in _lora_slices(model, arch, unit))
-    return sq.sqrt() if torch.is_tensor(sq) else torch.zeros(unit.n)
+    """‖LoRA slices‖ of every structure of ``unit`` over all its adapter matrices."""
+    sq = torch.zeros(unit.n)
+    for m, t in _lora_members(model, arch, unit):
+        sq += grouped(t.detach().float(), m).pow(2).sum(1).cpu()
+    return sq.sqrt()
 
 
 @torch.no_grad()
@@ -171,23 +160,12 @@ def group_lasso_prox(
     w_g ← w_g · max(0, 1 − threshold·√p_g / ‖w_g‖) — exact zeros once ‖w_g‖ ≤ threshold·√p_g.
     Per matrix, not per structure: the B rows that carry a pruned structure's output start at
     zero and are zeroed exactly, whatever the (randomly initialised) A columns weigh."""
-
-    def shrink(groups: torch.Tensor) -> torch.Tensor:  # [n, p] -> factor [n]
-        norms = groups.float().norm(dim=1)
-        factor = (1 - threshold * groups.shape[1] ** 0.5 / norms.clamp_min(1e-30)).clamp_min(0)
-        return torch.where(pruned.to(factor.device), factor, torch.ones_like(factor))
-
-    layer = decoder_layers(model)[unit.layer]
-    q_width = arch.group_size(unit.layer) * arch.head_dim if unit.kind == "attn" else 1
-    for path in OUTPUTS[unit.kind]:
-        w = q_width if path.endswith("q_proj") else (arch.head_dim if unit.kind == "attn" else 1)
-        for _, b in lora_parts(layer.get_submodule(path)):
-            f = shrink(b.weight.reshape(unit.n, -1))
-            b.weight.mul_(f.to(b.weight.dtype).repeat_interleave(w)[:, None])
-    for a, _ in lora_parts(layer.get_submodule(INPUTS[unit.kind])):
-        r = a.weight.shape[0]
-        f = shrink(a.weight.reshape(r, unit.n, q_width).transpose(0, 1).reshape(unit.n, -1))
-        a.weight.mul_(f.to(a.weight.dtype).repeat_interleave(q_width)[None, :])
+    for m, t in _lora_members(model, arch, unit):
+        groups = grouped(t, m).float()  # [n, p_g]
+        factor = (1 - threshold * groups.shape[1] ** 0.5 / groups.norm(dim=1).clamp_min(1e-30)).clamp_min(0)
+        factor = torch.where(pruned.to(factor.device), factor, torch.ones_like(factor))
+        shape = (-1, 1) if m.dim == 0 else (1, -1)
+        t.mul_(factor.to(t.dtype).repeat_interleave(m.width).view(shape))
 
 
 class _Gates:
@@ -212,16 +190,12 @@ class _Gates:
     def install(self, model: nn.Module) -> None:
         layers = decoder_layers(model)
         for u in self.todo:
-            for path in OUTPUTS[u.kind]:
-                mod = layers[u.layer].get_submodule(path)
-                if u.kind == "mlp":
-                    width = 1
-                elif path.endswith("q_proj"):
-                    width = self.arch.group_size(u.layer) * self.arch.head_dim
-                else:
-                    width = self.arch.head_dim
-                self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, width, "hard")))
-                self.handles.append(mod.register_forward_hook(self._hook(u.key, width, "soft")))
+            for m in weight_members(self.arch, u):
+                if m.dim != 0:  # the structure's output rows: q/k/v, gate/up
+                    continue
+                mod = layers[u.layer].get_submodule(m.path)
+                self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, m.width, "hard")))
+                self.handles.append(mod.register_forward_hook(self._hook(u.key, m.width, "soft")))
 
     def remove(self) -> None:
         for h in self.handles:

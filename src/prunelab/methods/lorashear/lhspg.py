@@ -22,13 +22,17 @@ import torch
 from torch import nn
 
 from prunelab.structure import ArchInfo, Unit
-from prunelab.structure.groups import Member, _expand, decoder_layers, grouped, lora_parts, members
+from prunelab.structure.groups import (
+    Member,
+    _expand,
+    decoder_layers,
+    grouped,
+    lora_parts,
+    lora_slices,
+    weight_members,
+)
 from prunelab.structure.groups import base_weight as _base
 from prunelab.structure.groups import lora_delta as _delta
-
-
-def _weight_members(arch: ArchInfo, unit: Unit) -> list[Member]:
-    return [m for m in members(arch, unit) if m.param == "weight"]
 
 
 def _write(t: torch.Tensor, m: Member, sel: torch.Tensor, values: torch.Tensor) -> None:
@@ -45,11 +49,11 @@ def _write(t: torch.Tensor, m: Member, sel: torch.Tensor, values: torch.Tensor) 
 
 def _zero_lora(module: nn.Module, m: Member, sel: torch.Tensor) -> None:
     idx = _expand(sel, m.width)
-    for a, b in lora_parts(module):
+    for w in lora_slices(module, m):
         if m.dim == 0:
-            b.weight[idx.to(b.weight.device)] = 0
+            w[idx.to(w.device)] = 0
         else:
-            a.weight[:, idx.to(a.weight.device)] = 0
+            w[:, idx.to(w.device)] = 0
 
 
 @torch.no_grad()
@@ -57,7 +61,7 @@ def group_norms(model: nn.Module, arch: ArchInfo, unit: Unit, effective: bool = 
     """‖[W + s·B·A]_g‖ (or ‖W_g‖) of every group of ``unit`` over all its coupled slices."""
     layer = decoder_layers(model)[unit.layer]
     sq = torch.zeros(unit.n)
-    for m in _weight_members(arch, unit):
+    for m in weight_members(arch, unit):
         mod = layer.get_submodule(m.path)
         w = _base(mod).float() + (_delta(mod) if effective else 0)
         sq += grouped(w, m).pow(2).sum(1).cpu()
@@ -87,7 +91,7 @@ def lhspg_step(
         layer, kind = key.split(".")
         unit = Unit(int(layer), kind, sel.numel())
         block = layers[unit.layer]
-        ms = _weight_members(arch, unit)
+        ms = weight_members(arch, unit)
         mods = [block.get_submodule(m.path) for m in ms]
         xs = [
             grouped(_base(mod).float() + (_delta(mod) if lora_aware else 0), m)[sel.to(_base(mod).device)]
@@ -134,7 +138,7 @@ def saliency(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
     cos(W_g, (s·BA)_g) + 1 (all ≥ 0; higher = keep)."""
     layer = decoder_layers(model)[unit.layer]
     ws, ds = [], []
-    for m in _weight_members(arch, unit):
+    for m in weight_members(arch, unit):
         mod = layer.get_submodule(m.path)
         ws.append(grouped(_base(mod).float(), m).cpu())
         ds.append(grouped(_delta(mod), m).cpu())
