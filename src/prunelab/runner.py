@@ -199,8 +199,10 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     method, recovery, plan = validate(cfg)
     skipped_recovery = None
     # LoRAShear brings its own (dynamic) recovery: it replaces the `recovery` group's stage
-    own_recovery = bool(getattr(method, "recovers", False)) and method.recovery.enabled
-    if recovery is not None and getattr(method, "recovers", False):
+    # methods with a recover() method (LoRAShear) bring their own stage; .recovers says if it runs
+    has_own = callable(getattr(method, "recover", None))
+    own_recovery = has_own and bool(method.recovers)
+    if recovery is not None and has_own:
         skipped_recovery = (
             f"method={cfg.method.name} runs its own recovery (method.recovery, "
             f"{'enabled' if own_recovery else 'disabled'}); recovery={cfg.recovery.name} not used"

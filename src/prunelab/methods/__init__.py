@@ -5,6 +5,13 @@ method.targets                           # structure kinds it prunes, e.g. ("att
 method.sparse                            # True: zeroes weights (layer-wise family), plans sparsity
 method.layers(num_layers)                # layers open to pruning
 masks = method.prune(model, plan, ctx)   # may also update weights in place
+
+Optional, for methods that train while they prune (LoRAPrune, LoRAShear, ATP):
+method.trains / method.check(data_cfg)   # True: gets data, a folder and a tracker in ctx
+method.then_recover                      # False: its training is the recovery (stage skipped)
+method.final_plan                        # a plan made after seeing the model (re-planned)
+method.history                           # recorded under results.json → training
+method.recover(...) / method.recovers    # its own recovery stage (LoRAShear), and whether it runs
 """
 
 from __future__ import annotations

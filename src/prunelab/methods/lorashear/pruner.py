@@ -129,7 +129,6 @@ class LoRAShear:
 
     sparse: ClassVar[bool] = False
     trains: ClassVar[bool] = True
-    recovers: ClassVar[bool] = True  # brings its own recovery stage (replaces the `recovery` group)
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -333,6 +332,11 @@ class LoRAShear:
         )
         self.history = history
         return {k: ~v for k, v in redundant.items()}
+
+    @property
+    def recovers(self) -> bool:
+        """Its own recovery stage runs (it replaces the `recovery` group's in any case)."""
+        return self.recovery.enabled
 
     def parts(self) -> dict[str, bool]:
         return {
