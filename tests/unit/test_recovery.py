@@ -384,3 +384,10 @@ def test_validation_groups_are_reported_per_group(tok, tmp_path):
     point = h["val"][-1]
     lo, hi = sorted(point["per_group"].values())
     assert lo <= point["loss"] <= hi
+
+
+def test_val_only_features_skip_the_training_split_and_keep_the_same_validation(tok):
+    rec = quick(format="text", cutoff_len=32, val_size=5)
+    train, val, _ = rec.features_for(tok)
+    none, same, _ = rec.features_for(tok, val_only=True)
+    assert train and none == [] and same == val

@@ -359,17 +359,21 @@ class LoraRecovery:
 
         build_source(self._data_node(data_cfg)).check()
 
-    def _split(self, source: Any, get: Any) -> tuple[list[Any], list[Any]]:
+    def _split(self, source: Any, get: Any, val_only: bool = False) -> tuple[list[Any], list[Any]]:
         """(train, validation) items: the data's validation split if it has one, else
-        ``val_size`` held out of train; both sampled with ``seed``, train capped."""
+        ``val_size`` held out of train; both sampled with ``seed``, train capped. ``val_only``:
+        the training split is not read when a validation split exists (train: [])."""
         from prunelab.data.corpus import SPLITS
 
-        train = get("train")
         g = torch.Generator().manual_seed(self.seed)
         if "validation" in getattr(source, "splits", SPLITS):
             val = get("validation")
             val = [val[i] for i in torch.randperm(len(val), generator=g)[: self.val_size].tolist()]
+            if val_only:
+                return [], val
+            train = get("train")
         else:
+            train = get("train")
             if self.val_size >= len(train):
                 raise ConfigError(
                     f"recovery.val_size={self.val_size} leaves nothing to train on in data {self.data!r} "
@@ -383,14 +387,18 @@ class LoraRecovery:
             train = [train[i] for i in sorted(keep)]
         return train, val
 
-    def examples(self, data_cfg: Any = None) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    def examples(
+        self, data_cfg: Any = None, val_only: bool = False
+    ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         """(train, validation) instruction examples of ``recovery.data``."""
         from prunelab.data.sources import build_source
 
         source = build_source(self._data_node(data_cfg))
-        return self._split(source, source.instruction_examples)
+        return self._split(source, source.instruction_examples, val_only)
 
-    def text_windows(self, tokenizer: Any, data_cfg: Any = None) -> tuple[list[Feature], list[Feature]]:
+    def text_windows(
+        self, tokenizer: Any, data_cfg: Any = None, val_only: bool = False
+    ) -> tuple[list[Feature], list[Feature]]:
         """(train, validation) non-overlapping ``cutoff_len``-token windows of the data's text,
         every token a target (``format=text``)."""
         from prunelab.data.sources import build_source
@@ -403,7 +411,7 @@ class LoraRecovery:
             rows = ids[: ids.numel() // n * n].view(-1, n).tolist()
             return [{"input_ids": r, "labels": list(r)} for r in rows]
 
-        return self._split(source, windows)
+        return self._split(source, windows, val_only)
 
     def features(self, tokenizer: Any, examples: Sequence[Example]) -> tuple[list[Feature], int]:
         """Tokenized examples, minus those with no answer token left after truncation
@@ -442,13 +450,15 @@ class LoraRecovery:
         train, val, extra = self.features_for(tokenizer, data_cfg)
         return self.fit_features(model, tokenizer, train, val, out_dir, tracker, extra, keep_masks)
 
-    def features_for(self, tokenizer: Any, data_cfg: Any = None) -> tuple[list[Feature], list[Feature], dict]:
+    def features_for(
+        self, tokenizer: Any, data_cfg: Any = None, val_only: bool = False
+    ) -> tuple[list[Feature], list[Feature], dict]:
         """Tokenized (train, validation) features of this config's data, and timing facts."""
         start = time.perf_counter()
         if self.format == "text":
-            train, val = self.text_windows(tokenizer, data_cfg)
+            train, val = self.text_windows(tokenizer, data_cfg, val_only)
             return train, val, {"data_time_s": time.perf_counter() - start}
-        train_ex, val_ex = self.examples(data_cfg)
+        train_ex, val_ex = self.examples(data_cfg, val_only)
         data_time = time.perf_counter() - start
         train, val, extra = self._tokenize(tokenizer, train_ex, val_ex)
         return train, val, {"data_time_s": data_time, **extra}

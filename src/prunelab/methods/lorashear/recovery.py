@@ -156,14 +156,15 @@ class DynamicRecovery:
                 build_source(source_node(spec, data_cfg)).check()
 
     def stage_data(
-        self, stage: Stage, tokenizer: Any, data_cfg: Any = None
+        self, stage: Stage, tokenizer: Any, data_cfg: Any = None, val_only: bool = False
     ) -> dict[str, tuple[list[Feature], list[Feature]]]:
-        """(train, validation) features of each source of ``stage``."""
+        """(train, validation) features of each source of ``stage`` (``val_only``: train [] where
+        the source has a validation split)."""
         tr = self.trainers[stage.name]
         out = {}
         for spec in stage.sources:
-            train, val, _ = tr.features_for(tokenizer, source_node(spec, data_cfg))
-            if not train or not val:
+            train, val, _ = tr.features_for(tokenizer, source_node(spec, data_cfg), val_only)
+            if (not train and not val_only) or not val:
                 raise ConfigError(
                     f"method.recovery.stages[{stage.name}]: source {spec!r} has no {stage.format} "
                     f"{'training' if not train else 'validation'} features"
@@ -176,7 +177,7 @@ class DynamicRecovery:
         """The (dense) model's loss on each stage's per-source validation subsets."""
         out = {}
         for st in self.parsed:
-            data = self.stage_data(st, tokenizer, data_cfg)
+            data = self.stage_data(st, tokenizer, data_cfg, val_only=True)  # no training split read
             size = self.trainers[st.name].micro_batch_size
             groups = {s: eval_batches(v, pad_id_of(tokenizer), size) for s, (_, v) in data.items()}
             out[st.name] = group_losses(model, groups)[1]
