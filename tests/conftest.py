@@ -82,3 +82,26 @@ FAMILIES = [
 @pytest.fixture
 def inputs() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The embedded tiny_llama's tokenizer (the vocabulary of the embedded corpus)."""
+    from transformers import AutoTokenizer
+
+    from prunelab.models.embedded import asset_dir
+
+    return AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
+
+
+class Recorder:
+    """A tracker that keeps what it is given (``log`` and ``image`` calls)."""
+
+    def __init__(self):
+        self.logged, self.images = [], []
+
+    def log(self, data, step=None):
+        self.logged.append((step, data))
+
+    def image(self, key, path):
+        self.images.append((key, str(path)))

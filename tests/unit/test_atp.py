@@ -22,7 +22,7 @@ from prunelab.methods.atp.pruner import (
 )
 from prunelab.structure import Unit, apply_masks, arch_info, prune_physically, units
 from prunelab.structure.plan import plan_ratio
-from tests.conftest import make_model
+from tests.conftest import Recorder, make_model
 
 
 def test_straight_through_is_binary_forward_and_soft_backward():
@@ -136,26 +136,6 @@ def _atp(**kw):
         **kw,
     }
     return build_method(OmegaConf.create(cfg))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from prunelab.models.embedded import asset_dir
-
-    return AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
-
-
-class Recorder:
-    def __init__(self):
-        self.logged, self.images = [], []
-
-    def log(self, data, step=None):
-        self.logged.append((step, data))
-
-    def image(self, key, path):
-        self.images.append((key, str(path)))
 
 
 def test_atp_end_to_end_meets_the_budget_and_removal_is_nearly_free(tmp_path, tok):

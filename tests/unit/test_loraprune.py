@@ -134,15 +134,6 @@ def _method(**kw):
     return build_method(OmegaConf.create(cfg))
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from prunelab.models.embedded import asset_dir
-
-    return AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
-
-
 def _run(method, tmp_path, tok, ratio=0.1):
     from prunelab.data.sources import load_source_config
 

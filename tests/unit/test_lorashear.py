@@ -15,7 +15,7 @@ from prunelab.methods import PruneContext, build_method
 from prunelab.methods.lorashear.knowledge import knowledge_distribution, plot_knowledge
 from prunelab.structure import apply_masks, arch_info, prune_physically
 from prunelab.structure.plan import plan_ratio
-from tests.conftest import make_model
+from tests.conftest import Recorder, make_model
 
 
 def test_knowledge_analysis_restores_the_model_exactly_and_marks_the_top_gamma(tmp_path):
@@ -204,26 +204,6 @@ def _lorashear(**kw):
         **kw,
     }
     return build_method(OmegaConf.create(cfg))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from prunelab.models.embedded import asset_dir
-
-    return AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
-
-
-class Recorder:
-    def __init__(self):
-        self.logged, self.images = [], []
-
-    def log(self, data, step=None):
-        self.logged.append((step, data))
-
-    def image(self, key, path):
-        self.images.append((key, str(path)))
 
 
 def _prune(method, tmp_path, tok, ratio=0.2):

@@ -70,15 +70,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from prunelab.models.embedded import asset_dir
-
-    return AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
-
-
 def tiny(pruned: bool = False, seed: int = 0):
     """A 2-layer LLaMA with the embedded tokenizer's vocab; ``pruned``: layer 0's MLP sliced."""
     from prunelab.structure import prune_physically
