@@ -130,7 +130,7 @@ def eval_batches(features: Sequence[Feature], pad_id: int, size: int) -> list[di
     return [collate(by_len[i : i + size], pad_id) for i in range(0, len(by_len), size)]
 
 
-def _target_count(batch: Mapping[str, torch.Tensor]) -> int:
+def target_count(batch: Mapping[str, torch.Tensor]) -> int:
     """Tokens that carry loss: labels shifted by one (position t predicts t+1)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
@@ -160,7 +160,7 @@ def group_losses(
     per, total, count = {}, 0.0, 0
     for name, batches in groups.items():
         t = float(sum(float(loss_sum(model, b)) for b in batches))
-        c = sum(_target_count(b) for b in batches)
+        c = sum(target_count(b) for b in batches)
         per[name] = t / max(c, 1)
         total, count = total + t, count + c
     model.train(was_training)
@@ -644,7 +644,7 @@ class LoraRecovery:
             if hooks.before_step is not None:
                 hooks.before_step(model, step, steps, micro)
             # Mean over the whole batch's target tokens, not a mean of micro-batch means.
-            count = max(1, sum(_target_count(b) for b in micro))
+            count = max(1, sum(target_count(b) for b in micro))
             lr = self.lr * self._lr_factor(step - 1, steps)
             for group in opt.param_groups:
                 group["lr"] = lr

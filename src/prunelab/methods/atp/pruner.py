@@ -43,7 +43,7 @@ from torch import nn
 from prunelab.errors import ConfigError, bad_value
 from prunelab.methods import PruneContext, check_trainer, method_trainer, sub_config
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
-from prunelab.recovery.lora import TrainHooks, loss_sum
+from prunelab.recovery.lora import TrainHooks, loss_sum, target_count
 from prunelab.structure import ArchInfo, Unit, arch_info, units
 from prunelab.structure.groups import Masks, Member, decoder_layers, grouped, lora_slices, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
@@ -314,7 +314,7 @@ class ATP:
                 gen_opt.zero_grad(set_to_none=True)
                 soft, hard = gen(noise=True)
                 gates.mode, gates.values = "soft", soft
-                count = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+                count = max(1, sum(target_count(b) for b in batches))  # as the LoRA step counts
                 lm = sum(loss_sum(peft_model, b) for b in batches) / count
                 bl = budget_loss(kept_fraction(hard, weights, prunable), target)
                 (lm + self.budget_weight * bl).backward()
