@@ -434,6 +434,10 @@ class LoraRecovery:
             return (step + 1) / (self.warmup_steps + 1)
         return max(0.0, (total - step) / max(1, total - self.warmup_steps))
 
+    def lr_at(self, step: int, steps: int) -> float:
+        """The learning rate of optimizer step ``step`` (1-based) of ``steps``."""
+        return self.lr * self._lr_factor(step - 1, steps)
+
     def recover(
         self,
         model: nn.Module,
@@ -645,7 +649,7 @@ class LoraRecovery:
                 hooks.before_step(model, step, steps, micro)
             # Mean over the whole batch's target tokens, not a mean of micro-batch means.
             count = max(1, sum(target_count(b) for b in micro))
-            lr = self.lr * self._lr_factor(step - 1, steps)
+            lr = self.lr_at(step, steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)

@@ -353,7 +353,7 @@ class ATP:
             # Adam never reaches (it oscillates at the scale of the learning rate)
             if self.lasso == 0:
                 return
-            lr = tr.lr * tr._lr_factor(step - 1, steps_)
+            lr = tr.lr_at(step, steps_)
             for u in todo:
                 pruned = ~gates.values[u.key].bool()
                 if bool(pruned.any()):
