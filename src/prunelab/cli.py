@@ -115,7 +115,7 @@ def _main(cfg: DictConfig) -> float | None:
         from prunelab.runner import validate
 
         try:
-            validate(cfg, plan=False)
+            validate(cfg, with_plan=False)
         except ConfigError as e:
             log.error("%s", e)
             if multirun:

@@ -26,9 +26,9 @@ LOGGERS = ("wandb", "none")
 
 
 # ---------------------------------------------------------------- validation (no model loads)
-def validate(cfg: DictConfig, plan: bool = True):
+def validate(cfg: DictConfig, with_plan: bool = True):
     """Check every group of the config; return (method, recovery, plan). Raises one ConfigError
-    listing every problem found. ``plan=False`` (a dry run) stops before reading the model's
+    listing every problem found. ``with_plan=False`` (a dry run) stops before reading the model's
     config.json, so hub configs validate without a download (plan: None)."""
     from prunelab.data.sources import build_source
     from prunelab.evaluation.suite import check_eval_config
@@ -81,22 +81,16 @@ def validate(cfg: DictConfig, plan: bool = True):
         )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-    if not plan:
+    if not with_plan:
         return method, recovery, None
     # Architecture from config.json alone: the plan fails here, before the weights load.
     arch = arch_info(load_config(cfg.model))
     layers = method.layers(arch.num_layers)
     if sparse:  # element-wise: ratio = sparsity of the pruned linear layers
-        return (
-            method,
-            recovery,
-            plan_sparsity(arch, float(cfg.ratio), method.pattern, method.scope, method.modules, layers),
-        )
-    return (
-        method,
-        recovery,
-        plan_ratio(arch, float(cfg.ratio), method.targets, layers, float(cfg.ratio_tolerance)),
-    )
+        plan = plan_sparsity(arch, float(cfg.ratio), method.pattern, method.scope, method.modules, layers)
+    else:
+        plan = plan_ratio(arch, float(cfg.ratio), method.targets, layers, float(cfg.ratio_tolerance))
+    return method, recovery, plan
 
 
 # ---------------------------------------------------------------- helpers
@@ -198,8 +192,8 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
     t_start = time.perf_counter()
     method, recovery, plan = validate(cfg)
     skipped_recovery = None
-    # LoRAShear brings its own (dynamic) recovery: it replaces the `recovery` group's stage
-    # methods with a recover() method (LoRAShear) bring their own stage; .recovers says if it runs
+    # a method with a recover() (LoRAShear) brings its own stage in place of the `recovery`
+    # group's; .recovers says whether it runs
     has_own = callable(getattr(method, "recover", None))
     own_recovery = has_own and bool(method.recovers)
     if recovery is not None and has_own:

@@ -53,7 +53,7 @@ def test_every_job_of_every_experiment_composes_and_validates(name):
     for overrides in jobs:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = compose(config_name="config", overrides=[f"experiment={name}", *overrides])
-        method, _, plan = validate(cfg, plan=False)  # names, keys, data and eval: no download
+        method, _, plan = validate(cfg, with_plan=False)  # names, keys, data and eval: no download
         assert plan is None and method is not None
         if not name.endswith("_embedded") and not name.startswith("optuna_"):
             assert not str(cfg.model.path).startswith("embedded:")
