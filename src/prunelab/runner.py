@@ -106,6 +106,16 @@ def _hash(obj: Any) -> str:
 
 # Keys that never change results: they neither name run directories nor block resuming.
 VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir", "dry_run")
+# method keys that change where work happens, never its result (bit-identical either way)
+VOLATILE_METHOD_KEYS = ("activations", "activation_budget_mb")
+
+
+def run_identity(resolved: dict) -> dict:
+    """The resolved config minus the keys that cannot change results: what a run dir is."""
+    identity = {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS}
+    if isinstance(identity.get("method"), dict):
+        identity["method"] = {k: v for k, v in identity["method"].items() if k not in VOLATILE_METHOD_KEYS}
+    return identity
 
 
 def model_fingerprint(cfg: DictConfig) -> str:
@@ -211,7 +221,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
         log.info(skipped_recovery)
         recovery = None
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    identity = {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS}
+    identity = run_identity(resolved)
     rd = RunDir(run_dir, identity)
     torch.manual_seed(int(cfg.seed))
     tracker = _tracker(cfg, rd.root, resolved, group, key=_hash(identity))

@@ -223,6 +223,101 @@ def test_engine_without_calibration_runs_no_forward():
     ].numel() // 2
 
 
+def _peak_live_activations(n: int, activations: str, tmp_path) -> int:
+    """The most (batch, T, hidden) float tensors alive at once during a Wanda run of the
+    engine over ``n`` calibration sequences: every tensor of that shape that enters or leaves
+    any torch op is tracked (weakly) until it is freed; the count is taken at every op."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    model = make_model("llama", 2, layers=3)
+    shape = (16, model.config.hidden_size)
+    calib = torch.randint(0, 128, (n, shape[0]), generator=torch.Generator().manual_seed(0))
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live: dict[int, weakref.ref] = {}
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves((args, kwargs, out)):
+                key = id(t)
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.dim() == 3
+                    and tuple(t.shape[1:]) == shape
+                    and key not in self.live
+                ):
+                    self.live[key] = weakref.ref(t, lambda _, k=key: self.live.pop(k, None))
+            self.peak = max(self.peak, len(self.live))
+            return out
+
+    solve = lambda name, w, st: solvers.wanda(w, st, 0.5, Pattern(), "row")  # noqa: E731
+    with Live() as live:
+        prune_layerwise(
+            model,
+            calib,
+            solve,
+            [0, 1, 2],
+            LINEARS,
+            False,
+            torch.device("cpu"),
+            2,
+            activations=activations,
+            activation_dir=tmp_path / activations,
+        )
+    assert not list((tmp_path / activations).rglob("*.safetensors"))  # nothing left behind
+    return live.peak
+
+
+def test_engine_live_activations_do_not_grow_with_calibration_samples(tmp_path):
+    """Streamed through disk, the engine holds a fixed number of activation tensors whether it
+    sees 4 or 16 calibration sequences; kept in memory, the count grows with n (the check can
+    fail)."""
+    streamed = {n: _peak_live_activations(n, "disk", tmp_path) for n in (4, 16)}
+    assert streamed[4] == streamed[16] and streamed[4] > 0
+    in_memory = {n: _peak_live_activations(n, "memory", tmp_path) for n in (4, 16)}
+    assert in_memory[16] > in_memory[4] > streamed[4] - 1
+
+
+def test_engine_disk_and_memory_stores_give_identical_pruning(tmp_path):
+    calib = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for where in ("memory", "disk"):
+        model = make_model("llama", 2, layers=3)
+        masks, _ = prune_layerwise(
+            model,
+            calib,
+            lambda n, w, st: solvers.sparsegpt(w, st, 0.5, Pattern(), "row"),
+            [0, 1, 2],
+            LINEARS,
+            True,
+            torch.device("cpu"),
+            4,  # 6 = 4 + 2: batches of two shapes
+            activations=where,
+            activation_dir=tmp_path,
+        )
+        out[where] = (masks, [p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(out["memory"][0][k], out["disk"][0][k]) for k in out["memory"][0])
+    assert all(torch.equal(a, b) for a, b in zip(out["memory"][1], out["disk"][1], strict=True))
+
+
+def test_activation_store_choice():
+    from prunelab.sparsity.engine import pick_store
+
+    calib = torch.zeros(128, 2048, dtype=torch.long)
+    # LLaMA-7B in fp16, the papers' 128 × 2048: 2 × 128 × 2048 × 4096 × 2 bytes = 4096 MiB
+    assert pick_store("auto", calib, 4096, torch.float16, 4096) == "memory"
+    assert pick_store("auto", calib, 8192, torch.float16, 4096) == "disk"  # 70B
+    assert pick_store("memory", calib, 8192, torch.float16, 0) == "memory"
+    with pytest.raises(ConfigError, match=r"method.activations.*allowed"):
+        pick_store("ssd", calib, 8, torch.float16, 1)
+
+
 # ------------------------------------------------------------------ semi-structured kernels
 def test_semi_structured_is_refused_plainly_on_cpu():
     from prunelab.sparsity.semi_structured import semi_structured, support

@@ -1,27 +1,38 @@
 """The sequential block-by-block calibration engine of the layer-wise methods.
 
-1. Capture the inputs of decoder block 0 for every calibration sequence (a pre-hook stops
-   the forward there, so nothing after the embeddings runs).
+1. Stream the calibration set through the embeddings batch by batch and keep each batch's
+   block-0 inputs in an ``ActivationStore`` (a pre-hook stops the forward there).
 2. For each block: hooks on its linear layers accumulate input statistics (Σx² per column,
-   or XᵀX in fp32), each linear is handed to the solver, then the *pruned* block runs on
-   the same inputs to produce the next block's inputs.
+   or XᵀX in fp32) while the stored batches run through it one at a time; each linear is
+   handed to the solver; then the *pruned* block runs on the same batches and its outputs
+   go to a second store, the next block's inputs.
 
-Held at once: the activations of one block for all calibration sequences and the
-statistics of one block (q/k/v share one, gate/up share one). The model may stay on the CPU:
-each block moves to ``device`` while it is processed and goes back afterwards, so a model
-larger than the accelerator can be pruned on it one block at a time.
+Held at once on the compute device: one block's weights, its statistics (q/k/v share one,
+gate/up share one) and the activations of *one batch* (input, output and the block's
+internals). Where the other batches wait is ``activations``: ``memory`` keeps every batch's
+hidden states in memory on the device (2 × n × T × H values: fastest, grows with the
+number of samples n); ``disk`` writes each batch to a safetensors file and reads it back
+when it is used, so memory does not grow with n at all; ``auto`` picks ``memory`` while
+those 2 × n × T × H values fit in ``activation_budget_mb`` and ``disk`` beyond. The model
+may stay on the CPU (``offload``): each block moves to ``device`` while it is processed
+and goes back afterwards, so a model larger than the accelerator can be pruned on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunelab.errors import bad_value
 from prunelab.sparsity.solvers import InputStats, reconstruction_error
 
 # LLaMA-family linear layers by the input they read: layers reading one input share its stats.
@@ -63,23 +74,127 @@ def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
             m.to(home)
 
 
+ACTIVATION_STORES = ("auto", "memory", "disk")
+
+
 def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [calibration[i : i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
 
 
+class ActivationStore:
+    """The hidden states of every calibration batch between two blocks, in order.
+
+    ``memory``: tensors kept on ``device``. ``disk``: one safetensors file per batch under
+    ``root``; iterating loads one batch at a time onto ``device``, so at most one stored
+    batch is in memory whatever the number of batches."""
+
+    def __init__(self, where: str, device: torch.device, root: Path | None = None) -> None:
+        if where not in ("memory", "disk"):
+            raise bad_value("activations", where, ("memory", "disk"))
+        self.where, self.device, self.root = where, device, root
+        self._held: list[torch.Tensor] = []
+        self._count = 0
+        if where == "disk":
+            if root is None:
+                raise ValueError("a disk ActivationStore needs a folder")
+            root.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, x: torch.Tensor) -> None:
+        if self.where == "memory":
+            self._held.append(x)
+        else:
+            save_file({"x": x.detach().contiguous().cpu()}, str(self.root / f"{self._count:06d}.safetensors"))
+        self._count += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.where == "memory":
+            yield from self._held
+            return
+        for i in range(self._count):
+            yield load_file(str(self.root / f"{i:06d}.safetensors"), device=str(self.device))["x"]
+
+    def clear(self) -> None:
+        """Forget every batch (files removed); the store can be filled again."""
+        if self.where == "disk":
+            for i in range(self._count):
+                (self.root / f"{i:06d}.safetensors").unlink(missing_ok=True)
+        self._held = []
+        self._count = 0
+
+
+def pick_store(
+    where: str, calibration: torch.Tensor, hidden: int, dtype: torch.dtype, budget_mb: float
+) -> str:
+    """``auto`` -> ``memory`` when two stores' worth of hidden states (the inputs and outputs
+    of a block for all n × T calibration tokens) fit in ``budget_mb``, else ``disk``."""
+    if where not in ACTIVATION_STORES:
+        raise bad_value("method.activations", where, ACTIVATION_STORES)
+    if where != "auto":
+        return where
+    need = 2 * calibration.numel() * hidden * torch.finfo(dtype).bits / 8 / 2**20
+    return "memory" if need <= budget_mb else "disk"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+class BlockInputs:
+    """Block 0's inputs: hidden states in a store plus the keyword arguments (positions,
+    rotary embeddings, mask) of each batch. Unpadded calibration windows of one shape get
+    identical keyword arguments, so they are kept once per batch shape, not once per batch."""
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store = store
+        self._kwargs: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._shapes: list[tuple[int, ...]] = []
+
+    def add(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        shape = tuple(hidden.shape)
+        known = self._kwargs.get(shape)
+        if known is None:
+            self._kwargs[shape] = kwargs
+        elif not _same(known, kwargs):
+            raise RuntimeError(
+                "calibration batches of one shape got different block keyword arguments (padding or "
+                "an attention mask?); the layer-wise engine expects unpadded calibration windows"
+            )
+        self._shapes.append(shape)
+        self.store.append(hidden)
+
+    def kwargs(self) -> list[dict[str, Any]]:
+        return [self._kwargs[s] for s in self._shapes]
+
+
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, calibration: torch.Tensor, device: torch.device, batch_size: int = 8
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Block 0's hidden states and keyword arguments (positions, rotary, mask) per batch."""
+    model: nn.Module,
+    calibration: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 8,
+    store: ActivationStore | None = None,
+) -> BlockInputs:
+    """Block 0's hidden states (into ``store``, default in memory) and keyword arguments."""
     inner = model.model
-    inputs: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = []
+    captured = BlockInputs(store if store is not None else ActivationStore("memory", device))
 
     def hook(module, args, kw):
         hs = args[0] if args else kw["hidden_states"]
-        inputs.append(hs.detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        captured.add(hs.detach(), {k: v for k, v in kw.items() if k != "hidden_states"})
         raise _Captured
 
     first = inner.layers[0]
@@ -92,18 +207,22 @@ def capture_inputs(
                     model(input_ids=batch.to(device), use_cache=False)
     finally:
         handle.remove()
-    return inputs, kwargs
+    return captured
 
 
 @torch.no_grad()
 def run_block(
-    block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict[str, Any]]
-) -> list[torch.Tensor]:
-    outs = []
+    block: nn.Module,
+    inputs: ActivationStore,
+    kwargs: list[dict[str, Any]],
+    outputs: ActivationStore | None = None,
+) -> None:
+    """Run every stored batch through ``block``; keep the outputs in ``outputs`` if given."""
     for x, kw in zip(inputs, kwargs, strict=True):
         out = block(x, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+        if outputs is not None:
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        del out, x  # one batch alive at a time
 
 
 @torch.no_grad()
@@ -111,11 +230,14 @@ def propagate(
     model: nn.Module, calibration: torch.Tensor, device: torch.device, batch_size: int = 8
 ) -> list[torch.Tensor]:
     """The last block's outputs, block by block as the engine computes them (for checks)."""
-    inputs, kwargs = capture_inputs(model, calibration, device, batch_size)
+    captured = capture_inputs(model, calibration, device, batch_size)
+    inputs, kwargs = captured.store, captured.kwargs()
     for block in model.model.layers:
         with on_device([block], device):
-            inputs = run_block(block, inputs, kwargs)
-    return inputs
+            outputs = ActivationStore("memory", device)
+            run_block(block, inputs, kwargs, outputs)
+            inputs = outputs
+    return list(inputs)
 
 
 @torch.no_grad()
@@ -130,19 +252,44 @@ def prune_layerwise(
     batch_size: int = 8,
     errors: bool = False,
     desc: str = "layer-wise",
+    activations: str = "memory",
+    activation_dir: str | Path | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Prune ``modules`` of each block in ``layers``; weights are updated in place.
 
     Returns keep-masks by parameter name (``model.layers.3.mlp.up_proj.weight``) and a
     per-layer report (sparsity; relative reconstruction error when ``errors``).
     ``calibration=None`` (data-free solvers) skips the forward passes entirely.
+    ``activations``: where the batches wait between blocks (``memory`` | ``disk``, see the
+    module docstring); ``disk`` uses ``activation_dir`` (default: a temporary folder).
     """
+    with contextlib.ExitStack() as cleanup:
+        root = None
+        if activations == "disk":
+            root = Path(activation_dir) if activation_dir else None
+            if root is None:
+                root = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prunelab-acts-")))
+            else:
+                cleanup.callback(shutil.rmtree, root / "acts", True)
+                root = root / "acts"
+
+        def store(name: str) -> ActivationStore:
+            return ActivationStore(activations, device, None if root is None else root / name)
+
+        return _prune_blocks(
+            model, calibration, solve, layers, modules, gram, device, batch_size, errors, desc, store
+        )
+
+
+def _prune_blocks(model, calibration, solve, layers, modules, gram, device, batch_size, errors, desc, store):
     blocks = model.model.layers
     masks: dict[str, torch.Tensor] = {}
     report: dict[str, dict] = {}
     inputs = kwargs = None
     if calibration is not None:
-        inputs, kwargs = capture_inputs(model, calibration, device, batch_size)
+        captured = capture_inputs(model, calibration, device, batch_size, store("a"))
+        inputs, kwargs = captured.store, captured.kwargs()
+        spare = store("b")
     last = max(layers)
     todo = set(layers)
     for i in tqdm(range(last + 1), desc=desc, unit="block", leave=False):
@@ -181,5 +328,9 @@ def prune_layerwise(
                     report[key] = entry
                 del stats
             if inputs is not None and i < last:  # the pruned block feeds the next one
-                inputs = run_block(block, inputs, kwargs)
+                run_block(block, inputs, kwargs, spare)
+                inputs.clear()
+                inputs, spare = spare, inputs
+    if inputs is not None:
+        inputs.clear()
     return masks, report

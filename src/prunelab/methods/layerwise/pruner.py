@@ -11,6 +11,7 @@ unstructured (per layer or per output row) or N:M — and never change shapes, s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar
@@ -21,9 +22,11 @@ from torch import nn
 from prunelab.errors import ConfigError, bad_value
 from prunelab.methods import PruneContext
 from prunelab.sparsity import solvers
-from prunelab.sparsity.engine import LINEARS, prune_layerwise
+from prunelab.sparsity.engine import ACTIVATION_STORES, LINEARS, pick_store, prune_layerwise
 from prunelab.sparsity.patterns import SCOPES, Pattern, parse_pattern
 from prunelab.structure.plan import SparsityPlan, prunable_layers
+
+log = logging.getLogger(__name__)
 
 
 def _positive_int(key: str, value: object) -> None:
@@ -49,6 +52,8 @@ class LayerwisePruner:
     batch_size: int = 8  # calibration sequences per forward through a block
     layer_errors: bool = False  # also report ‖X(W−Ŵ)‖²/‖XW‖² per layer (collects XᵀX)
     offload: bool = False  # model in CPU memory, one block at a time on the device while pruning
+    activations: str = "auto"  # where calibration batches wait between blocks: auto | memory | disk
+    activation_budget_mb: float = 4096  # auto: memory while 2·n·T·H activations fit, disk beyond
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +68,10 @@ class LayerwisePruner:
                 f"{list(LINEARS)}"
             )
         _positive_int("batch_size", self.batch_size)
+        if self.activations not in ACTIVATION_STORES:
+            raise bad_value("method.activations", self.activations, ACTIVATION_STORES)
+        if not self.activation_budget_mb >= 0:
+            raise ConfigError(f"method.activation_budget_mb={self.activation_budget_mb!r} must be ≥ 0 (MiB)")
         for key in ("calibration_samples", "calibration_seq_len"):
             if getattr(self, key) is not None:
                 _positive_int(key, getattr(self, key))
@@ -92,9 +101,22 @@ class LayerwisePruner:
             return fn(w, stats, sparsity, self.pattern, self.scope)
 
         device = next(model.parameters()).device if ctx.device is None else ctx.device
+        calibration = ctx.calibration if self.needs_calibration else None
+        where = "memory"
+        if calibration is not None:
+            dtype = next(model.parameters()).dtype
+            where = pick_store(
+                self.activations, calibration, model.config.hidden_size, dtype, self.activation_budget_mb
+            )
+            log.info(
+                "%s: calibration activations kept in %s (method.activations=%s)",
+                self.name,
+                where,
+                self.activations,
+            )
         masks, self.report = prune_layerwise(
             model,
-            ctx.calibration if self.needs_calibration else None,
+            calibration,
             solve,
             plan.prunable_layers,
             self.modules,
@@ -103,6 +125,8 @@ class LayerwisePruner:
             batch_size=self.batch_size,
             errors=self.layer_errors,
             desc=f"{self.name} ({self.pattern})",
+            activations=where,
+            activation_dir=ctx.out_dir,
         )
         return masks
 
