@@ -94,6 +94,21 @@ def validate(cfg: DictConfig, with_plan: bool = True):
 
 
 # ---------------------------------------------------------------- helpers
+def build_calibration(cfg: DictConfig, method: Any, tokenizer: Any) -> torch.Tensor:
+    """The calibration windows a method prunes with: its own size (its paper's) where it sets
+    one, else the data config's."""
+    from prunelab.data.sources import build_source
+
+    c = cfg.data.calibration
+    return build_source(cfg.data).calibration_windows(
+        tokenizer,
+        getattr(method, "calibration_samples", None) or c.num_samples,
+        getattr(method, "calibration_seq_len", None) or c.seq_len,
+        int(cfg.seed),
+        c.split,
+    )
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -320,18 +335,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             log.info("prune: %s", cfg.method.name)
             t = time.perf_counter()
             m, tok = dense_model()
-            calib = None
-            if getattr(method, "needs_calibration", False):
-                from prunelab.data.sources import build_source
-
-                c = cfg.data.calibration  # a method's own calibration size (its paper's) wins
-                calib = build_source(cfg.data).calibration_windows(
-                    tok,
-                    getattr(method, "calibration_samples", None) or c.num_samples,
-                    getattr(method, "calibration_seq_len", None) or c.seq_len,
-                    int(cfg.seed),
-                    c.split,
-                )
+            calib = build_calibration(cfg, method, tok) if getattr(method, "needs_calibration", False) else None
             t_method = time.perf_counter()  # the method alone, without loading or calibration data
             ctx = PruneContext(
                 tok,

@@ -20,12 +20,14 @@ from prunelab.structure.arch import LAYER_SHAPES_KEY, LayerShape
 from prunelab.structure.groups import set_layer_shapes
 
 EMBEDDED_PREFIX = "embedded:"
+SYNTHETIC_PREFIX = "synthetic:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PRUNED_CLASSES: dict[type, type] = {}
 
 
 def resolve_path(path: str) -> str:
-    """``embedded:<name>`` -> the packaged asset folder; anything else unchanged."""
+    """``embedded:<name>`` -> the packaged asset folder; ``synthetic:<name>`` -> its folder
+    (built on first use); anything else unchanged."""
     if path.startswith(EMBEDDED_PREFIX):
         from prunelab.models.embedded import SPECS, asset_dir
 
@@ -39,6 +41,13 @@ def resolve_path(path: str) -> str:
                 f"reproduce them with `python -m prunelab.models.embedded --name {name}`"
             )
         return str(d)
+    if path.startswith(SYNTHETIC_PREFIX):
+        from prunelab.models import synthetic
+
+        name = path[len(SYNTHETIC_PREFIX) :]
+        if name not in synthetic.SPECS:
+            raise bad_value("model.path", path, [SYNTHETIC_PREFIX + n for n in synthetic.SPECS])
+        return str(synthetic.build(name))
     return path
 
 
@@ -49,6 +58,11 @@ def check_model_config(cfg: Any) -> None:
     path = str(cfg.path)
     if path.startswith(EMBEDDED_PREFIX):
         resolve_path(path)
+    elif path.startswith(SYNTHETIC_PREFIX):
+        from prunelab.models import synthetic
+
+        if path[len(SYNTHETIC_PREFIX) :] not in synthetic.SPECS:
+            raise bad_value("model.path", path, [SYNTHETIC_PREFIX + n for n in synthetic.SPECS])
     elif path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise ConfigError(f"model.path={path!r} does not exist; expected a local model folder or a hub id")
 
