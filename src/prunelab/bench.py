@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -165,16 +166,6 @@ def floors(model: Any, calibration: Any, batch_size: int, memory: PeakMemory) ->
     return out
 
 
-def _train_tokens(history: Any) -> int:
-    """Tokens a training method stepped on (``train_tokens`` anywhere in its history)."""
-    if isinstance(history, dict):
-        own = int(history.get("train_tokens") or 0)
-        return own + sum(_train_tokens(v) for k, v in history.items() if k != "train_tokens")
-    if isinstance(history, list):
-        return sum(_train_tokens(v) for v in history)
-    return 0
-
-
 def compose(model: str, method: str, ratio: float, overrides: list[str], out_root: Path) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -202,7 +193,7 @@ def run_job(spec: dict) -> dict:
 
     import torch
 
-    from prunelab.evaluation.cost import measure_cost
+    from prunelab.evaluation.cost import compare_speed, count_params, macs, measure_cost
     from prunelab.methods import PruneContext
     from prunelab.models.loading import load_model
     from prunelab.runner import build_calibration, pick_device, validate
@@ -217,7 +208,9 @@ def run_job(spec: dict) -> dict:
     torch.manual_seed(int(cfg.seed))
     model, tok = load_model(cfg.model, "cpu" if getattr(method, "offload", False) else device)
     cost_kw = {k: spec[k] for k in ("seq_len", "batch_size", "decode_tokens", "repeats")}
-    dense = measure_cost(model, **cost_kw)
+    # the dense twin stays in memory: the speeds of both are measured interleaved at the end
+    dense_model = copy.deepcopy(model) if spec.get("paired", True) else None
+    dense = None if dense_model is not None else measure_cost(model, **cost_kw)
     sparse = bool(getattr(method, "sparse", False))
     calib = build_calibration(cfg, method, tok)  # the method's set; the data config's if it has none
     grad = uses_gradients(method)
@@ -243,14 +236,23 @@ def run_job(spec: dict) -> dict:
         _sync(device)
         prune_s = time.perf_counter() - t
         mem = memory.read()
+        train_tokens = sum(
+            int(json.loads(h.read_text()).get("train_tokens") or 0) for h in Path(tmp).rglob("history.json")
+        )
     if not sparse:
         apply_masks(model, masks)
         prune_physically(model, masks)
     model.to(device)
-    pruned = measure_cost(model, **cost_kw)
+    if dense_model is not None:
+        speed = compare_speed({"dense": dense_model.to(device), "pruned": model}, **cost_kw)
+        dense = {**count_params(dense_model), "macs": macs(dense_model, spec["seq_len"]), **speed["dense"]}
+        pruned = {**count_params(model), "macs": macs(model, spec["seq_len"]), **speed["pruned"]}
+    else:
+        pruned = measure_cost(model, **cost_kw)
     floor_s = fl["floor_forward_backward_s" if grad else "floor_forward_s"]
     calib_tokens = int(calib.numel())
     row = {
+        "spec": {k: v for k, v in spec.items() if k not in ("result", "out_root")},
         "method": spec["method"],
         "ratio": spec["ratio"],
         "model": spec["model"],
@@ -274,10 +276,11 @@ def run_job(spec: dict) -> dict:
         "decode_speedup": dense["decode_ms_per_token"] / pruned["decode_ms_per_token"],
     }
     if getattr(method, "trains", False):
-        tokens = _train_tokens(getattr(method, "history", None))
-        row["train_tokens"] = tokens
-        row["calibration_passes"] = tokens / calib_tokens
-        if tokens:
+        # training methods step over their data: their cost per pass over a calibration
+        # set's worth of tokens is what compares with the floor
+        row["train_tokens"] = train_tokens
+        row["calibration_passes"] = train_tokens / calib_tokens
+        if train_tokens:
             row["cost_x_floor_per_pass"] = row["cost_x_floor"] / row["calibration_passes"]
     return row
 
@@ -332,10 +335,13 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
     ):
         name = r["method"] + (f" ({r['pattern']})" if r["sparse"] else "")
         times = _fmt(r["cost_x_floor"], 1)
-        if "calibration_passes" in r:
-            times += f" ({_fmt(r['calibration_passes'], 0)} passes)"
+        if r.get("cost_x_floor_per_pass"):
+            times += f" = {r['calibration_passes']:.0f} passes × {r['cost_x_floor_per_pass']:.2f}"
+        if r.get("overrides"):
+            name += " `" + " ".join(r["overrides"]) + "`"
         lines.append(
-            f"| {name} | {r['ratio']} | {_fmt(r['prune_s'])} | {r['floor']} | {_fmt(r['floor_s'], 3)} | {times} "
+            f"| {name} | {r['ratio']} | {_fmt(r['prune_s'])} | {r['floor']} {r['calibration'][0]}×{r['calibration'][1]} "
+            f"| {_fmt(r['floor_s'], 3)} | {times} "
             f"| {r['peak_rss_mb']:.0f} (+{r['peak_rss_over_start_mb']:.0f}) | {r['params_ratio']:.3f} "
             f"| {r['macs_ratio']:.3f} | {r['dense']['prefill_tokens_per_s']:.0f} → "
             f"{r['pruned']['prefill_tokens_per_s']:.0f} | **{_fmt(r['prefill_speedup'])}×** "
@@ -345,14 +351,14 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['ratio']} | FAILED: {r['error'][:120]} |" + " |" * 10)
-    f = ok[0] if ok else None
-    if f:
-        lines += [
-            "",
-            f"Floors are per calibration set (here {f['calibration'][0]} × {f['calibration'][1]} tokens for "
-            f"`{f['method']}`); params / MACs are pruned ÷ dense; × columns are speedups (pruned over dense). "
-            "Sparse (layer-wise) rows keep dense shapes: their zeros save nothing in dense kernels.",
-        ]
+    lines += [
+        "",
+        "Floor: one pass over the method's calibration set (sequences × tokens), forward or forward + backward; "
+        "training methods' multiples split into passes over that many tokens × cost per pass. Peak: process RSS "
+        "during pruning (+ above the RSS at its start). params / MACs: pruned ÷ dense; × columns: pruned speed ÷ "
+        "dense speed, measured interleaved in one process. Sparse (layer-wise) rows keep dense shapes: their zeros "
+        "save nothing in dense kernels.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -453,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
     }
-    rows = []
+    ran: list[Path] = []
     failed = []
     for ratio in args.ratios:
         for method in args.methods:
@@ -483,6 +489,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             if "error" in row:
                 failed.append(f"{method}@{ratio}: {row['error']}")
+            ran.append(result)
+    # the table: every finished job of this model measured with the same settings (earlier
+    # invocations with other methods, ratios or --set overrides included), and this one's failures
+    rows = []
+    for f in sorted((root / "jobs").glob("*.json")):
+        row = json.loads(f.read_text())
+        same = all(row.get("spec", {}).get(k) == v for k, v in settings.items())
+        if ("error" not in row and same) or ("error" in row and f in ran):
             rows.append(row)
     env = environment(next((r["device"] for r in rows if "device" in r), "cpu"))
     table = markdown(rows, env, settings)
@@ -491,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"environment": env, "settings": settings, "rows": rows}, indent=2) + "\n"
     )
     (root / "bench.md").write_text(table)
-    png = plot(rows, root / "speedup_vs_ratio.png", args.model) if len(args.ratios) > 1 else None
+    png = (
+        plot(rows, root / "speedup_vs_ratio.png", args.model) if len({r["ratio"] for r in rows}) > 1 else None
+    )
     print(table)
     print(f"[bench] wrote {root / 'bench.md'}, {root / 'bench.json'}" + (f", {png}" if png else ""))
     if args.readme:

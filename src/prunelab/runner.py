@@ -335,7 +335,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
             log.info("prune: %s", cfg.method.name)
             t = time.perf_counter()
             m, tok = dense_model()
-            calib = build_calibration(cfg, method, tok) if getattr(method, "needs_calibration", False) else None
+            calib = (
+                build_calibration(cfg, method, tok) if getattr(method, "needs_calibration", False) else None
+            )
             t_method = time.perf_counter()  # the method alone, without loading or calibration data
             ctx = PruneContext(
                 tok,

@@ -8,6 +8,7 @@ and the peak allocated CUDA memory of one prefill (GPU).
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import sys
@@ -36,6 +37,78 @@ def macs(model: nn.Module, seq_len: int) -> int:
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _inputs(model: nn.Module, seq_len: int, batch_size: int, vocab: int | None) -> torch.Tensor:
+    vocab = vocab or base_model(model).config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(next(model.parameters()).device)
+
+
+def _timer(device: torch.device):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    return timed
+
+
+def _generate(model: nn.Module, prompt: torch.Tensor, tokens: int) -> None:
+    model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=base_model(model).config.pad_token_id or 0,
+    )
+
+
+@torch.no_grad()
+def compare_speed(
+    models: dict[str, nn.Module],
+    seq_len: int = 128,
+    batch_size: int = 1,
+    decode_tokens: int = 32,
+    repeats: int = 5,
+    min_sample_s: float = 0.2,
+    vocab: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Prefill tokens/s and decode ms/token of several models (dense and pruned, say),
+    measured interleaved — A, B, A, B, … — so the drifts of a shared machine fall on all of
+    them alike. One prefill sample repeats the forward until it lasts ``min_sample_s``; the
+    median of ``repeats`` samples is reported."""
+    first = next(iter(models.values()))
+    x = _inputs(first, seq_len, batch_size, vocab)
+    timed = _timer(x.device)
+    prompt = x[:1, :16]
+    reps = {}
+    for name, m in models.items():
+        m.eval()
+        m(input_ids=x)  # warm-up
+        _generate(m, prompt, 2)
+        reps[name] = max(1, math.ceil(min_sample_s / max(timed(lambda m=m: m(input_ids=x)), 1e-6)))
+    prefill: dict[str, list[float]] = {n: [] for n in models}
+    decode: dict[str, list[float]] = {n: [] for n in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            k = reps[name]
+            prefill[name].append(timed(lambda m=m, k=k: [m(input_ids=x) for _ in range(k)]) / k)
+            decode[name].append(timed(lambda m=m: _generate(m, prompt, decode_tokens)) / decode_tokens)
+    return {
+        n: {
+            "prefill_tokens_per_s": batch_size * seq_len / statistics.median(prefill[n]),
+            "decode_ms_per_token": 1000 * statistics.median(decode[n]),
+            "prefill_spread": (max(prefill[n]) - min(prefill[n])) / statistics.median(prefill[n]),
+        }
+        for n in models
+    }
 
 
 @torch.no_grad()
