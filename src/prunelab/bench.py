@@ -8,16 +8,19 @@
 Each (method, ratio) runs in a fresh Python process, so peak memory belongs to that job:
 
 1. compose the config exactly as ``prunelab method=<m> ratio=<r> model=<model>`` would
-   (plus ``--set`` overrides), validate it, load the model;
-2. measure the dense model's cost (parameters, MACs, prefill tokens/s at a fixed batch and
-   length, decode ms/token);
-3. build the calibration set the runner would hand the method (the method's own size, or
-   the data config's for methods without one) and time the **floor** on it: one forward
-   over the whole set (no gradients) and one forward + backward (gradients of every weight);
-4. reset the peak-memory counter (Linux ``VmHWM``; peak allocated on CUDA), run
-   ``method.prune`` (timed: the method alone; loading and calibration data excluded),
-   remove the pruned structures (or keep the masks, for the layer-wise sparse methods);
-5. measure the pruned model's cost the same way as the dense one's.
+   (plus ``--set`` overrides), validate it, load the model and keep a dense copy;
+2. build the calibration set the runner would hand the method (the method's own size, or
+   the data config's for methods without one);
+3. reset the peak-memory counter (Linux ``VmHWM``, after handing freed heap back; peak
+   allocated on CUDA), run ``method.prune`` (timed: the method alone; loading and
+   calibration data excluded), remove the pruned structures (or keep the masks, for the
+   layer-wise sparse methods);
+4. time the **floor** on the dense copy and the same calibration set: one forward over the
+   whole set (no gradients), and for gradient methods one forward + backward (gradients of
+   every weight);
+5. measure dense and pruned model interleaved (A, B, A, B, …, so a shared machine's drift
+   falls on both): parameters, MACs, prefill tokens/s at a fixed batch and length, decode
+   ms/token.
 
 A method's cost is shown as a multiple of its floor: the forward floor for methods that only
 read activations (or nothing), the forward + backward floor for methods that take gradients
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import hashlib
 import json
 import os
@@ -88,6 +92,10 @@ class PeakMemory:
         import torch
 
         gc.collect()
+        with contextlib.suppress(
+            OSError, AttributeError
+        ):  # hand freed heap back (glibc), so RSS starts honest
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -129,9 +137,12 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def floors(model: Any, calibration: Any, batch_size: int, memory: PeakMemory) -> dict[str, float]:
-    """One forward over the calibration set, and one forward + backward (every weight's
-    gradient, freed after), in batches of ``batch_size``; wall time and working memory."""
+def floors(
+    model: Any, calibration: Any, batch_size: int, memory: PeakMemory, backward: bool = True
+) -> dict[str, float]:
+    """One forward over the calibration set and, with ``backward``, one forward + backward
+    (every weight's gradient, freed after), in batches of ``batch_size``; wall time and
+    working memory of each."""
     import torch
 
     device = next(model.parameters()).device
@@ -149,6 +160,8 @@ def floors(model: Any, calibration: Any, batch_size: int, memory: PeakMemory) ->
     _sync(device)
     out["floor_forward_s"] = time.perf_counter() - t
     out["floor_forward_mem_mb"] = memory.read()["peak_rss_over_start_mb"]
+    if not backward:
+        return out
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(True)
@@ -216,7 +229,8 @@ def run_job(spec: dict) -> dict:
     grad = uses_gradients(method)
     floor_batch = int(getattr(method, "batch_size", None) or getattr(method, "micro_batch", None) or 8)
     memory = PeakMemory(device)
-    fl = floors(model, calib, floor_batch, memory)
+    if dense_model is None:  # the floors need the dense model: before pruning changes it
+        fl = floors(model, calib, floor_batch, memory, backward=grad)
     with tempfile.TemporaryDirectory(prefix="prunelab-bench-") as tmp:
         ctx = PruneContext(
             tok,
@@ -243,6 +257,8 @@ def run_job(spec: dict) -> dict:
         apply_masks(model, masks)
         prune_physically(model, masks)
     model.to(device)
+    if dense_model is not None:  # after pruning, so pruning's memory is measured from a clean start
+        fl = floors(dense_model.to(device), calib, floor_batch, memory, backward=grad)
     if dense_model is not None:
         speed = compare_speed({"dense": dense_model.to(device), "pruned": model}, **cost_kw)
         dense = {**count_params(dense_model), "macs": macs(dense_model, spec["seq_len"]), **speed["dense"]}

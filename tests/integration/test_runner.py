@@ -383,3 +383,49 @@ def test_optuna_sweep_minimises_the_returned_perplexity(tmp_path):
     assert runs[0]["tracking"]["group"].startswith("sweep:method.iterations,method.rho@")
     best = min(r["pruned"]["perplexity"]["embedded"] for r in runs)
     assert f"Best value: {best}" in p.stdout + p.stderr
+
+
+def test_bench_command_writes_table_json_and_readme_section(tmp_path):
+    """Issue 9: one command benchmarks methods on the embedded model and fills the README."""
+    from prunelab.bench import README_END, README_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"x\n{README_START.format(model='tiny_llama')}\n{README_END.format(model='tiny_llama')}\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.bench",
+        "--methods",
+        "structured",
+        "wanda",
+        "--ratios",
+        "0.2",
+        "0.5",
+    ]
+    cmd += ["--repeats", "1", "--seq-len", "32", "--batch-size", "1", "--decode-tokens", "2"]
+    cmd += ["--out", str(tmp_path / "bench"), "--readme", str(readme)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    root = tmp_path / "bench" / "tiny_llama"
+    rows = json.loads((root / "bench.json").read_text())["rows"]
+    assert sorted((r["method"], r["ratio"]) for r in rows) == [
+        ("structured", 0.2),
+        ("structured", 0.5),
+        ("wanda", 0.2),
+        ("wanda", 0.5),
+    ]
+    for r in rows:
+        assert r["prune_s"] > 0 and r["floor_s"] > 0 and r["peak_rss_mb"] > 0
+        if r["method"] == "structured":  # the ratio is of all parameters
+            assert abs(r["params_ratio"] - (1 - r["ratio"])) <= 0.01 * r["ratio"]
+            assert r["macs_ratio"] < 1
+        else:  # sparse: shapes (and parameter counts) unchanged
+            assert r["params_ratio"] == 1.0 and r["calibration_used"] and r["floor"] == "forward"
+    assert (root / "speedup_vs_ratio.png").stat().st_size > 0
+    table = (root / "bench.md").read_text()
+    assert table in readme.read_text() and "| wanda (unstructured) | 0.5 |" in table
+    # a rerun reuses every finished job
+    p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.count("finished earlier") == 4

@@ -39,6 +39,21 @@ def test_knowledge_analysis_restores_the_model_exactly_and_marks_the_top_gamma(t
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_knowledge_prefix_cache_equals_whole_model_perplexity_under_a_probe():
+    """Probes run from their own layer on cached dense inputs: the same NLL as the whole
+    model's window_nll with that layer changed (here: a zeroed head in layer 2)."""
+    from prunelab.evaluation.perplexity import window_nll
+    from prunelab.methods.lorashear.knowledge import PrefixCache
+
+    model = make_model("llama", 2, layers=4)
+    ids = torch.randint(0, 128, (5 * 32 + 7,), generator=torch.Generator().manual_seed(0))
+    cache = PrefixCache(model, ids, 32, batch_size=2)  # 5 windows: batches of 2, 2, 1
+    assert abs(cache.nll(0) - window_nll(model, ids, 32, batch_size=2)) < 1e-5
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight[:, :16] = 0
+    assert abs(cache.nll(2) - window_nll(model, ids, 32, batch_size=2)) < 1e-5
+
+
 def test_knowledge_analysis_respects_the_layer_subset():
     model = make_model("llama", 2, layers=4)
     ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(0))

@@ -40,6 +40,33 @@ def test_parse_pattern():
         parse_pattern(124)  # what YAML 1.1 makes of an unquoted 2:4
 
 
+@pytest.mark.parametrize(
+    "rows, cols, sparsity", [(13, 24, 0.37), (64, 256, 0.5), (5, 7, 0.5), (100, 33, 0.9)]
+)
+def test_drop_lowest_rows_drops_exactly_the_lowest(rows, cols, sparsity):
+    """The unsorted top-k path (shares differ by ≤ 1) against a per-row argsort."""
+    from prunelab.sparsity.patterns import drop_lowest_rows, row_counts
+
+    score = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+    counts = row_counts(sparsity, rows, cols)
+    ref = torch.ones_like(score, dtype=torch.bool)
+    for r in range(rows):
+        ref[r, torch.argsort(score[r])[: int(counts[r])]] = False
+    assert torch.equal(drop_lowest_rows(score, counts), ref)
+    uneven = torch.randint(0, cols, (rows,), generator=torch.Generator().manual_seed(1))  # the sorted path
+    assert torch.equal((~drop_lowest_rows(score, uneven)).sum(1), uneven)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 7), (13, 24), (11008, 4096), (4096, 11008), (333, 3)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 1 / 3, 0.5, 0.6, 0.7, 0.9, 0.999])
+def test_row_counts_vectorised_equals_the_scalar_rule(rows, cols, sparsity):
+    from prunelab.sparsity.patterns import row_counts
+
+    got = row_counts(sparsity, rows, cols)
+    edges = [prune_count(sparsity, r * cols) for r in range(rows + 1)]
+    assert got.tolist() == [b - a for a, b in itertools.pairwise(edges)]
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.6, 0.7, 0.9])
 @pytest.mark.parametrize("scope", ["layer", "row"])
 def test_unstructured_masks_are_exact(sparsity, scope):

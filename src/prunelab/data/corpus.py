@@ -15,12 +15,16 @@ text itself differs slightly between versions. The test split is never trained o
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import json
 import os
 import re
+import sys
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 SOURCES = ("reference", "docstrings", "comments")
 SPLITS = ("train", "validation", "test")
@@ -117,9 +121,41 @@ def _comment_paragraphs(source: str) -> list[str]:
     ]
 
 
+def cache_root() -> Path:
+    """prunelab's per-user cache (``$PRUNELAB_CACHE_DIR``, default ``~/.cache/prunelab``)."""
+    return Path(os.environ.get("PRUNELAB_CACHE_DIR", Path.home() / ".cache" / "prunelab"))
+
+
 def _stdlib_docs() -> list[Document]:
+    """The docstring and comment documents of the standard library. Parsing ~700 files
+    takes ~7 s, paid once per process by every run, test and benchmark job before this
+    cache: the result is kept on disk under a key of the Python version, every file's
+    size and mtime, and this module's own source (a change to the rules rebuilds it)."""
+    files = _stdlib_files()
+    key = hashlib.sha256(
+        repr(
+            (
+                sys.version,
+                Path(__file__).read_bytes(),
+                [(rel, os.stat(path).st_size, os.stat(path).st_mtime_ns) for rel, path in files],
+            )
+        ).encode()
+    ).hexdigest()[:20]
+    cached = cache_root() / "corpus" / f"stdlib-{key}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return [Document(d["id"], d["source"], d["text"]) for d in json.loads(cached.read_text())]
+    docs = _parse_stdlib(files)
+    with contextlib.suppress(OSError):  # a read-only home only costs the parse
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([{"id": d.id, "source": d.source, "text": d.text} for d in docs]))
+        os.replace(tmp, cached)
+    return docs
+
+
+def _parse_stdlib(files: list[tuple[str, str]]) -> list[Document]:
     docs = []
-    for rel, path in _stdlib_files():
+    for rel, path in files:
         try:
             with open(path, encoding="utf-8") as f:
                 src = f.read()

@@ -326,6 +326,11 @@ def _prune_blocks(model, calibration, solve, layers, modules, gram, device, batc
                     if errors and st is not None:
                         entry["rel_error"] = reconstruction_error(w, lin.weight.detach().float(), st)
                     report[key] = entry
+                    del w, new, st
+                    if site in stats and not any(
+                        SITES[m][1] == site for m in modules[modules.index(name) + 1 :]
+                    ):
+                        del stats[site]  # its last reader is solved: free XᵀX and its factorisations
                 del stats
             if inputs is not None and i < last:  # the pruned block feeds the next one
                 run_block(block, inputs, kwargs, spare)

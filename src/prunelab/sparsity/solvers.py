@@ -240,11 +240,12 @@ def admm(
     frozen = max(1, min(mask_iterations, iterations))
     target = pattern.sparsity if pattern.m is not None else sparsity
     for k in range(iterations):
+        xu = x + u  # once per iteration (bit-identical to u + x)
         if k < frozen:
             s_k = cubic_schedule(target, k, frozen) if schedule == "cubic" else target
-            keep = keep_mask((x + u).abs(), s_k, pattern, scope)
-        z = (x + u) * keep
-        u = u + x - z
+            keep = keep_mask(xu.abs(), s_k, pattern, scope)
+        z = xu * keep
+        u = xu.sub_(z)  # u + x − z
         x = (b + rho * (z - u)) @ inv
     return z / d[None, :], keep, {}
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunelab.evaluation.perplexity import perplexity
 from prunelab.importance import select_masks
 from prunelab.importance.magnitude import MagnitudeImportance
 from prunelab.structure import ArchInfo, apply_masks, units
@@ -38,6 +37,48 @@ class KnowledgeReport:
         return asdict(self)
 
 
+class PrefixCache:
+    """The probe windows' hidden states at the input of every decoder block, from one dense
+    pass. A probe changes one layer only, so the blocks before it compute what they computed
+    densely: each probe runs from its own layer on (half the model on average), not from the
+    embeddings. ``nll(start)`` equals ``window_nll`` of the whole model, up to float rounding."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int) -> None:
+        from prunelab.sparsity.engine import ActivationStore, capture_inputs, run_block
+
+        n = ids.numel() // seq_len
+        if n == 0:
+            raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+        self.model = model
+        device = next(model.parameters()).device
+        self.windows = ids[: n * seq_len].view(n, seq_len)
+        captured = capture_inputs(model, self.windows, device, batch_size)
+        self.kwargs = captured.kwargs()
+        self.inputs = [captured.store]  # inputs[i]: block i's inputs, batch by batch
+        for block in model.model.layers[:-1]:
+            out = ActivationStore("memory", device)
+            run_block(block, self.inputs[-1], self.kwargs, out)
+            self.inputs.append(out)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def nll(self, start: int) -> float:
+        """Mean next-token NLL with blocks ``start``… run on the cached inputs of ``start``."""
+        inner = self.model.model
+        total, count = 0.0, 0
+        for b, (x, kw) in enumerate(zip(self.inputs[start], self.kwargs, strict=True)):
+            for block in inner.layers[start:]:
+                out = block(x, **kw)
+                x = out[0] if isinstance(out, tuple) else out
+            logits = self.model.lm_head(inner.norm(x))[:, :-1].float()
+            target = self.windows[b * self.batch_size : (b + 1) * self.batch_size, 1:].to(logits.device)
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
+            ).item()
+            count += target.numel()
+        return total / count
+
+
 @torch.no_grad()
 def knowledge_distribution(
     model: nn.Module,
@@ -54,8 +95,8 @@ def knowledge_distribution(
     back bit-identical."""
     was_training = model.training
     model.eval()
-    ppl = lambda: perplexity(model, ids, seq_len, batch_size=batch_size)  # noqa: E731
-    base = ppl()
+    cache = PrefixCache(model, ids, seq_len, batch_size)
+    base = math.exp(cache.nll(0))
     todo = [u for u in units(arch, kinds) if layers is None or u.layer in layers]
     scores = MagnitudeImportance().scores(model, arch, todo)
     deviations: dict[str, dict[str, float]] = {}
@@ -65,7 +106,7 @@ def knowledge_distribution(
         for r in ratios:
             k = min(unit.n - 1, max(1, round(r * unit.n)))
             apply_masks(model, select_masks({unit.key: scores[unit.key]}, {unit.key: k}), arch)
-            deviations[unit.key][str(r)] = ppl() - base
+            deviations[unit.key][str(r)] = math.exp(cache.nll(unit.layer or 0)) - base
             for t, copy in saved:  # restore exactly before the next probe
                 t.copy_(copy)
     score = {k: sum(v.values()) / len(v) for k, v in deviations.items()}
