@@ -8,7 +8,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4'
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format embedded clean
+.PHONY: setup run test test-fast lint format embedded bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format src tests experiments
 	$(VENV)/bin/ruff check --fix src tests experiments
+
+# The README's Performance tables (~45 min on 2 cores; finished jobs are reused on a rerun).
+bench: setup
+	$(VENV)/bin/prunelab-bench --methods structured llm_pruner --ratios 0.2 0.35
+	$(VENV)/bin/prunelab-bench --readme README.md
+	$(VENV)/bin/prunelab-bench --model synthetic_110m --methods structured llm_pruner --ratios 0.2 0.35 0.5
+	$(VENV)/bin/prunelab-bench --model synthetic_110m --methods magnitude wanda sparsegpt admm --readme README.md
 
 # Reproduce the shipped embedded models (~15 min each on 2 cores).
 embedded: setup

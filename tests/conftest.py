@@ -105,3 +105,40 @@ class Recorder:
 
     def image(self, key, path):
         self.images.append((key, str(path)))
+
+
+class LiveTensors:
+    """Context manager: the most tensors of a shape (``(any, *shape)``) alive at once. Every
+    tensor of that shape entering or leaving any torch op is tracked weakly until it is
+    freed; the count is taken at every op."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
+        self.peak = 0
+
+    def __enter__(self) -> LiveTensors:
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        outer = self
+        live: dict[int, weakref.ref] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves((args, kwargs, out)):
+                    key = id(t)
+                    if isinstance(t, torch.Tensor) and tuple(t.shape[1:]) == outer.shape and key not in live:
+                        live[key] = weakref.ref(t, lambda _, k=key: live.pop(k, None))
+                outer.peak = max(outer.peak, len(live))
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

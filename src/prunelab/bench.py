@@ -201,7 +201,8 @@ def compose(model: str, method: str, ratio: float, overrides: list[str], out_roo
 
 
 def run_job(spec: dict) -> dict:
-    """One (method, ratio): dense cost, floor, prune, pruned cost. Runs in its own process."""
+    """One (method, ratio): prune (time, memory), floor, dense and pruned cost. Runs in its
+    own process (see the module docstring for the order and why)."""
     import tempfile
 
     import torch
@@ -259,7 +260,6 @@ def run_job(spec: dict) -> dict:
     model.to(device)
     if dense_model is not None:  # after pruning, so pruning's memory is measured from a clean start
         fl = floors(dense_model.to(device), calib, floor_batch, memory, backward=grad)
-    if dense_model is not None:
         speed = compare_speed({"dense": dense_model.to(device), "pruned": model}, **cost_kw)
         dense = {**count_params(dense_model), "macs": macs(dense_model, spec["seq_len"]), **speed["dense"]}
         pruned = {**count_params(model), "macs": macs(model, spec["seq_len"]), **speed["pruned"]}
@@ -440,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per job (0: torch's default)")
     p.add_argument("--out", default="outputs/bench")
     p.add_argument("--force", action="store_true", help="rerun jobs that finished before")
+    p.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="no dense copy in memory (large models): dense speed and floors measured before pruning",
+    )
     p.add_argument("--readme", type=Path, help="rewrite this file's generated section for --model")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one job's spec (JSON) in this process
     args = p.parse_args(argv)
@@ -486,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 "overrides": list(args.overrides),
                 "threads": args.threads,
                 "out_root": str(Path(args.out) / "runs"),
+                **({"paired": False} if args.unpaired else {}),
             }
             result = _job_file(root, spec)
             spec["result"] = str(result)

@@ -378,3 +378,21 @@ def test_in_domain_eval_adds_the_run_data_test_split_to_perplexity():
     no_test.in_domain_eval = True
     with pytest.raises(ConfigError, match="needs a test split"):
         S.build_source(no_test)
+
+
+def test_stdlib_corpus_is_cached_on_disk_and_rebuilt_when_unreadable(tmp_path, monkeypatch):
+    """The parse of the standard library is kept under $PRUNELAB_CACHE_DIR; a damaged cache
+    file is parsed again, never trusted."""
+    from prunelab.data import corpus
+
+    monkeypatch.setenv("PRUNELAB_CACHE_DIR", str(tmp_path))
+    first = corpus._stdlib_docs()
+    (cached,) = (tmp_path / "corpus").glob("stdlib-*.json")
+    assert corpus._stdlib_docs() == first  # read back: the same documents, in order
+    calls = []
+    parse = corpus._parse_stdlib
+    monkeypatch.setattr(corpus, "_parse_stdlib", lambda files: calls.append(1) or parse(files))
+    assert corpus._stdlib_docs() == first and calls == []  # from the file
+    cached.write_text("{not json")
+    assert corpus._stdlib_docs() == first and calls == [1]  # parsed again, file rewritten
+    assert json.loads(cached.read_text())[0]["id"] == first[0].id

@@ -115,6 +115,23 @@ def test_first_order_batched_equals_per_sample_mean(gqa_model):
     assert torch.allclose(g_batched[id(w)], g_single[id(w)], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("fisher", [False, True])
+def test_gradient_statistics_stream_micro_batches(fisher):
+    """Issue 9: Taylor scoring holds one micro-batch's activations, whatever the number of
+    calibration sequences (the live hidden-state tensors are counted at every torch op)."""
+    from tests.conftest import LiveTensors
+
+    model = make_model("llama", 2, layers=2)
+    w = model.model.layers[1].mlp.up_proj.weight
+    peaks = {}
+    for n in (4, 16):
+        calib = torch.randint(0, 128, (n, 16), generator=torch.Generator().manual_seed(n))
+        with LiveTensors((16, model.config.hidden_size)) as live:
+            gradient_stats(model, {id(w): w}, calib, fisher=fisher, micro_batch=2)
+        peaks[n] = live.peak
+    assert peaks[4] == peaks[16] > 0
+
+
 def test_aggregations():
     a, b = torch.tensor([1.0, 4.0]), torch.tensor([3.0, 2.0])
     assert aggregate([a, b], "sum").tolist() == [4.0, 6.0]

@@ -254,37 +254,14 @@ def _peak_live_activations(n: int, activations: str, tmp_path) -> int:
     """The most (batch, T, hidden) float tensors alive at once during a Wanda run of the
     engine over ``n`` calibration sequences: every tensor of that shape that enters or leaves
     any torch op is tracked (weakly) until it is freed; the count is taken at every op."""
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
+    from tests.conftest import LiveTensors
 
     model = make_model("llama", 2, layers=3)
     shape = (16, model.config.hidden_size)
     calib = torch.randint(0, 128, (n, shape[0]), generator=torch.Generator().manual_seed(0))
 
-    class Live(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.live: dict[int, weakref.ref] = {}
-            self.peak = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves((args, kwargs, out)):
-                key = id(t)
-                if (
-                    isinstance(t, torch.Tensor)
-                    and t.dim() == 3
-                    and tuple(t.shape[1:]) == shape
-                    and key not in self.live
-                ):
-                    self.live[key] = weakref.ref(t, lambda _, k=key: self.live.pop(k, None))
-            self.peak = max(self.peak, len(self.live))
-            return out
-
     solve = lambda name, w, st: solvers.wanda(w, st, 0.5, Pattern(), "row")  # noqa: E731
-    with Live() as live:
+    with LiveTensors(shape) as live:
         prune_layerwise(
             model,
             calib,
