@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from prunelab import bench
+from prunelab.errors import ConfigError
 from prunelab.evaluation.cost import compare_speed
 from prunelab.structure import apply_masks, arch_info, prune_physically
 from tests.conftest import make_model
@@ -129,3 +130,41 @@ def test_plot_writes_a_png(tmp_path):
     rows = [_row(ratio=0.2, prefill_speedup=1.2), _row(ratio=0.5)]
     assert bench.plot(rows, tmp_path / "s.png", "m").stat().st_size > 0
     json.dumps(rows)  # rows are what bench.json holds
+
+
+def test_synthetic_model_is_built_once_and_loads_through_the_model_config(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from prunelab.models import synthetic
+    from prunelab.models.loading import check_model_config, load_model
+
+    monkeypatch.setenv("PRUNELAB_SYNTHETIC_DIR", str(tmp_path))
+    monkeypatch.setitem(
+        synthetic.SPECS, "llama_tiny", synthetic.SyntheticSpec(64, 2, 4, 2, 128, vocab_size=4096)
+    )
+    cfg = OmegaConf.create(
+        {
+            "name": "t",
+            "path": "synthetic:llama_tiny",
+            "revision": None,
+            "dtype": "float32",
+            "attn_implementation": "sdpa",
+            "trust_remote_code": False,
+        }
+    )
+    check_model_config(cfg)  # names are checked without building anything
+    assert not (tmp_path / "llama_tiny").exists()
+    model, tok = load_model(cfg)
+    assert model.config.num_key_value_heads == 2 and model.config.vocab_size == 4096
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == 4096 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    )  # tied embedding, GQA k/v, MLP, two norms per layer, final norm
+    ids = tok("def f(): return 1", return_tensors="pt").input_ids
+    assert int(ids.max()) < 4096 and torch.isfinite(model(input_ids=ids).logits).all()
+    stamp = (tmp_path / "llama_tiny" / "model.safetensors").stat().st_mtime_ns
+    load_model(cfg)
+    assert (tmp_path / "llama_tiny" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
+    bad = OmegaConf.merge(cfg, {"path": "synthetic:nope"})
+    with pytest.raises(ConfigError, match=r"model\.path='synthetic:nope'.*allowed"):
+        check_model_config(bad)

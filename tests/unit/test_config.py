@@ -124,6 +124,15 @@ BAD = [
         r"method\.sparsity_pattern applies to the layer-wise methods.*method=llm_pruner removes whole structures",
     ),
     (["method=wanda", "method.sparsity_pattern=4:4"], r"sparsity_pattern='4:4'.*N must be smaller than M"),
+    (
+        ["method=sparsegpt", "method.activations=ssd"],
+        r"method\.activations='ssd'.*allowed.*auto, memory, disk",
+    ),
+    (["method=admm", "method.activation_budget_mb=-1"], r"method\.activation_budget_mb=-1 must be ≥ 0"),
+    (
+        ["model=synthetic_110m", "model.path=synthetic:llama_1t"],
+        r"model\.path='synthetic:llama_1t'.*allowed.*synthetic:llama_110m",
+    ),
     (["method=admm", "method.sparsity_pattern=6:4"], r"sparsity_pattern='6:4'.*N must be smaller than M"),
     (["method=admm", "method.sparsity_pattern=2to4"], r"sparsity_pattern='2to4' is not allowed.*N:M"),
     (
