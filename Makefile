@@ -37,7 +37,7 @@ format: setup
 	$(VENV)/bin/ruff format src tests experiments
 	$(VENV)/bin/ruff check --fix src tests experiments
 
-# The README's Performance tables (~45 min on 2 cores; finished jobs are reused on a rerun).
+# The README's Performance tables (~25 min on 2 cores; finished jobs are reused on a rerun).
 bench: setup
 	$(VENV)/bin/prunelab-bench --methods structured llm_pruner --ratios 0.2 0.35
 	$(VENV)/bin/prunelab-bench --readme README.md
