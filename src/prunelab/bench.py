@@ -273,6 +273,7 @@ def run_job(spec: dict) -> dict:
         "ratio": spec["ratio"],
         "model": spec["model"],
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
         "overrides": spec["overrides"],
         "sparse": sparse,
         "pattern": str(getattr(method, "pattern", "")) if sparse else "structured",
@@ -521,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         if ("error" not in row and same) or ("error" in row and f in ran):
             rows.append(row)
     env = environment(next((r["device"] for r in rows if "device" in r), "cpu"))
+    env["torch_threads"] = next(
+        (r["torch_threads"] for r in rows if "torch_threads" in r), env["torch_threads"]
+    )
     table = markdown(rows, env, settings)
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench.json").write_text(
