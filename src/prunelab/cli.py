@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.errors import ConfigError
 from prunelab.paths import conf_dir
-from prunelab.runner import VOLATILE_KEYS, VOLATILE_METHOD_KEYS, run_identity
+from prunelab.runner import VOLATILE_DOTTED, VOLATILE_KEYS, run_identity
 
 log = logging.getLogger("prunelab")
 
@@ -67,7 +67,7 @@ def sweep_group(cfg: DictConfig) -> str | None:
         for o in parsed
         if not o.is_sweep_override()
         and o.key_or_group.split(".")[0] not in VOLATILE_KEYS
-        and o.key_or_group not in [f"method.{k}" for k in VOLATILE_METHOD_KEYS]
+        and o.key_or_group not in VOLATILE_DOTTED
         and o.key_or_group not in keys  # a sweeper's per-trial value (Optuna) is not a fixed override
     )
     suffix = f"@{hashlib.sha1(repr(fixed).encode()).hexdigest()[:6]}" if fixed else ""

@@ -121,15 +121,20 @@ def _hash(obj: Any) -> str:
 
 # Keys that never change results: they neither name run directories nor block resuming.
 VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir", "dry_run")
-# method keys that change where work happens, never its result (bit-identical either way)
-VOLATILE_METHOD_KEYS = ("activations", "activation_budget_mb")
+# group keys that change where or how work happens, never its result
+VOLATILE_GROUP_KEYS = {
+    "method": ("activations", "activation_budget_mb"),  # calibration batches in memory or on disk
+    "recovery": ("gradient_checkpointing",),  # activations recomputed instead of held
+}
+VOLATILE_DOTTED = tuple(f"{g}.{k}" for g, keys in VOLATILE_GROUP_KEYS.items() for k in keys)
 
 
 def run_identity(resolved: dict) -> dict:
     """The resolved config minus the keys that cannot change results: what a run dir is."""
     identity = {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS}
-    if isinstance(identity.get("method"), dict):
-        identity["method"] = {k: v for k, v in identity["method"].items() if k not in VOLATILE_METHOD_KEYS}
+    for group, keys in VOLATILE_GROUP_KEYS.items():
+        if isinstance(identity.get(group), dict):
+            identity[group] = {k: v for k, v in identity[group].items() if k not in keys}
     return identity
 
 

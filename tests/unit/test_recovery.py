@@ -18,6 +18,7 @@ from prunelab.paths import conf_dir
 from prunelab.recovery.lora import (
     IGNORE_INDEX,
     LoraRecovery,
+    checkpointing,
     collate,
     lora_state,
     mean_loss,
@@ -286,6 +287,30 @@ def test_same_seed_same_result(tok, tmp_path):
     assert torch.equal(logits(outs[0], IDS), logits(outs[1], IDS))
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path):
+    """Checkpointing trades memory for recomputation only: with dropout on (its masks are
+    replayed in the recompute), the recovered model matches the one trained without it;
+    the model leaves with checkpointing switched off."""
+    outs = []
+    for gc in (False, True):
+        model = tiny(pruned=True)
+        rec = quick(lr=1e-2, dropout=0.1, max_steps=3, gradient_checkpointing=gc)
+        outs.append(rec.fit(model, tok, EXAMPLES, EXAMPLES[:2], tmp_path / str(gc)))
+        assert not checkpointing(outs[-1])
+    assert torch.allclose(logits(outs[0], IDS), logits(outs[1], IDS), atol=1e-5)
+    base = logits(tiny(pruned=True), IDS)
+    assert (logits(outs[1], IDS) - base).abs().max() > 1e-3  # it did train
+
+
+def test_methods_refuse_gradient_checkpointing():
+    from prunelab.methods import method_trainer
+
+    with pytest.raises(
+        ConfigError, match=r"method\.train\.gradient_checkpointing=true is not supported for method=loraprune"
+    ):
+        method_trainer({"gradient_checkpointing": True}, "loraprune", 0)
+
+
 def test_recovered_per_layer_model_saves_and_reloads(tok, tmp_path):
     from prunelab.models.loading import load_pretrained, save_model
 
@@ -331,6 +356,7 @@ def test_yaml_holds_the_paper_defaults():
         ("eval_every", 0),
         ("max_steps", 0),
         ("format", "alpaca"),
+        ("gradient_checkpointing", "yes"),
     ],
 )
 def test_bad_values_name_their_key(key, value):

@@ -241,6 +241,27 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing of every decoder layer on or off, non-reentrant;
+    transformers renamed the methods (``activation_checkpointing_*``) and keeps the old names
+    until v6, so either is used."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on."""
+    flag = getattr(type(model), "is_activation_checkpointing", None) or type(model).is_gradient_checkpointing
+    return bool(flag.fget(model))
+
+
 @dataclass
 class LoraRecovery:
     """Hyperparameters of LoRA recovery (defaults: LLM-Pruner's paper settings)."""
@@ -265,6 +286,9 @@ class LoraRecovery:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     patience: int | None = None  # stop after this many validations without a new best (null: never)
+    # recompute each decoder layer's activations during the backward: one layer's activations
+    # held instead of all of them (the big term at 7B+), for about one more forward per step
+    gradient_checkpointing: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -300,6 +324,7 @@ class LoraRecovery:
         for t in self.target_modules:
             if t not in TARGET_MODULES:
                 p.append(str(bad_value("recovery.target_modules", t, TARGET_MODULES)))
+        need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "must be true or false")
         need(_is_num(self.lr) and self.lr > 0, "lr", "must be a positive learning rate")
         need(_is_num(self.epochs) and self.epochs > 0, "epochs", "must be positive (fractions allowed)")
         need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "must be a positive integer")
@@ -558,9 +583,17 @@ class LoraRecovery:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
             if hooks.setup is not None:
                 hooks.setup(peft_model)
-            history, best_state = self._train(
-                peft_model, opt, train, val_batches, steps, pad_id, tracker, hooks
-            )
+            if self.gradient_checkpointing:
+                # non-reentrant: gradients reach the LoRA factors although the inputs of the
+                # checkpointed layers do not require grad; dropout masks are replayed exactly
+                set_checkpointing(model, True)
+            try:
+                history, best_state = self._train(
+                    peft_model, opt, train, val_batches, steps, pad_id, tracker, hooks
+                )
+            finally:
+                if self.gradient_checkpointing:
+                    set_checkpointing(model, False)
         if best_state is not None:
             load_lora_state(peft_model, best_state)
         peft_model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
