@@ -43,6 +43,7 @@ bench: setup
 	$(VENV)/bin/prunelab-bench --readme README.md
 	$(VENV)/bin/prunelab-bench --model synthetic_110m --methods structured llm_pruner --ratios 0.2 0.35 0.5
 	$(VENV)/bin/prunelab-bench --model synthetic_110m --methods magnitude wanda sparsegpt admm --readme README.md
+	$(PY) experiments/bench_scoring_memory.py --size 100m --batch 1 --seq 128   # LoRA-gradient vs Taylor scoring memory (README numbers)
 
 # Reproduce the shipped embedded models (~15 min each on 2 cores).
 embedded: setup
