@@ -92,9 +92,8 @@ class PeakMemory:
         import torch
 
         gc.collect()
-        with contextlib.suppress(
-            OSError, AttributeError
-        ):  # hand freed heap back (glibc), so RSS starts honest
+        # hand freed heap back to the OS (glibc), so the RSS a job starts from is honest
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -335,6 +334,13 @@ def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def _peak(row: dict) -> str:
+    """Peak memory while pruning: allocated GPU memory on CUDA, process RSS elsewhere."""
+    if "peak_gpu_mb" in row:
+        return f"GPU {row['peak_gpu_mb']:.0f} (+{row['peak_gpu_over_start_mb']:.0f})"
+    return f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_over_start_mb']:.0f})"
+
+
 def markdown(rows: list[dict], env: dict, settings: dict) -> str:
     """The benchmark table: one row per (method, ratio), finished jobs first, failures named."""
     ok = [r for r in rows if "error" not in r]
@@ -359,7 +365,7 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
         lines.append(
             f"| {name} | {r['ratio']} | {_fmt(r['prune_s'])} | {r['floor']} {r['calibration'][0]}×{r['calibration'][1]} "
             f"| {_fmt(r['floor_s'], 3)} | {times} "
-            f"| {r['peak_rss_mb']:.0f} (+{r['peak_rss_over_start_mb']:.0f}) | {r['params_ratio']:.3f} "
+            f"| {_peak(r)} | {r['params_ratio']:.3f} "
             f"| {r['macs_ratio']:.3f} | {r['dense']['prefill_tokens_per_s']:.0f} → "
             f"{r['pruned']['prefill_tokens_per_s']:.0f} | **{_fmt(r['prefill_speedup'])}×** "
             f"| {r['dense']['decode_ms_per_token']:.1f} → {r['pruned']['decode_ms_per_token']:.1f} "
@@ -372,7 +378,7 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
         "",
         "Floor: one pass over the method's calibration set (sequences × tokens), forward or forward + backward; "
         "training methods' multiples split into passes over that many tokens × cost per pass. Peak: process RSS "
-        "during pruning (+ above the RSS at its start). params / MACs: pruned ÷ dense; × columns: pruned speed ÷ "
+        "(allocated memory on a GPU) during pruning (+ above its level at the start). params / MACs: pruned ÷ dense; × columns: pruned speed ÷ "
         "dense speed, measured interleaved in one process. Sparse (layer-wise) rows keep dense shapes: their zeros "
         "save nothing in dense kernels.",
     ]

@@ -98,10 +98,12 @@ def test_markdown_table_rows_passes_and_failures():
         ),
         _row("wanda", sparse=True, pattern="unstructured", overrides=["method.batch_size=4"]),
         {"method": "admm", "ratio": 0.5, "error": "ConfigError: bad"},
+        _row("sparsegpt", sparse=True, pattern="2:4", peak_gpu_mb=900.0, peak_gpu_over_start_mb=120.0),
     ]
     md = bench.markdown(rows, ENV, SETTINGS)
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert len(lines) == 1 + 4  # header + one line per row
+    assert len(lines) == 1 + 5  # header + one line per row
+    assert "| GPU 900 (+120) |" in md and "| 500 (+10) |" in md  # GPU peak where measured, else RSS
     assert "**1.90×**" in md and "150.0 = 150 passes × 1.00" in md
     assert "wanda (unstructured) `method.batch_size=4`" in md
     assert "FAILED: ConfigError: bad" in md
