@@ -219,10 +219,13 @@ def run_job(spec: dict) -> dict:
     method, _, plan = validate(cfg)
     device = pick_device(str(cfg.device))
     torch.manual_seed(int(cfg.seed))
-    model, tok = load_model(cfg.model, "cpu" if getattr(method, "offload", False) else device)
+    model, tok = load_model(cfg.model, "cpu")
     cost_kw = {k: spec[k] for k in ("seq_len", "batch_size", "decode_tokens", "repeats")}
-    # the dense twin stays in memory: the speeds of both are measured interleaved at the end
+    # the dense twin waits in CPU memory (not on the accelerator) until the floors and the
+    # interleaved speed measurement at the end
     dense_model = copy.deepcopy(model) if spec.get("paired", True) else None
+    if not getattr(method, "offload", False):
+        model.to(device)
     dense = None if dense_model is not None else measure_cost(model, **cost_kw)
     sparse = bool(getattr(method, "sparse", False))
     calib = build_calibration(cfg, method, tok)  # the method's set; the data config's if it has none
@@ -504,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             spec["result"] = str(result)
             if args.force or not result.exists() or "error" in json.loads(result.read_text()):
                 print(f"[bench] {method} ratio={ratio} ...", flush=True)
+                result.unlink(missing_ok=True)  # a job killed before writing must not leave an old row
                 t = time.perf_counter()
                 subprocess.run(
                     [sys.executable, "-m", "prunelab.bench", "--job", json.dumps(spec)], check=False
@@ -524,7 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for f in sorted((root / "jobs").glob("*.json")):
         row = json.loads(f.read_text())
-        same = all(row.get("spec", {}).get(k) == v for k, v in settings.items())
+        spec = row.get("spec", {})
+        same = (
+            all(spec.get(k) == v for k, v in settings.items())
+            and spec.get("threads", 0) == args.threads
+            and spec.get("paired", True) == (not args.unpaired)
+        )
         if ("error" not in row and same) or ("error" in row and f in ran):
             rows.append(row)
     env = environment(next((r["device"] for r in rows if "device" in r), "cpu"))

@@ -297,6 +297,8 @@ def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path):
         rec = quick(lr=1e-2, dropout=0.1, max_steps=3, gradient_checkpointing=gc)
         outs.append(rec.fit(model, tok, EXAMPLES, EXAMPLES[:2], tmp_path / str(gc)))
         assert not checkpointing(outs[-1])
+        frozen = outs[-1].requires_grad_(False)
+        assert not frozen(input_ids=IDS).logits.requires_grad  # no input-grad hook left behind
     assert torch.allclose(logits(outs[0], IDS), logits(outs[1], IDS), atol=1e-5)
     base = logits(tiny(pruned=True), IDS)
     assert (logits(outs[1], IDS) - base).abs().max() > 1e-3  # it did train

@@ -310,6 +310,23 @@ def test_engine_disk_and_memory_stores_give_identical_pruning(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(out["memory"][1], out["disk"][1], strict=True))
 
 
+def test_block_inputs_share_equal_arguments_and_keep_uncomparable_ones(tmp_path):
+    from prunelab.sparsity.engine import ActivationStore, BlockInputs
+
+    cpu = torch.device("cpu")
+    x = torch.zeros(2, 4, 8)
+    pos = torch.arange(4)[None]
+    inputs = BlockInputs(ActivationStore("disk", cpu, tmp_path))
+    inputs.add(x, {"position_ids": pos, "mask": None})
+    inputs.add(x + 1, {"position_ids": pos.clone(), "mask": None})  # equal: shared
+    masks = [object(), object()]  # a mask object built per forward (flex attention)
+    inputs.add(x[:1], {"position_ids": pos, "mask": masks[0]})
+    inputs.add(x[:1], {"position_ids": pos, "mask": masks[1]})
+    kw = inputs.kwargs()
+    assert kw[0] is kw[1] and kw[2]["mask"] is masks[0] and kw[3]["mask"] is masks[1]
+    assert [float(t.mean()) for t in inputs.store] == [0.0, 1.0, 0.0, 0.0]
+
+
 def test_activation_store_choice():
     from prunelab.sparsity.engine import pick_store
 

@@ -63,12 +63,15 @@ def build(name: str, seed: int = 0) -> Path:
         eos_token_id=0,
         pad_token_id=0,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    tmp = out.with_name(out.name + ".tmp")
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # concurrent builders do not collide
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(asset_dir("tiny_llama")).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: its folder is the same model
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

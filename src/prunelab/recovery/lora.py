@@ -250,10 +250,16 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
     else:
-        model.gradient_checkpointing_disable()
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        # enabling also hooked the input embeddings to require grad, and disabling leaves
+        # that hook on a model wrapped by get_peft_model: every later forward with grad
+        # enabled would then keep all activations
+        if getattr(model, "_require_grads_hook", None) is not None:
+            model.disable_input_require_grads()
 
 
 def checkpointing(model: nn.Module) -> bool:
@@ -583,7 +589,8 @@ class LoraRecovery:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
             if hooks.setup is not None:
                 hooks.setup(peft_model)
-            if self.gradient_checkpointing:
+            was_on = checkpointing(model)
+            if self.gradient_checkpointing and not was_on:
                 # non-reentrant: gradients reach the LoRA factors although the inputs of the
                 # checkpointed layers do not require grad; dropout masks are replayed exactly
                 set_checkpointing(model, True)
@@ -592,7 +599,7 @@ class LoraRecovery:
                     peft_model, opt, train, val_batches, steps, pad_id, tracker, hooks
                 )
             finally:
-                if self.gradient_checkpointing:
+                if self.gradient_checkpointing and not was_on:
                     set_checkpointing(model, False)
         if best_state is not None:
             load_lora_state(peft_model, best_state)

@@ -150,17 +150,23 @@ def _same(a: Any, b: Any) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a is b or a == b
+    try:
+        return bool(a is b or a == b)
+    except Exception:  # objects without a plain equality (arrays, masks): not known to be equal
+        return False
 
 
 class BlockInputs:
     """Block 0's inputs: hidden states in a store plus the keyword arguments (positions,
     rotary embeddings, mask) of each batch. Unpadded calibration windows of one shape get
-    identical keyword arguments, so they are kept once per batch shape, not once per batch."""
+    identical keyword arguments, so they are kept once per batch shape, not once per batch;
+    a batch whose arguments differ (or cannot be compared: flex attention builds a new mask
+    object per forward) keeps its own."""
 
     def __init__(self, store: ActivationStore) -> None:
         self.store = store
         self._kwargs: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._own: dict[int, dict[str, Any]] = {}
         self._shapes: list[tuple[int, ...]] = []
 
     def add(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -169,15 +175,12 @@ class BlockInputs:
         if known is None:
             self._kwargs[shape] = kwargs
         elif not _same(known, kwargs):
-            raise RuntimeError(
-                "calibration batches of one shape got different block keyword arguments (padding or "
-                "an attention mask?); the layer-wise engine expects unpadded calibration windows"
-            )
+            self._own[len(self._shapes)] = kwargs
         self._shapes.append(shape)
         self.store.append(hidden)
 
     def kwargs(self) -> list[dict[str, Any]]:
-        return [self._kwargs[s] for s in self._shapes]
+        return [self._own.get(i, self._kwargs[s]) for i, s in enumerate(self._shapes)]
 
 
 @torch.no_grad()
@@ -269,9 +272,10 @@ def prune_layerwise(
             root = Path(activation_dir) if activation_dir else None
             if root is None:
                 root = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prunelab-acts-")))
-            else:
-                cleanup.callback(shutil.rmtree, root / "acts", True)
-                root = root / "acts"
+            else:  # a folder of its own inside it, removed afterwards (never a folder already there)
+                Path(activation_dir).mkdir(parents=True, exist_ok=True)
+                root = Path(tempfile.mkdtemp(prefix="activations-", dir=activation_dir))
+                cleanup.callback(shutil.rmtree, root, True)
 
         def store(name: str) -> ActivationStore:
             return ActivationStore(activations, device, None if root is None else root / name)

@@ -70,7 +70,7 @@ class LayerwisePruner:
         _positive_int("batch_size", self.batch_size)
         if self.activations not in ACTIVATION_STORES:
             raise bad_value("method.activations", self.activations, ACTIVATION_STORES)
-        if not self.activation_budget_mb >= 0:
+        if isinstance(self.activation_budget_mb, bool) or not self.activation_budget_mb >= 0:
             raise ConfigError(f"method.activation_budget_mb={self.activation_budget_mb!r} must be ≥ 0 (MiB)")
         for key in ("calibration_samples", "calibration_seq_len"):
             if getattr(self, key) is not None:

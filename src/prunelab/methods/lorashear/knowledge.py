@@ -38,35 +38,53 @@ class KnowledgeReport:
 
 
 class PrefixCache:
-    """The probe windows' hidden states at the input of every decoder block, from one dense
-    pass. A probe changes one layer only, so the blocks before it compute what they computed
-    densely: each probe runs from its own layer on (half the model on average), not from the
-    embeddings. ``nll(start)`` equals ``window_nll`` of the whole model, up to float rounding."""
+    """The probe windows' hidden states at the input of the decoder blocks in ``starts``,
+    from one dense pass, kept in CPU memory (one block input at a time goes to the device).
+    A probe changes one layer only, so the blocks before it compute what they computed
+    densely: each probe runs from its own layer on (half the model on average), not from
+    the embeddings. ``nll(start)`` equals ``window_nll`` of the whole model, up to float
+    rounding. Held: len(starts) × tokens × hidden values (LLaMA-7B, 8192 tokens: 64 MiB per
+    layer in fp16)."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ids: torch.Tensor,
+        seq_len: int,
+        batch_size: int,
+        starts: set[int] | None = None,
+    ) -> None:
         from prunelab.sparsity.engine import ActivationStore, capture_inputs, run_block
 
         n = ids.numel() // seq_len
         if n == 0:
             raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
         self.model = model
+        layers = model.model.layers
+        starts = set(range(len(layers))) if starts is None else set(starts) | {0}
         device = next(model.parameters()).device
         self.windows = ids[: n * seq_len].view(n, seq_len)
         captured = capture_inputs(model, self.windows, device, batch_size)
         self.kwargs = captured.kwargs()
-        self.inputs = [captured.store]  # inputs[i]: block i's inputs, batch by batch
-        for block in model.model.layers[:-1]:
-            out = ActivationStore("memory", device)
-            run_block(block, self.inputs[-1], self.kwargs, out)
-            self.inputs.append(out)
+        current = captured.store
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        for i in range(max(starts) + 1):
+            if i in starts:
+                self.inputs[i] = [x.to("cpu") for x in current]
+            if i < max(starts):
+                out = ActivationStore("memory", device)
+                run_block(layers[i], current, self.kwargs, out)
+                current = out
         self.batch_size = batch_size
 
     @torch.no_grad()
     def nll(self, start: int) -> float:
         """Mean next-token NLL with blocks ``start``… run on the cached inputs of ``start``."""
         inner = self.model.model
+        device = next(self.model.parameters()).device
         total, count = 0.0, 0
         for b, (x, kw) in enumerate(zip(self.inputs[start], self.kwargs, strict=True)):
+            x = x.to(device)
             for block in inner.layers[start:]:
                 out = block(x, **kw)
                 x = out[0] if isinstance(out, tuple) else out
@@ -95,9 +113,9 @@ def knowledge_distribution(
     back bit-identical."""
     was_training = model.training
     model.eval()
-    cache = PrefixCache(model, ids, seq_len, batch_size)
-    base = math.exp(cache.nll(0))
     todo = [u for u in units(arch, kinds) if layers is None or u.layer in layers]
+    cache = PrefixCache(model, ids, seq_len, batch_size, {u.layer or 0 for u in todo})
+    base = math.exp(cache.nll(0))
     scores = MagnitudeImportance().scores(model, arch, todo)
     deviations: dict[str, dict[str, float]] = {}
     for unit in todo:
