@@ -121,20 +121,30 @@ def _hash(obj: Any) -> str:
 
 # Keys that never change results: they neither name run directories nor block resuming.
 VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir", "dry_run")
-# group keys that change where or how work happens, never its result
-VOLATILE_GROUP_KEYS = {
-    "method": ("activations", "activation_budget_mb"),  # calibration batches in memory or on disk
-    "recovery": ("gradient_checkpointing",),  # activations recomputed instead of held
-}
-VOLATILE_DOTTED = tuple(f"{g}.{k}" for g, keys in VOLATILE_GROUP_KEYS.items() for k in keys)
+# keys that change where or how work happens, never its result: not part of a run's identity
+VOLATILE_DOTTED = (
+    "method.activations",  # calibration batches in memory or on disk
+    "method.activation_budget_mb",
+    "recovery.gradient_checkpointing",  # activations recomputed instead of held
+    "method.train.gradient_checkpointing",
+    "method.recovery.lora.gradient_checkpointing",  # LoRAShear's own recovery stages
+)
 
 
 def run_identity(resolved: dict) -> dict:
     """The resolved config minus the keys that cannot change results: what a run dir is."""
     identity = {k: v for k, v in resolved.items() if k not in VOLATILE_KEYS}
-    for group, keys in VOLATILE_GROUP_KEYS.items():
-        if isinstance(identity.get(group), dict):
-            identity[group] = {k: v for k, v in identity[group].items() if k not in keys}
+    for dotted in VOLATILE_DOTTED:
+        *parents, leaf = dotted.split(".")
+        node: Any = identity
+        for key in parents:  # copy the path down, so `resolved` itself is left alone
+            if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+                node = None
+                break
+            node[key] = dict(node[key])
+            node = node[key]
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return identity
 
 

@@ -239,3 +239,30 @@ def test_long_override_lists_get_a_short_unique_run_dir_name():
     a, b = _run_dir_name(long_a), _run_dir_name(long_b)
     assert len(a.encode()) <= MAX_DIR_NAME and len(b.encode()) <= MAX_DIR_NAME
     assert a != b and a.startswith("method.knob0=0") and a == _run_dir_name(long_a)
+
+
+def test_run_identity_ignores_keys_that_only_move_work():
+    """Where calibration batches wait and whether activations are recomputed change no
+    result: runs that differ only there share a run directory (and resume each other)."""
+    from prunelab.runner import run_identity
+
+    base = {
+        "seed": 0,
+        "device": "cpu",
+        "method": {"name": "loraprune", "rho": 1, "train": {"lr": 1e-3}},
+        "recovery": {"name": "lora", "lr": 1e-4},
+    }
+    moved = {
+        "seed": 0,
+        "device": "cuda",
+        "method": {
+            "name": "loraprune",
+            "rho": 1,
+            "activations": "disk",
+            "train": {"lr": 1e-3, "gradient_checkpointing": True},
+        },
+        "recovery": {"name": "lora", "lr": 1e-4, "gradient_checkpointing": True},
+    }
+    assert run_identity(moved) == run_identity(base) == {k: v for k, v in base.items() if k != "device"}
+    assert moved["method"]["train"]["gradient_checkpointing"] is True  # the input is left alone
+    assert run_identity({**base, "seed": 1}) != run_identity(base)

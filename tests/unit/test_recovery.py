@@ -304,13 +304,48 @@ def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path):
     assert (logits(outs[1], IDS) - base).abs().max() > 1e-3  # it did train
 
 
-def test_methods_refuse_gradient_checkpointing():
-    from prunelab.methods import method_trainer
+@pytest.mark.parametrize("name", ["loraprune", "atp", "lorashear"])
+def test_methods_train_the_same_with_gradient_checkpointing(name, tok, tmp_path, monkeypatch):
+    """The methods' forward hooks (LoRAPrune's masks, ATP's gates) are pure functions of
+    state fixed within a step, so the recomputed layers see what the first forward saw: the
+    same masks and bit-for-bit the same weights, with the MLPs visibly run again."""
+    import transformers.models.llama.modeling_llama as ml
 
-    with pytest.raises(
-        ConfigError, match=r"method\.train\.gradient_checkpointing=true is not supported for method=loraprune"
-    ):
-        method_trainer({"gradient_checkpointing": True}, "loraprune", 0)
+    from prunelab.data.sources import load_source_config
+    from prunelab.methods import PruneContext
+    from prunelab.structure import arch_info
+    from prunelab.structure.plan import plan_ratio
+    from tests.conftest import make_model
+    from tests.unit.test_atp import _atp
+    from tests.unit.test_loraprune import _method as _loraprune
+    from tests.unit.test_lorashear import _lorashear
+
+    build, ratio = {"loraprune": (_loraprune, 0.1), "atp": (_atp, 0.2), "lorashear": (_lorashear, 0.2)}[name]
+    calls = [0]
+    mlp_forward = ml.LlamaMLP.forward
+
+    def counted(self, x):
+        calls[0] += 1
+        return mlp_forward(self, x)
+
+    monkeypatch.setattr(ml.LlamaMLP, "forward", counted)
+    runs = {}
+    for gc in (False, True):
+        torch.manual_seed(0)
+        method = build()
+        method.trainer.gradient_checkpointing = gc
+        model = make_model("llama", 2, layers=4, vocab=2048, max_pos=256, inter=128)
+        arch = arch_info(model.config)
+        plan = plan_ratio(arch, ratio, ("attn", "mlp"), method.layers(arch.num_layers), 0.05)
+        d = tmp_path / str(gc)
+        ctx = PruneContext(tok, None, 0, data_cfg=load_source_config("embedded"), out_dir=d / "t", run_dir=d)
+        calls[0] = 0
+        masks = method.prune(model, plan, ctx)
+        runs[gc] = (masks, [p.detach().clone() for p in model.parameters()], calls[0])
+    (m0, w0, c0), (m1, w1, c1) = runs[False], runs[True]
+    assert c1 > c0  # layers recomputed in the backward
+    assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(w0, w1, strict=True))
 
 
 def test_recovered_per_layer_model_saves_and_reloads(tok, tmp_path):

@@ -123,11 +123,6 @@ def method_trainer(
         raise ConfigError(f"{key}: {e}; allowed keys: those of recovery=lora") from e
     except ConfigError as e:
         raise ConfigError(str(e).replace("recovery.", f"{key}.")) from e
-    if trainer.gradient_checkpointing:
-        raise ConfigError(
-            f"{key}.gradient_checkpointing=true is not supported for method={name}: its hooks observe "
-            "every forward, and checkpointing runs each layer's forward twice; it applies to recovery=lora"
-        )
     missing = [m for t in targets for m in COUPLED_MODULES[t] if m not in trainer.target_modules]
     if missing:
         raise ConfigError(f"{key}.target_modules={list(trainer.target_modules)} misses {missing}: {why}")
