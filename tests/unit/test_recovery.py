@@ -287,18 +287,31 @@ def test_same_seed_same_result(tok, tmp_path):
     assert torch.equal(logits(outs[0], IDS), logits(outs[1], IDS))
 
 
-def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path):
+def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path, monkeypatch):
     """Checkpointing trades memory for recomputation only: with dropout on (its masks are
     replayed in the recompute), the recovered model matches the one trained without it;
     the model leaves with checkpointing switched off."""
-    outs = []
+    import transformers.models.llama.modeling_llama as ml
+
+    calls = [0]
+    mlp_forward = ml.LlamaMLP.forward
+
+    def counted(self, x):
+        calls[0] += 1
+        return mlp_forward(self, x)
+
+    monkeypatch.setattr(ml.LlamaMLP, "forward", counted)
+    outs, counts = [], []
     for gc in (False, True):
         model = tiny(pruned=True)
         rec = quick(lr=1e-2, dropout=0.1, max_steps=3, gradient_checkpointing=gc)
+        calls[0] = 0
         outs.append(rec.fit(model, tok, EXAMPLES, EXAMPLES[:2], tmp_path / str(gc)))
+        counts.append(calls[0])
         assert not checkpointing(outs[-1])
         frozen = outs[-1].requires_grad_(False)
         assert not frozen(input_ids=IDS).logits.requires_grad  # no input-grad hook left behind
+    assert counts[1] > counts[0]  # the layers were recomputed in the backward
     assert torch.allclose(logits(outs[0], IDS), logits(outs[1], IDS), atol=1e-5)
     base = logits(tiny(pruned=True), IDS)
     assert (logits(outs[1], IDS) - base).abs().max() > 1e-3  # it did train
