@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -109,10 +108,11 @@ class PeakMemory:
     def read(self) -> dict[str, float]:
         import torch
 
+        from prunelab.evaluation.cost import peak_rss_mb
+
         peak = _status_mb("VmHWM") if self.resettable else None
-        if peak is None:
-            ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            peak = ru / 2**20 if sys.platform == "darwin" else ru / 1024
+        if peak is None:  # no resettable high-water mark: the process's lifetime peak
+            peak = peak_rss_mb()
         out = {"peak_rss_mb": peak, "peak_rss_over_start_mb": max(peak - self.base_rss, 0.0)}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -34,9 +34,10 @@ def macs(model: nn.Module, seq_len: int) -> int:
     return linear * seq_len + attention
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """The process's lifetime peak RSS in MiB (ru_maxrss: bytes on macOS, KiB on Linux)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _inputs(model: nn.Module, seq_len: int, batch_size: int, vocab: int | None) -> torch.Tensor:
@@ -120,44 +121,22 @@ def measure_cost(
     repeats: int = 3,
     vocab: int | None = None,
 ) -> dict[str, float]:
-    device = next(model.parameters()).device
-    vocab = vocab or base_model(model).config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
+    x = _inputs(model, seq_len, batch_size, vocab)
+    device = x.device
+    timed = _timer(device)
     model.eval()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model(input_ids=x)  # warm-up
-    prefill = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        model(input_ids=x)
-        sync()
-        prefill.append(time.perf_counter() - t)
+    prefill = [timed(lambda: model(input_ids=x)) for _ in range(repeats)]
     prompt = x[:1, :16]
-    decode = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=decode_tokens,
-            min_new_tokens=decode_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=base_model(model).config.pad_token_id or 0,
-        )
-        sync()
-        decode.append((time.perf_counter() - t) / decode_tokens)
+    decode = [timed(lambda: _generate(model, prompt, decode_tokens)) / decode_tokens for _ in range(repeats)]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {
         **count_params(model),
         "macs": macs(model, seq_len),
         "weights_mb": weight_bytes / 2**20,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "prefill_tokens_per_s": batch_size * seq_len / statistics.median(prefill),
         "decode_ms_per_token": 1000 * statistics.median(decode),
     }
