@@ -306,10 +306,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
     rows = [r for r in summary["rows"] if "perplexity" in r]
     if len({r["ratio"] for r in rows}) < 2:
         return []
-    import matplotlib
+    from prunelab.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(dict.fromkeys(r["label"] for r in rows))
     dense = summary["dense"]
@@ -333,11 +332,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
         ax.set_xlabel("ratio")
         ax.set_ylabel(ylabel + (f" ({next(iter(rows[0]['perplexity']))})" if metric == "ppl" else ""))
         ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.tight_layout()
-        path = out / fname
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / fname))
     return written
 
 

@@ -392,10 +392,9 @@ def plot(rows: list[dict], path: Path, model: str) -> Path | None:
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return None
-    import matplotlib
+    from prunelab.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in sorted({r["method"] for r in ok}):
@@ -410,10 +409,7 @@ def plot(rows: list[dict], path: Path, model: str) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"prunelab-bench: {model}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_readme(readme: Path, model: str, table: str) -> None:

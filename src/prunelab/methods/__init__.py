@@ -101,6 +101,17 @@ COUPLED_MODULES = {
 }
 
 
+def lora_targets(targets: Any) -> tuple[str, ...]:
+    """``method.targets`` of a method that trains LoRA while it prunes: a non-empty subset of
+    the structure kinds whose coupled modules carry adapters (``COUPLED_MODULES``)."""
+    targets = tuple(targets)
+    if not targets or any(t not in COUPLED_MODULES for t in targets):
+        raise ConfigError(
+            f"method.targets={list(targets)} is not allowed; allowed: any of {list(COUPLED_MODULES)}"
+        )
+    return targets
+
+
 def method_trainer(
     train: Any,
     name: str,

@@ -41,14 +41,19 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
-from prunelab.methods import PruneContext, check_trainer, method_trainer, sub_config
+from prunelab.methods import (
+    COUPLED_MODULES,
+    PruneContext,
+    check_trainer,
+    lora_targets,
+    method_trainer,
+    sub_config,
+)
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
 from prunelab.recovery.lora import TrainHooks, loss_sum, target_count
 from prunelab.structure import ArchInfo, Unit, arch_info, units
 from prunelab.structure.groups import Masks, Member, decoder_layers, grouped, lora_slices, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
-
-TARGETS = ("attn", "mlp")
 
 
 @dataclass
@@ -206,7 +211,7 @@ class _Gates:
 @dataclass
 class ATP:
     name: str = "atp"
-    targets: tuple[str, ...] = field(default_factory=lambda: TARGETS)
+    targets: tuple[str, ...] = field(default_factory=lambda: tuple(COUPLED_MODULES))
     keep_first_layers: float | int = 0
     keep_last_layers: float | int = 0
     generator: Any = field(default_factory=dict)
@@ -226,11 +231,7 @@ class ATP:
     def __post_init__(self) -> None:
         from omegaconf import DictConfig, OmegaConf
 
-        self.targets = tuple(self.targets)
-        if not self.targets or any(t not in TARGETS for t in self.targets):
-            raise ConfigError(
-                f"method.targets={list(self.targets)} is not allowed; allowed: any of {list(TARGETS)}"
-            )
+        self.targets = lora_targets(self.targets)
         self.generator = sub_config(GeneratorConfig, self.generator, "method.generator")
         for key in ("budget_weight", "lasso"):
             v = getattr(self, key)
@@ -421,10 +422,9 @@ class ATP:
 
 def plot_decisions(log: list[dict], path: str | Path) -> Path:
     """Kept fraction per (layer, kind) over the generator steps; the budget in the title. PNG."""
-    import matplotlib
+    from prunelab.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [e for e in log if "kept" in e]
     keys = sorted(points[0]["kept"], key=lambda k: (k.split(".")[1], int(k.split(".")[0]))) if points else []
@@ -441,9 +441,4 @@ def plot_decisions(log: list[dict], path: str | Path) -> Path:
         ax.set_xlabel("step")
     axes[0].set_ylabel("kept")
     axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

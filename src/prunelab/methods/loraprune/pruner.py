@@ -31,13 +31,11 @@ from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
 from prunelab.importance.lora_grad import ESTIMATORS, unit_scores
-from prunelab.methods import PruneContext, check_trainer, method_trainer
+from prunelab.methods import COUPLED_MODULES, PruneContext, check_trainer, lora_targets, method_trainer
 from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, members
 from prunelab.structure.plan import PrunePlan, prunable_layers
-
-TARGETS = ("attn", "mlp")
 
 
 def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:
@@ -66,7 +64,7 @@ def grow_masks(masks: Masks, scores: dict[str, torch.Tensor], want: dict[str, in
 class LoRAPrune:
     name: str = "loraprune"
     importance: str = "lora_grad"  # lora_grad (the paper) | taylor (true weight gradients) | magnitude
-    targets: tuple[str, ...] = field(default_factory=lambda: TARGETS)
+    targets: tuple[str, ...] = field(default_factory=lambda: tuple(COUPLED_MODULES))
     keep_first_layers: float | int = 0.1  # the paper: first 10% of layers ...
     keep_last_layers: float | int = 1  # ... and the last layer are never pruned
     beta: float = 0.9  # moving average of the importance
@@ -82,13 +80,9 @@ class LoRAPrune:
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
+        self.targets = lora_targets(self.targets)
         if self.importance not in ESTIMATORS:
             raise bad_value("method.importance", self.importance, ESTIMATORS)
-        if not self.targets or any(t not in TARGETS for t in self.targets):
-            raise ConfigError(
-                f"method.targets={list(self.targets)} is not allowed; allowed: any of {list(TARGETS)}"
-            )
         if not (isinstance(self.beta, (int, float)) and 0 <= self.beta < 1):
             raise ConfigError(
                 f"method.beta={self.beta!r} must be in [0, 1) (moving-average weight of the past)"

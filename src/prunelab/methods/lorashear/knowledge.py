@@ -137,10 +137,9 @@ def knowledge_distribution(
 def plot_knowledge(report: KnowledgeReport, path: str | Path) -> Path:
     """Bar chart of the mean perplexity deviation per layer, attention and MLP side by side;
     unprunable groups hatched. PNG."""
-    import matplotlib
+    from prunelab.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = sorted({int(k.split(".")[0]) for k in report.score})
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(layers) + 2), 3))
@@ -158,9 +157,4 @@ def plot_knowledge(report: KnowledgeReport, path: str | Path) -> Path:
     ax.set_ylabel("Δ perplexity (mean over ratios)")
     ax.set_title(f"knowledge distribution (base ppl {report.base_ppl:.2f}; hatched: unprunable)")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

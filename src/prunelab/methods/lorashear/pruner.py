@@ -47,14 +47,20 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
-from prunelab.methods import PruneContext, check_trainer, method_trainer, sub_config
+from prunelab.methods import (
+    COUPLED_MODULES,
+    PruneContext,
+    check_trainer,
+    lora_targets,
+    method_trainer,
+    sub_config,
+)
 from prunelab.methods.lorashear.recovery import DynamicRecovery
 from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import Unit, arch_info, units
 from prunelab.structure.groups import Masks
 from prunelab.structure.plan import PrunePlan, plan_ratio, prunable_layers
 
-TARGETS = ("attn", "mlp")
 SALIENCY = ("lora_aware", "magnitude")
 
 
@@ -117,7 +123,7 @@ def schedule(cfg: LHSPGConfig) -> tuple[list[int], list[int]]:
 @dataclass
 class LoRAShear:
     name: str = "lorashear"
-    targets: tuple[str, ...] = field(default_factory=lambda: TARGETS)
+    targets: tuple[str, ...] = field(default_factory=lambda: tuple(COUPLED_MODULES))
     keep_first_layers: float | int = 0  # the knowledge analysis decides what stays
     keep_last_layers: float | int = 0
     lora_aware: bool = True
@@ -134,11 +140,7 @@ class LoRAShear:
     def __post_init__(self) -> None:
         from omegaconf import DictConfig, OmegaConf
 
-        self.targets = tuple(self.targets)
-        if not self.targets or any(t not in TARGETS for t in self.targets):
-            raise ConfigError(
-                f"method.targets={list(self.targets)} is not allowed; allowed: any of {list(TARGETS)}"
-            )
+        self.targets = lora_targets(self.targets)
         if not isinstance(self.lora_aware, bool):
             raise ConfigError(f"method.lora_aware={self.lora_aware!r} must be true or false")
         self.knowledge = sub_config(KnowledgeConfig, self.knowledge, "method.knowledge")
