@@ -287,27 +287,35 @@ def test_same_seed_same_result(tok, tmp_path):
     assert torch.equal(logits(outs[0], IDS), logits(outs[1], IDS))
 
 
-def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path, monkeypatch):
-    """Checkpointing trades memory for recomputation only: with dropout on (its masks are
-    replayed in the recompute), the recovered model matches the one trained without it;
-    the model leaves with checkpointing switched off."""
+@pytest.fixture
+def mlp_calls(monkeypatch):
+    """A counter of LLaMA MLP forwards: checkpointing shows as MLPs run again in the backward.
+    (Counting the decoder layer's own forward would not do: transformers wraps that forward for
+    checkpointing when the class is created, and patching it would bypass the wrapper.)"""
     import transformers.models.llama.modeling_llama as ml
 
     calls = [0]
-    mlp_forward = ml.LlamaMLP.forward
+    forward = ml.LlamaMLP.forward
 
     def counted(self, x):
         calls[0] += 1
-        return mlp_forward(self, x)
+        return forward(self, x)
 
     monkeypatch.setattr(ml.LlamaMLP, "forward", counted)
+    return calls
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path, mlp_calls):
+    """Checkpointing trades memory for recomputation only: with dropout on (its masks are
+    replayed in the recompute), the recovered model matches the one trained without it;
+    the model leaves with checkpointing switched off."""
     outs, counts = [], []
     for gc in (False, True):
         model = tiny(pruned=True)
         rec = quick(lr=1e-2, dropout=0.1, max_steps=3, gradient_checkpointing=gc)
-        calls[0] = 0
+        mlp_calls[0] = 0
         outs.append(rec.fit(model, tok, EXAMPLES, EXAMPLES[:2], tmp_path / str(gc)))
-        counts.append(calls[0])
+        counts.append(mlp_calls[0])
         assert not checkpointing(outs[-1])
         frozen = outs[-1].requires_grad_(False)
         assert not frozen(input_ids=IDS).logits.requires_grad  # no input-grad hook left behind
@@ -318,12 +326,10 @@ def test_gradient_checkpointing_trains_the_same_adapter(tok, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("name", ["loraprune", "atp", "lorashear"])
-def test_methods_train_the_same_with_gradient_checkpointing(name, tok, tmp_path, monkeypatch):
+def test_methods_train_the_same_with_gradient_checkpointing(name, tok, tmp_path, mlp_calls):
     """The methods' forward hooks (LoRAPrune's masks, ATP's gates) are pure functions of
     state fixed within a step, so the recomputed layers see what the first forward saw: the
     same masks and bit-for-bit the same weights, with the MLPs visibly run again."""
-    import transformers.models.llama.modeling_llama as ml
-
     from prunelab.data.sources import load_source_config
     from prunelab.methods import PruneContext
     from prunelab.structure import arch_info
@@ -334,14 +340,6 @@ def test_methods_train_the_same_with_gradient_checkpointing(name, tok, tmp_path,
     from tests.unit.test_lorashear import _lorashear
 
     build, ratio = {"loraprune": (_loraprune, 0.1), "atp": (_atp, 0.2), "lorashear": (_lorashear, 0.2)}[name]
-    calls = [0]
-    mlp_forward = ml.LlamaMLP.forward
-
-    def counted(self, x):
-        calls[0] += 1
-        return mlp_forward(self, x)
-
-    monkeypatch.setattr(ml.LlamaMLP, "forward", counted)
     runs = {}
     for gc in (False, True):
         torch.manual_seed(0)
@@ -352,9 +350,9 @@ def test_methods_train_the_same_with_gradient_checkpointing(name, tok, tmp_path,
         plan = plan_ratio(arch, ratio, ("attn", "mlp"), method.layers(arch.num_layers), 0.05)
         d = tmp_path / str(gc)
         ctx = PruneContext(tok, None, 0, data_cfg=load_source_config("embedded"), out_dir=d / "t", run_dir=d)
-        calls[0] = 0
+        mlp_calls[0] = 0
         masks = method.prune(model, plan, ctx)
-        runs[gc] = (masks, [p.detach().clone() for p in model.parameters()], calls[0])
+        runs[gc] = (masks, [p.detach().clone() for p in model.parameters()], mlp_calls[0])
     (m0, w0, c0), (m1, w1, c1) = runs[False], runs[True]
     assert c1 > c0  # layers recomputed in the backward
     assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
