@@ -243,6 +243,22 @@ def propagate(
     return list(inputs)
 
 
+@contextlib.contextmanager
+def _scratch(activations: str, folder: str | Path | None) -> Iterator[Path | None]:
+    """For the disk store: a fresh folder (inside ``folder``, else the system's temporary
+    one; never a folder that was already there), removed afterwards. None otherwise."""
+    if activations != "disk":
+        yield None
+        return
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="prunelab-activations-", dir=folder or None))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @torch.no_grad()
 def prune_layerwise(
     model: nn.Module,
@@ -266,80 +282,67 @@ def prune_layerwise(
     ``activations``: where the batches wait between blocks (``memory`` | ``disk``, see the
     module docstring); ``disk`` uses ``activation_dir`` (default: a temporary folder).
     """
-    with contextlib.ExitStack() as cleanup:
-        root = None
-        if activations == "disk":
-            root = Path(activation_dir) if activation_dir else None
-            if root is None:
-                root = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="prunelab-acts-")))
-            else:  # a folder of its own inside it, removed afterwards (never a folder already there)
-                Path(activation_dir).mkdir(parents=True, exist_ok=True)
-                root = Path(tempfile.mkdtemp(prefix="activations-", dir=activation_dir))
-                cleanup.callback(shutil.rmtree, root, True)
+    with _scratch(activations, activation_dir) as root:
 
         def store(name: str) -> ActivationStore:
             return ActivationStore(activations, device, None if root is None else root / name)
 
-        return _prune_blocks(
-            model, calibration, solve, layers, modules, gram, device, batch_size, errors, desc, store
-        )
-
-
-def _prune_blocks(model, calibration, solve, layers, modules, gram, device, batch_size, errors, desc, store):
-    blocks = model.model.layers
-    masks: dict[str, torch.Tensor] = {}
-    report: dict[str, dict] = {}
-    inputs = kwargs = None
-    if calibration is not None:
-        captured = capture_inputs(model, calibration, device, batch_size, store("a"))
-        inputs, kwargs = captured.store, captured.kwargs()
-        spare = store("b")
-    last = max(layers)
-    todo = set(layers)
-    for i in tqdm(range(last + 1), desc=desc, unit="block", leave=False):
-        block = blocks[i]
-        with on_device([block], device):
-            if i in todo:
-                stats: dict[str, InputStats] = {}
-                hooks = []
-                if inputs is not None:
+        blocks = model.model.layers
+        masks: dict[str, torch.Tensor] = {}
+        report: dict[str, dict] = {}
+        inputs = kwargs = None
+        if calibration is not None:
+            captured = capture_inputs(model, calibration, device, batch_size, store("a"))
+            inputs, kwargs = captured.store, captured.kwargs()
+            spare = store("b")
+        last = max(layers)
+        todo = set(layers)
+        for i in tqdm(range(last + 1), desc=desc, unit="block", leave=False):
+            block = blocks[i]
+            with on_device([block], device):
+                if i in todo:
+                    stats: dict[str, InputStats] = {}
+                    hooks = []
+                    if inputs is not None:
+                        for name in modules:
+                            path, site = SITES[name]
+                            if site in stats:
+                                continue
+                            lin = block.get_submodule(path)
+                            stats[site] = InputStats(lin.in_features, gram or errors, device)
+                            hooks.append(
+                                lin.register_forward_hook(lambda m, a, o, s=stats[site]: s.add(a[0]))
+                            )
+                        try:
+                            run_block(block, inputs, kwargs)
+                        finally:
+                            for h in hooks:
+                                h.remove()
                     for name in modules:
                         path, site = SITES[name]
-                        if site in stats:
-                            continue
                         lin = block.get_submodule(path)
-                        stats[site] = InputStats(lin.in_features, gram or errors, device)
-                        hooks.append(lin.register_forward_hook(lambda m, a, o, s=stats[site]: s.add(a[0])))
-                    try:
-                        run_block(block, inputs, kwargs)
-                    finally:
-                        for h in hooks:
-                            h.remove()
-                for name in modules:
-                    path, site = SITES[name]
-                    lin = block.get_submodule(path)
-                    st = stats.get(site)
-                    w = lin.weight.detach().float()
-                    if errors:
-                        w = w.clone()  # .float() of an fp32 weight is the weight itself
-                    new, keep, info = solve(name, w, st)
-                    lin.weight.copy_(new.to(lin.weight.dtype))
-                    key = f"model.layers.{i}.{path}.weight"
-                    masks[key] = keep.cpu()
-                    entry = {"sparsity": 1.0 - keep.sum().item() / keep.numel(), **info}
-                    if errors and st is not None:
-                        entry["rel_error"] = reconstruction_error(w, lin.weight.detach().float(), st)
-                    report[key] = entry
-                    del w, new, st
-                    if site in stats and not any(
-                        SITES[m][1] == site for m in modules[modules.index(name) + 1 :]
-                    ):
-                        del stats[site]  # its last reader is solved: free XᵀX and its factorisations
-                del stats
-            if inputs is not None and i < last:  # the pruned block feeds the next one
-                run_block(block, inputs, kwargs, spare)
-                inputs.clear()
-                inputs, spare = spare, inputs
-    if inputs is not None:
-        inputs.clear()
-    return masks, report
+                        st = stats.get(site)
+                        w = lin.weight.detach().float()
+                        if errors:
+                            w = w.clone()  # .float() of an fp32 weight is the weight itself
+                        new, keep, info = solve(name, w, st)
+                        lin.weight.copy_(new.to(lin.weight.dtype))
+                        key = f"model.layers.{i}.{path}.weight"
+                        masks[key] = keep.cpu()
+                        entry = {"sparsity": 1.0 - keep.sum().item() / keep.numel(), **info}
+                        if errors and st is not None:
+                            entry["rel_error"] = reconstruction_error(w, lin.weight.detach().float(), st)
+                        report[key] = entry
+                        del w, new, st
+                        if site in stats and not any(
+                            SITES[m][1] == site for m in modules[modules.index(name) + 1 :]
+                        ):
+                            del stats[site]  # its last reader is solved: free XᵀX and its factorisations
+                    del stats
+                if inputs is not None and i < last:  # the pruned block feeds the next one
+                    run_block(block, inputs, kwargs, spare)
+                    inputs.clear()
+                    inputs, spare = spare, inputs
+        if inputs is not None:
+            inputs.clear()
+        return masks, report
