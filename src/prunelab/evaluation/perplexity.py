@@ -11,6 +11,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def next_token_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Σ −log p(ids[:, t+1] | ids[:, ≤t]) over a batch of windows, in fp32."""
+    logits = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1).to(logits.device), reduction="sum"
+    ).item()
+
+
 @torch.no_grad()
 def window_nll(
     model: nn.Module,
@@ -33,10 +41,7 @@ def window_nll(
     total, count = 0.0, 0
     for i in tqdm(range(0, n, batch_size), desc=progress, disable=progress is None, leave=False):
         batch = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
-        ).item()
+        total += next_token_nll_sum(model(input_ids=batch).logits, batch)
         count += batch[:, 1:].numel()
     model.train(was_training)
     return total / count

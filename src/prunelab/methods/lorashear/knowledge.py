@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunelab.evaluation.perplexity import next_token_nll_sum
 from prunelab.importance import select_masks
 from prunelab.importance.magnitude import MagnitudeImportance
 from prunelab.structure import ArchInfo, apply_masks, units
@@ -88,12 +89,9 @@ class PrefixCache:
             for block in inner.layers[start:]:
                 out = block(x, **kw)
                 x = out[0] if isinstance(out, tuple) else out
-            logits = self.model.lm_head(inner.norm(x))[:, :-1].float()
-            target = self.windows[b * self.batch_size : (b + 1) * self.batch_size, 1:].to(logits.device)
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
-            ).item()
-            count += target.numel()
+            window = self.windows[b * self.batch_size : (b + 1) * self.batch_size]
+            total += next_token_nll_sum(self.model.lm_head(inner.norm(x)), window)
+            count += window[:, 1:].numel()
         return total / count
 
 
