@@ -141,7 +141,8 @@ def test_mixer_shifts_weight_to_the_source_made_worse_on_purpose():
     from transformers import AutoTokenizer
 
     from prunelab.data.sources import EmbeddedText
-    from prunelab.methods.lorashear.mixer import DataMixer, source_losses
+    from prunelab.evaluation.perplexity import window_nll
+    from prunelab.methods.lorashear.mixer import DataMixer
     from prunelab.models.embedded import asset_dir
     from prunelab.models.loading import load_pretrained
 
@@ -151,11 +152,15 @@ def test_mixer_shifts_weight_to_the_source_made_worse_on_purpose():
         s: EmbeddedText(sources=[s]).calibration_windows(tok, 8, 64, seed=0, split="validation")
         for s in ("reference", "docstrings")
     }
-    reference = source_losses(model, windows)
+
+    def source_losses(ws):  # each source's mean next-token loss over its windows
+        return {s: window_nll(model, w.reshape(-1), w.shape[1]) for s, w in ws.items()}
+
+    reference = source_losses(windows)
     g = torch.Generator().manual_seed(0)
     worse = dict(windows)
     worse["docstrings"] = windows["docstrings"][:, torch.randperm(64, generator=g)]  # word salad
-    losses = source_losses(model, worse)
+    losses = source_losses(worse)
     assert losses["docstrings"] > reference["docstrings"] + 0.5
     mixer = DataMixer(["reference", "docstrings"], eta=1.0, floor=0.1)
     w = mixer.update(losses, reference, step=10)

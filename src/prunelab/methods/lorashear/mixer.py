@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from prunelab.errors import ConfigError
 
@@ -62,24 +61,3 @@ class DataMixer:
         """Source of each of the next ``n`` examples."""
         probs = torch.tensor([self.weights[s] for s in self.sources])
         return [self.sources[i] for i in torch.multinomial(probs, n, replacement=True, generator=generator)]
-
-
-@torch.no_grad()
-def source_losses(
-    model: nn.Module, windows: Mapping[str, torch.Tensor], batch_size: int = 16
-) -> dict[str, float]:
-    """Mean next-token loss of ``model`` on each source's validation windows [n, T]."""
-    device = next(model.parameters()).device
-    out = {}
-    for name, ids in windows.items():
-        total, count = 0.0, 0
-        for i in range(0, ids.shape[0], batch_size):
-            x = ids[i : i + batch_size].to(device)
-            logits = model(input_ids=x).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
-            count += x[:, 1:].numel()
-        out[name] = total / max(1, count)
-    return out
