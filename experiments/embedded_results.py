@@ -1,5 +1,8 @@
-"""The embedded results tables of the README, each row an ordinary prunelab run (the same
-run directories as the CLI, so a rerun resumes and only missing rows are computed).
+"""The results tables of the README, each row an ordinary prunelab run (the same run
+directories as the CLI, so a rerun resumes and only missing rows are computed). On the
+embedded model by default; ``--model smollm2_135m`` runs the same tables on the real model
+with its 2-core budget (``BUDGETS`` below: eval=smollm2, recovery=lora_smollm2 and the same
+training tokens for the training methods).
 
     python experiments/embedded_results.py baselines                   # structured magnitude vs random
     python experiments/embedded_results.py baselines --model tiny_llama_gqa
@@ -8,9 +11,10 @@ run directories as the CLI, so a rerun resumes and only missing rows are compute
     python experiments/embedded_results.py loraprune                   # LoRAPrune vs LLM-Pruner + LoRA
     python experiments/embedded_results.py lorashear                   # LoRAShear vs both + its ablations
     python experiments/embedded_results.py atp                         # ATP vs two-stage, domain data
+    python experiments/embedded_results.py llm_pruner --model smollm2_135m --ratios 0.2 0.5
 
 Random rows are mean ± std over seeds 0, 1, 2. Tables are printed as markdown and written
-to <output-root>/embedded_<table>_<model>.md (+ .json with every number).
+to <output-root>/results_<table>_<model>.md (+ .json with every number).
 """
 
 from __future__ import annotations
@@ -97,6 +101,12 @@ LAYERWISE_METHODS = [
     ("Wanda + LoRA", ["method=wanda"]),
     ("ADMM + LoRA", ["method=admm"]),
 ]
+# the real model: no LoRA rows (10 recoveries would not fit 2 cores), ADMM's scope both ways
+LAYERWISE_REAL = [
+    *LAYERWISE_METHODS[:3],
+    ("ADMM (row scope)", ["method=admm", "recovery=none"]),
+    ("ADMM (layer scope)", ["method=admm", "method.scope=layer", "recovery=none"]),
+]
 LAYERWISE_SETTINGS = [
     ("50%", ["ratio=0.5"]),
     ("60%", ["ratio=0.6"]),
@@ -148,13 +158,14 @@ def atp_table(model: str, output_root: str, ratios: list[float]) -> None:
         )
     table = "\n".join(lines)
     print(table)
-    out = Path(output_root) / f"embedded_atp_{model}.md"
+    out = Path(output_root) / f"results_atp_{model}.md"
     out.write_text(table + "\n")
 
 
 def layerwise_table(model: str, output_root: str) -> None:
     cells: dict[tuple[str, str], dict] = {}
-    for label, overrides in LAYERWISE_METHODS:
+    methods = LAYERWISE_REAL if model in BUDGETS else LAYERWISE_METHODS
+    for label, overrides in methods:
         for setting, extra in LAYERWISE_SETTINGS:
             cells[label, setting] = job([f"model={model}", *overrides, *extra], output_root)
     dense = next(iter(cells.values()))["dense"]
@@ -175,7 +186,7 @@ def layerwise_table(model: str, output_root: str) -> None:
         + " | ".join(f"{dense['perplexity']['embedded']:.2f}" for _ in names)
         + f" | {avg(dense):.1f} | {avg(dense):.1f} | |",
     ]
-    for label, _ in LAYERWISE_METHODS:
+    for label, _ in methods:
         row = [f"{final(cells[label, s])['perplexity']['embedded']:.2f}" for s in names]
         r50, r24 = cells[label, "50%"], cells[label, "2:4"]
         lines.append(
@@ -184,7 +195,7 @@ def layerwise_table(model: str, output_root: str) -> None:
         )
     table = "\n".join(lines)
     print(table)
-    out = Path(output_root) / f"embedded_layerwise_{model}.md"
+    out = Path(output_root) / f"results_layerwise_{model}.md"
     out.write_text(table + "\n")
     summary = {
         f"{label} @ {setting}": {
@@ -202,7 +213,55 @@ def layerwise_table(model: str, output_root: str) -> None:
     out.with_suffix(".json").write_text(json.dumps({"dense": dense, "cells": summary}, indent=2))
 
 
+# Per-model budgets, merged into every job of that model (a row's own keys win): one training
+# budget for every method that trains (40 steps × 8 × 128 tokens on SmolLM2-135M, as
+# recovery=lora_smollm2), LoRAShear's split as on the embedded model (LHSPG ≈ 40%, recovery ≤ 60%).
+_TRAIN = ["batch_size=8", "micro_batch_size=8", "eval_every=10", "val_size=32", "warmup_steps=4"]
+BUDGETS: dict[str, dict[str, list[str]]] = {
+    "smollm2_135m": {
+        "*": ["eval=smollm2", "recovery=lora_smollm2"],
+        # over the rows' own keys: the instruction-format row keeps its recipe, at this budget
+        "force": ["recovery.max_steps=40", "recovery.batch_size=8"],
+        "loraprune": [
+            *(f"method.train.{o}" for o in _TRAIN),
+            "method.train.max_steps=40",
+            "method.prune_freq=3",
+        ],
+        "atp": [
+            *(f"method.train.{o}" for o in _TRAIN),
+            "method.train.max_steps=40",
+            "method.freeze_patience=4",
+        ],
+        "lorashear": [
+            *(f"method.train.{o}" for o in _TRAIN),
+            "method.knowledge.tokens=2048",
+            "method.lhspg.warmup_steps=4",
+            "method.lhspg.periods=3",
+            "method.lhspg.period_steps=4",
+            "method.recovery.stages.0.max_steps=17",
+            "method.recovery.stages.1.max_steps=7",
+            "method.recovery.lora.batch_size=8",
+            "method.recovery.lora.eval_every=5",
+        ],
+    },
+}
+
+
+def with_budget(overrides: list[str]) -> list[str]:
+    """The job's overrides with its model's budget added underneath (same key: the row wins,
+    except for the budget's ``force`` keys)."""
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "tiny_llama")
+    method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), "llm_pruner")
+    budget = BUDGETS.get(model, {})
+    merged = {o.split("=", 1)[0]: o for o in [*budget.get("*", []), *budget.get(method, [])]}
+    merged.update({o.split("=", 1)[0]: o for o in overrides})
+    if any(o.startswith("recovery=") and o != "recovery=none" for o in overrides):
+        merged.update({o.split("=", 1)[0]: o for o in budget.get("force", [])})
+    return list(merged.values())
+
+
 def job(overrides: list[str], output_root: str) -> dict:
+    overrides = with_budget(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(
             config_name="config", overrides=[*overrides, f"output_root={output_root}", "logger=none"]
@@ -291,7 +350,7 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    out = Path(args.output_root) / f"embedded_{args.table}_{args.model}.md"
+    out = Path(args.output_root) / f"results_{args.table}_{args.model}.md"
     out.write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps({"dense": dense, "rows": rows}, indent=2, default=str))
 

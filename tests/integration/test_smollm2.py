@@ -110,9 +110,7 @@ def composed(overrides: list[str], tmp_path):
     from prunelab.runner import validate
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose(
-            "config", ["model=smollm2_135m", "logger=none", f"output_root={tmp_path}", *overrides]
-        )
+        cfg = compose("config", ["model=smollm2_135m", "logger=none", f"output_root={tmp_path}", *overrides])
     method, _, plan = validate(cfg)
     return cfg, method, plan
 
@@ -149,7 +147,9 @@ def lora_merge_matches(model, x, targets) -> None:
     from peft import LoraConfig, get_peft_model
 
     base = model(input_ids=x).logits
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -168,7 +168,7 @@ def test_structured_method_on_smollm2(name, overrides, tol, smollm2, text_batch,
     from prunelab.structure import apply_masks, arch_info, prune_physically
 
     _, dense, _ = smollm2
-    cfg, method, plan, model, masks = prune(smollm2, overrides, tmp_path)
+    cfg, _, plan, model, masks = prune(smollm2, overrides, tmp_path)
     x = text_batch
     masked = copy.deepcopy(model)
     apply_masks(masked, masks)

@@ -139,8 +139,8 @@ def ensure(name: str, source: str | Path | None = None) -> Path:
 def _writable_root(folder: Path) -> None:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder.parent, prefix=".write-test-")
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=folder.parent, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise ModelSourceError(
             f"cannot write the model cache {folder.parent} ({e.strerror or e}); "
