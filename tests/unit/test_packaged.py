@@ -75,21 +75,21 @@ def test_build_from_the_gguf_itself(fake, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "damage",
+    "damage,why",
     [
-        lambda f: (f / "model.safetensors").write_bytes(b"w" * 500),  # truncated
-        lambda f: (f / "model.safetensors").write_bytes(b"x" * 1000),  # same size, other bytes
-        lambda f: (f / packaged.MANIFEST).unlink(),  # interrupted before the manifest
-        lambda f: (f / "config.json").unlink(),
-        lambda f: (f / packaged.MANIFEST).write_text("{not json"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"w" * 500), "has 500 bytes, 1000 were written"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"x" * 1000), "does not match its recorded sha256"),
+        (lambda f: (f / packaged.MANIFEST).unlink(), "an interrupted or foreign build"),
+        (lambda f: (f / "config.json").unlink(), "config.json is missing"),
+        (lambda f: (f / packaged.MANIFEST).write_text("{not json"), "unreadable"),
     ],
     ids=["truncated", "corrupt", "no-manifest", "missing-file", "bad-manifest"],
 )
-def test_damaged_cache_is_rebuilt(fake, damage, caplog):
+def test_damaged_cache_is_rebuilt(fake, damage, why, caplog):
     wheel, calls = fake
     folder = packaged.ensure("fake_model", wheel)
     damage(folder)
-    assert packaged.check_folder(folder, "fake_model") is not None
+    assert why in packaged.check_folder(folder, "fake_model")
     packaged._VERIFIED.clear()
     with caplog.at_level(logging.WARNING, logger="prunelab"):
         assert packaged.ensure("fake_model", wheel) == folder
