@@ -213,49 +213,31 @@ def layerwise_table(model: str, output_root: str) -> None:
     out.with_suffix(".json").write_text(json.dumps({"dense": dense, "cells": summary}, indent=2))
 
 
-# Per-model budgets, merged into every job of that model (a row's own keys win): one training
-# budget for every method that trains (40 steps × 8 × 128 tokens on SmolLM2-135M, as
-# recovery=lora_smollm2), LoRAShear's split as on the embedded model (LHSPG ≈ 40%, recovery ≤ 60%).
-_TRAIN = ["batch_size=8", "micro_batch_size=8", "eval_every=10", "val_size=32", "warmup_steps=4"]
-BUDGETS: dict[str, dict[str, list[str]]] = {
+# Per-model budgets: on SmolLM2-135M every job evaluates with eval=smollm2 and recovers with
+# recovery=lora_smollm2 (40 steps × 8 × 128 tokens), and the training methods run their
+# `_smollm2` variants (conf/method/*_smollm2.yaml: the same training tokens). A row's own keys
+# win, except `force` (the instruction-format row keeps its recipe, at this step budget).
+BUDGETS: dict[str, dict] = {
     "smollm2_135m": {
         "*": ["eval=smollm2", "recovery=lora_smollm2"],
-        # over the rows' own keys: the instruction-format row keeps its recipe, at this budget
         "force": ["recovery.max_steps=40", "recovery.batch_size=8"],
-        "loraprune": [
-            *(f"method.train.{o}" for o in _TRAIN),
-            "method.train.max_steps=40",
-            "method.prune_freq=3",
-        ],
-        "atp": [
-            *(f"method.train.{o}" for o in _TRAIN),
-            "method.train.max_steps=40",
-            "method.freeze_patience=4",
-        ],
-        "lorashear": [
-            *(f"method.train.{o}" for o in _TRAIN),
-            "method.knowledge.tokens=2048",
-            "method.lhspg.warmup_steps=4",
-            "method.lhspg.periods=3",
-            "method.lhspg.period_steps=4",
-            "method.recovery.stages.0.max_steps=17",
-            "method.recovery.stages.1.max_steps=7",
-            "method.recovery.lora.batch_size=8",
-            "method.recovery.lora.eval_every=5",
-        ],
+        "methods": {m: f"{m}_smollm2" for m in ("loraprune", "lorashear", "atp")},
     },
 }
 
 
 def with_budget(overrides: list[str]) -> list[str]:
-    """The job's overrides with its model's budget added underneath (same key: the row wins,
-    except for the budget's ``force`` keys)."""
+    """The job's overrides with its model's budget added underneath."""
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "tiny_llama")
-    method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), "llm_pruner")
     budget = BUDGETS.get(model, {})
-    merged = {o.split("=", 1)[0]: o for o in [*budget.get("*", []), *budget.get(method, [])]}
+    merged = {o.split("=", 1)[0]: o for o in budget.get("*", [])}
     merged.update({o.split("=", 1)[0]: o for o in overrides})
-    if any(o.startswith("recovery=") and o != "recovery=none" for o in overrides):
+    method = merged.get("method", "method=llm_pruner").split("=", 1)[1]
+    if method in budget.get("methods", {}):
+        merged["method"] = f"method={budget['methods'][method]}"
+    if merged.get("recovery", "recovery=lora") != "recovery=none" and "recovery" in {
+        o.split("=", 1)[0] for o in overrides
+    }:
         merged.update({o.split("=", 1)[0]: o for o in budget.get("force", [])})
     return list(merged.values())
 

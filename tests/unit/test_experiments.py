@@ -36,11 +36,15 @@ def sweep_jobs(name: str) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)]
 
 
+TWINS = ("_embedded", "_smollm2")  # the embedded model, and the real model offline
+
+
 def test_every_paper_table_has_an_embedded_twin():
-    hub = [e for e in EXPERIMENTS if not e.endswith("_embedded") and not e.startswith("optuna_")]
+    hub = [e for e in EXPERIMENTS if not e.endswith(TWINS) and not e.startswith("optuna_")]
     assert {e for e in EXPERIMENTS if e.startswith("optuna_")} == {"optuna_admm_rho", "optuna_loraprune_beta"}
     assert set(hub) >= {"llm_pruner_table1", "loraprune_table", "lorashear_table1", "admm_table", "atp_table"}
     assert all(f"{e}_embedded" in EXPERIMENTS for e in hub)
+    assert {e for e in EXPERIMENTS if e.endswith("_smollm2")} == {f"{e}_smollm2" for e in hub}
     for e in EXPERIMENTS:  # each file is headed by the command that runs it
         lines = (conf_dir() / "experiment" / f"{e}.yaml").read_text().splitlines()
         assert lines[0] == "# @package _global_" and lines[1].startswith(f"# prunelab -m experiment={e}")
@@ -55,7 +59,9 @@ def test_every_job_of_every_experiment_composes_and_validates(name):
             cfg = compose(config_name="config", overrides=[f"experiment={name}", *overrides])
         method, _, plan = validate(cfg, with_plan=False)  # names, keys, data and eval: no download
         assert plan is None and method is not None
-        if not name.endswith("_embedded") and not name.startswith("optuna_"):
+        if name.endswith("_smollm2"):  # the real model with its 2-core cut of the protocol
+            assert cfg.model.name == "smollm2_135m" and cfg.eval.name == "smollm2"
+        elif not name.endswith("_embedded") and not name.startswith("optuna_"):
             assert not str(cfg.model.path).startswith("embedded:")
 
 
