@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -243,10 +244,13 @@ def test_cli_runs_on_smollm2(smollm2, tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     common = ["model=smollm2_135m", "eval=quick", "eval.perplexity.max_windows=4", "logger=none",
               "recovery=none", f"output_root={tmp_path}"]  # fmt: skip
-    jobs = [["method=wanda", "ratio=0.5", "method.calibration_samples=8"], ["method=structured", "ratio=0.2"]]
+    jobs = [
+        ["method=wanda", "ratio=0.5", "method.calibration_samples=8"],
+        ["method=structured", "method.importance=random", "ratio=0.2"],
+    ]
     for extra in jobs:
         p = subprocess.run(
             [sys.executable, "-m", "prunelab.cli", *common, *extra],
@@ -257,14 +261,19 @@ def test_cli_runs_on_smollm2(smollm2, tmp_path):
             timeout=900,
         )
         assert p.returncode == 0, p.stderr[-3000:]
-        assert "downloading" not in p.stderr and "converting" not in p.stderr  # the cache is used
+        log = p.stdout + p.stderr
+        assert "downloading" not in log and "converting" not in log  # the cached conversion is used
     results = {
         r["config"]["method"]["name"]: r
         for r in (json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/results.json"))
     }
     assert set(results) == {"wanda", "structured"}
-    for name, r in results.items():
+    for r in results.values():
         assert abs(r["ratio"]["achieved"] - r["ratio"]["requested"]) <= 0.01 * r["ratio"]["requested"]
-        ppl, dense_ppl = r["pruned"]["perplexity"]["embedded"], r["dense"]["perplexity"]["embedded"]
-        assert dense_ppl < ppl < 10 * dense_ppl, (name, dense_ppl, ppl)  # hurt, not destroyed
+        assert r["dense"]["perplexity"]["embedded"] < r["pruned"]["perplexity"]["embedded"] < math.inf
+    # Wanda at 50% hurts a pretrained model mildly (LLaMA-7B: 5.68 → 7.26); a wrong mask or a
+    # broken sparse checkpoint would not stay within 2× (structured pruning can: l2 at 20% takes
+    # this model from 36 to ~10⁴, as LLaMA-7B from 12.6 to 582 in LLM-Pruner's Table 1)
+    wanda = results["wanda"]
+    assert wanda["pruned"]["perplexity"]["embedded"] < 2 * wanda["dense"]["perplexity"]["embedded"]
     assert "dense_eval" in results["structured"]["resumed_stages"]  # cached by the first job
