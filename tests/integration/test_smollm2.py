@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from prunelab.models import packaged
+from tests.checks import LINEARS, lora_merge_matches, masked_vs_physical
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
@@ -144,38 +145,15 @@ def float_tol(logits: torch.Tensor) -> float:
     return 2e-4 * logits.abs().max().item()
 
 
-def lora_merge_matches(model, x, targets) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    base = model(input_ids=x).logits
-    peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
-    )
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-    peft_model.eval()
-    adapted = peft_model(input_ids=x).logits
-    merged = peft_model.merge_and_unload()
-    tol = float_tol(base)
-    assert (adapted - base).abs().max().item() > 10 * tol  # the adapter matters, far above the tolerance
-    assert (merged(input_ids=x).logits - adapted).abs().max().item() <= tol
-
-
 @pytest.mark.parametrize("name,overrides,tol", STRUCTURED, ids=[s[0] for s in STRUCTURED])
 def test_structured_method_on_smollm2(name, overrides, tol, smollm2, text_batch, tmp_path):
     from prunelab.models.loading import load_pretrained, save_model
-    from prunelab.structure import apply_masks, arch_info, prune_physically
+    from prunelab.structure import arch_info
 
     _, dense, _ = smollm2
     cfg, _, plan, model, masks = prune(smollm2, overrides, tmp_path)
     x = text_batch
-    masked = copy.deepcopy(model)
-    apply_masks(masked, masks)
-    ref = masked(input_ids=x).logits
-    new_arch = prune_physically(model, masks)
-    out = model(input_ids=x).logits
+    ref, out, new_arch = masked_vs_physical(model, masks, x)
 
     n_params = sum(p.numel() for p in model.parameters())
     achieved = 1 - n_params / sum(p.numel() for p in dense.parameters())
@@ -196,8 +174,7 @@ def test_structured_method_on_smollm2(name, overrides, tol, smollm2, text_batch,
     save_model(model, None, tmp_path / "pruned")
     loaded = load_pretrained(tmp_path / "pruned").eval()
     assert torch.equal(loaded(input_ids=x).logits, out)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora_merge_matches(model, x, targets)
+    lora_merge_matches(model, x, LINEARS, tol=float_tol(out), std=0.02)
 
 
 @pytest.mark.parametrize("name,overrides", SPARSE, ids=[s[0] for s in SPARSE])
@@ -235,7 +212,7 @@ def test_layerwise_method_on_smollm2(name, overrides, smollm2, text_batch, tmp_p
     mark_config(model, {"pattern": str(method.pattern), "sparsity": plan.achieved})
     save_model(model, None, tmp_path / "pruned")
     assert torch.equal(load_pretrained(tmp_path / "pruned").eval()(input_ids=x).logits, out)
-    lora_merge_matches(model, x, list(method.modules))
+    lora_merge_matches(model, x, list(method.modules), tol=float_tol(out), std=0.02)
 
 
 def test_cli_runs_on_smollm2(smollm2, tmp_path):
@@ -244,7 +221,12 @@ def test_cli_runs_on_smollm2(smollm2, tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    }
     common = ["model=smollm2_135m", "eval=quick", "eval.perplexity.max_windows=4", "logger=none",
               "recovery=none", f"output_root={tmp_path}"]  # fmt: skip
     jobs = [

@@ -13,8 +13,9 @@ import torch
 
 from prunelab.methods import PruneContext, build_method
 from prunelab.models.loading import load_pretrained, save_model
-from prunelab.structure import apply_masks, arch_info, prune_physically
+from prunelab.structure import arch_info
 from prunelab.structure.plan import plan_ratio
+from tests.checks import LINEARS, lora_merge_matches, masked_vs_physical
 from tests.conftest import make_model
 
 SP = "prunelab.methods.structured.StructuredPruner"
@@ -110,11 +111,7 @@ def _pruned(method_cfg, ratio, tol, family=("llama", 2), out_dir=None):
 @pytest.mark.parametrize("name,method_cfg,ratio,tol", METHODS, ids=[m[0] for m in METHODS])
 def test_method_shared_checks(name, method_cfg, ratio, tol, inputs, tmp_path):
     model, plan, masks = _pruned(method_cfg, ratio, tol, out_dir=tmp_path / "train")
-    masked = copy.deepcopy(model)
-    apply_masks(masked, masks)
-    ref = masked(input_ids=inputs).logits
-    new_arch = prune_physically(model, masks)
-    out = model(input_ids=inputs).logits
+    ref, out, new_arch = masked_vs_physical(model, masks, inputs)
 
     n_params = sum(p.numel() for p in model.parameters())
     achieved = 1 - n_params / plan.params_before
@@ -132,21 +129,7 @@ def test_method_shared_checks(name, method_cfg, ratio, tol, inputs, tmp_path):
     assert torch.equal(load_pretrained(tmp_path).eval()(input_ids=inputs).logits, out)
 
     # LoRA on the pruned model: merged weights give the adapter model's outputs.
-    from peft import LoraConfig, get_peft_model
-
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
-    )
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # B starts at zero; make the adapter matter
-    peft_model.eval()
-    adapted = peft_model(input_ids=inputs).logits
-    merged = peft_model.merge_and_unload()
-    assert (adapted - out).abs().max().item() > 1e-4
-    assert (merged(input_ids=inputs).logits - adapted).abs().max().item() <= 1e-4
+    lora_merge_matches(model, inputs, LINEARS, tol=1e-4)
 
 
 def test_random_importance_depends_on_seed():
@@ -253,17 +236,7 @@ def test_layerwise_method_shared_checks(name, method_cfg, ratio, inputs, tmp_pat
     assert all(torch.equal(back[n], masks[n]) for n in masks)
 
     # LoRA merge == unmerged adapter; re-masking restores the exact sparsity
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(method.modules)))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    peft_model.eval()
-    adapted = peft_model(input_ids=inputs).logits
-    merged = peft_model.merge_and_unload()
-    assert (merged(input_ids=inputs).logits - adapted).abs().max().item() <= 1e-4
+    merged = lora_merge_matches(model, inputs, list(method.modules), tol=1e-4)
     info = remask(merged, masks, {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)})
     assert info["weights_zeroed"] > 0
     assert sparsity_summary(merged, masks)["achieved"] == pytest.approx(plan.achieved, abs=1e-12)
