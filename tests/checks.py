@@ -44,3 +44,17 @@ def lora_merge_matches(
     assert (adapted - base).abs().max().item() > 10 * tol
     assert (merged(input_ids=x).logits - adapted).abs().max().item() <= tol
     return merged
+
+
+def sparse_masks_hold(model: nn.Module, dense: nn.Module, masks: dict, ratio: float, method) -> None:
+    """Every mask has the requested count / N:M pattern, every masked weight is zero, and no
+    parameter outside the masks changed."""
+    from prunelab.sparsity.patterns import check_mask
+
+    params, dense_params = dict(model.named_parameters()), dict(dense.named_parameters())
+    for n, keep in masks.items():
+        check_mask(keep, ratio, method.pattern, method.scope)
+        assert bool((params[n][~keep] == 0).all())
+    for n, p in params.items():
+        if n not in masks:
+            assert torch.equal(p, dense_params[n]), f"{n} changed but was not pruned"

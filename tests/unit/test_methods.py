@@ -15,7 +15,7 @@ from prunelab.methods import PruneContext, build_method
 from prunelab.models.loading import load_pretrained, save_model
 from prunelab.structure import arch_info
 from prunelab.structure.plan import plan_ratio
-from tests.checks import LINEARS, lora_merge_matches, masked_vs_physical
+from tests.checks import LINEARS, lora_merge_matches, masked_vs_physical, sparse_masks_hold
 from tests.conftest import make_model
 
 SP = "prunelab.methods.structured.StructuredPruner"
@@ -190,7 +190,6 @@ def test_layerwise_method_shared_checks(name, method_cfg, ratio, inputs, tmp_pat
 
     from prunelab.recovery.lora import remask
     from prunelab.sparsity.checkpoint import load_masks, mark_config, save_masks, sparsity_summary
-    from prunelab.sparsity.patterns import check_mask
     from prunelab.structure.plan import plan_sparsity
 
     model = make_model("llama", 2, layers=4, inter=128)
@@ -206,13 +205,7 @@ def test_layerwise_method_shared_checks(name, method_cfg, ratio, inputs, tmp_pat
     summary = sparsity_summary(model, masks)
     assert summary["achieved"] == pytest.approx(plan.achieved, abs=1e-12)
     assert abs(plan.achieved - ratio) < 0.01
-    params, dense_params = dict(model.named_parameters()), dict(dense.named_parameters())
-    for n, keep in masks.items():
-        check_mask(keep, ratio, method.pattern, method.scope)
-        assert bool((params[n][~keep] == 0).all())
-    for n, p in params.items():
-        if n not in masks:
-            assert torch.equal(p, dense_params[n]), f"{n} changed but was not pruned"
+    sparse_masks_hold(model, dense, masks, ratio, method)
     if "layer_errors" in method_cfg:
         assert all(0 < r["rel_error"] < 1 for r in method.report.values())
     out = model(input_ids=inputs).logits
