@@ -310,7 +310,7 @@ def main() -> None:
     rows, dense = [], None
     for ratio in args.ratios:
         for label, overrides, seeded in TABLES[args.table]:
-            if args.only and not label.startswith(tuple(args.only)):
+            if args.only and label not in args.only:
                 continue
             base = [f"model={args.model}", f"ratio={ratio}", *overrides]
             results = (
