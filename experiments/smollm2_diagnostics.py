@@ -6,7 +6,10 @@ On SmolLM2-135M at 20% (block mode, LLM-Pruner's kept layers), for the MLP chann
 KV groups separately: how much of the first-order Taylor importance |w·g| (LLM-Pruner's
 element¹, 10 × 64 calibration tokens) sits in the groups that magnitude (l2), random and
 Taylor itself remove, the Spearman correlation between the magnitude and Taylor scores,
-and the perplexity (first 16 test windows) after pruning only that structure.
+and the perplexity (first 16 test windows) after pruning only that structure. Then, for
+the embedded tiny_llama and SmolLM2-135M, the activation outliers of the MLP's intermediate
+channels (the down_proj inputs): per layer, the largest per-channel mean |x| over the
+median one, on 8 × 128 validation tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +35,28 @@ from prunelab.structure.groups import units
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def activation_outliers(folder) -> list[tuple[float, int]]:
+    """(max/median per-channel mean |x| of down_proj's input, layer), sorted ascending."""
+    from transformers import AutoTokenizer
+
+    from prunelab.models.loading import load_pretrained
+
+    model, tok = load_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    x = EmbeddedText().token_ids(tok, "validation")[: 8 * 128].view(8, 128)
+    stats: list[tuple[float, int]] = []
+
+    def hook(_, inp):
+        a = inp[0].detach().abs().reshape(-1, inp[0].shape[-1]).mean(0)
+        stats.append(((a.max() / a.median()).item(), len(stats)))
+
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=x)
+    for h in hooks:
+        h.remove()
+    return sorted(stats)
 
 
 def main() -> None:
@@ -90,6 +115,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for target, name, achieved, share, ppl, corr in rows:
         print(f"| {target} | {name} | {achieved:.1%} | {share:.1%} | {ppl:.1f} | {corr:+.2f} |")
+    from prunelab.models.embedded import asset_dir
+    from prunelab.models.packaged import ensure
+
+    print("\n| model | MLP activation outliers, max/median channel: median layer | largest (layer) |")
+    print("|---|---|---|")
+    for name, folder in (("tiny_llama", asset_dir("tiny_llama")), ("smollm2_135m", ensure("smollm2_135m"))):
+        st = activation_outliers(folder)
+        print(f"| {name} | {st[len(st) // 2][0]:.1f} | {st[-1][0]:.1f} (layer {st[-1][1]}) |")
 
 
 if __name__ == "__main__":
