@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.errors import ConfigError, bad_value
 from prunelab.evaluation.suite import perplexity_sets
+from prunelab.methods.base import PruningMethod
 from prunelab.tracking.rundir import RunDir, write_json
 
 log = logging.getLogger("prunelab")
@@ -35,7 +37,6 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     from prunelab.methods import build_dataclass, build_method
     from prunelab.models.loading import check_model_config, load_config
     from prunelab.structure import arch_info
-    from prunelab.structure.plan import plan_ratio, plan_sparsity
 
     problems: list[str] = []
     method = None
@@ -54,7 +55,7 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     if not 0.0 <= float(cfg.ratio_tolerance) < 1.0:
         problems.append(f"ratio_tolerance={cfg.ratio_tolerance!r} must be in [0, 1) (relative to ratio)")
     method = attempt(lambda: build_method(cfg.method))
-    if method is not None and getattr(method, "trains", False):
+    if method is not None and method.trains:
         attempt(lambda: method.check(cfg.data))  # its training data, before any model loads
     attempt(lambda: check_model_config(cfg.model))
     attempt(lambda: build_source(cfg.data).check())
@@ -68,7 +69,7 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
     if cfg.device != "auto" and not str(cfg.device).startswith(("cpu", "cuda", "mps")):
         problems.append(str(bad_value("device", cfg.device, ("auto", "cpu", "cuda", "cuda:N", "mps"))))
-    sparse = bool(getattr(method, "sparse", False))
+    sparse = method is not None and method.sparse
     if (
         cfg.eval.get("semi_structured")
         and method is not None
@@ -84,17 +85,27 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     if not with_plan:
         return method, recovery, None
     # Architecture from config.json alone: the plan fails here, before the weights load.
-    arch = arch_info(load_config(cfg.model))
+    return (
+        method,
+        recovery,
+        make_plan(method, arch_info(load_config(cfg.model)), cfg.ratio, cfg.ratio_tolerance),
+    )
+
+
+def make_plan(method: PruningMethod, arch: Any, ratio: float, tolerance: float = 0.01) -> Any:
+    """Per-layer amounts for ``method`` on ``arch``: a sparsity plan for the layer-wise family
+    (ratio = sparsity of the pruned linears), else a removal plan (ratio = fraction of all
+    parameters). Raises ConfigError for ratios the structure cannot meet."""
+    from prunelab.structure.plan import plan_ratio, plan_sparsity
+
     layers = method.layers(arch.num_layers)
-    if sparse:  # element-wise: ratio = sparsity of the pruned linear layers
-        plan = plan_sparsity(arch, float(cfg.ratio), method.pattern, method.scope, method.modules, layers)
-    else:
-        plan = plan_ratio(arch, float(cfg.ratio), method.targets, layers, float(cfg.ratio_tolerance))
-    return method, recovery, plan
+    if method.sparse:
+        return plan_sparsity(arch, float(ratio), method.pattern, method.scope, method.modules, layers)
+    return plan_ratio(arch, float(ratio), method.targets, layers, float(tolerance))
 
 
 # ---------------------------------------------------------------- helpers
-def build_calibration(cfg: DictConfig, method: Any, tokenizer: Any) -> torch.Tensor:
+def build_calibration(cfg: DictConfig, method: PruningMethod, tokenizer: Any) -> torch.Tensor:
     """The calibration windows a method prunes with: its own size (its paper's) where it sets
     one, else the data config's."""
     from prunelab.data.sources import build_source
@@ -102,8 +113,8 @@ def build_calibration(cfg: DictConfig, method: Any, tokenizer: Any) -> torch.Ten
     c = cfg.data.calibration
     return build_source(cfg.data).calibration_windows(
         tokenizer,
-        getattr(method, "calibration_samples", None) or c.num_samples,
-        getattr(method, "calibration_seq_len", None) or c.seq_len,
+        method.calibration_samples or c.num_samples,
+        method.calibration_seq_len or c.seq_len,
         int(cfg.seed),
         c.split,
     )
@@ -227,38 +238,178 @@ def _sparsity_record(model, masks: dict, plan, method) -> dict:
     }
 
 
-# ---------------------------------------------------------------- the recipe
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
-    t_start = time.perf_counter()
-    method, recovery, plan = validate(cfg)
-    skipped_recovery = None
-    # a method with a recover() (LoRAShear) brings its own stage in place of the `recovery`
-    # group's; .recovers says whether it runs
-    has_own = callable(getattr(method, "recover", None))
-    own_recovery = has_own and bool(method.recovers)
-    if recovery is not None and has_own:
-        skipped_recovery = (
+# ---------------------------------------------------------------- the shared prune step
+@dataclass
+class Pruned:
+    """What one application of a method leaves: keep-masks, the plan it met, the new shapes,
+    and what results.json records of it (training history, sparsity)."""
+
+    masks: dict[str, torch.Tensor]
+    plan: Any  # PrunePlan | SparsityPlan: the method's final plan where it re-planned
+    arch: Any  # ArchInfo of the pruned model
+    record: dict[str, Any]
+
+
+def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Pruned:
+    """Prune ``model`` in place with ``method`` (the CLI's prune stage and ``prunelab.prune``
+    both run exactly this): structured methods are removed physically, sparse ones zeroed."""
+    from prunelab.structure import apply_masks, arch_info, prune_physically
+
+    masks = method.prune(model, plan, ctx)
+    record = method.record()
+    if method.sparse:
+        from prunelab.sparsity.checkpoint import mark_config
+
+        record["sparsity"] = _sparsity_record(model, masks, plan, method)
+        mark_config(model, {k: record["sparsity"][k] for k in ("method", "pattern", "scope", "sparsity")})
+        new_arch = arch_info(model.config)
+    else:
+        apply_masks(model, masks)
+        new_arch = prune_physically(model, masks)
+    return Pruned(masks, method.final_plan or plan, new_arch, record)
+
+
+def ratio_record(plan: Any, params_after: int, sparsity: dict | None) -> dict:
+    """results.json → ratio: requested and achieved, in the meaning of the method's family."""
+    if sparsity is not None:
+        return {
+            "meaning": "sparsity of the pruned linear layers",
+            "requested": plan.requested,
+            "achieved": sparsity["sparsity"],
+            "zero_fraction_of_all_params": sparsity["zero_fraction"],
+            "params_before": plan.params_before,
+            "params_after": params_after,
+        }
+    return {
+        "meaning": "fraction of all parameters removed",
+        "requested": plan.requested,
+        "achieved": 1 - params_after / plan.params_before,
+        "params_before": plan.params_before,
+        "params_after": params_after,
+    }
+
+
+def choose_recovery(cfg: DictConfig, method: PruningMethod, recovery: Any) -> tuple[Any, bool, str | None]:
+    """(the `recovery` group's trainer or None, whether the method's own recovery runs, why the
+    group's stage is skipped). A method with its own recovery (LoRAShear) replaces the group's
+    stage; a method whose training is the recovery (LoRAPrune, ATP) skips it unless
+    ``method.then_recover``."""
+    own = method.has_own_recovery and method.recovers
+    why = None
+    if recovery is not None and method.has_own_recovery:
+        why = (
             f"method={cfg.method.name} runs its own recovery (method.recovery, "
-            f"{'enabled' if own_recovery else 'disabled'}); recovery={cfg.recovery.name} not used"
+            f"{'enabled' if own else 'disabled'}); recovery={cfg.recovery.name} not used"
         )
-        log.info(skipped_recovery)
-        recovery = None
-    elif recovery is not None and getattr(method, "trains", False) and not method.then_recover:
-        skipped_recovery = (
+    elif recovery is not None and method.trains and not method.then_recover:
+        why = (
             f"method={cfg.method.name} fine-tunes while it prunes (its LoRA training is the recovery); "
             f"recovery={cfg.recovery.name} skipped (method.then_recover=true runs it too)"
         )
-        log.info(skipped_recovery)
+    if why:
+        log.info(why)
         recovery = None
+    return recovery, own, why
+
+
+# ---------------------------------------------------------------- the recipe's state
+@dataclass
+class Job:
+    """One run's state, handed from stage to stage. Stages read what earlier ones left and
+    record what they did in the run directory (``rd``) before returning."""
+
+    cfg: DictConfig
+    method: PruningMethod
+    recovery: Any  # LoraRecovery of the `recovery` group, or None
+    own_recovery: bool  # the method's own recovery stage runs (LoRAShear)
+    skipped_recovery: str | None
+    plan: Any
+    rd: RunDir
+    resolved: dict
+    tracker: Any
+    device: torch.device
+    group: str | None
+    t_start: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float | None] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)
+    # models this process already holds, by checkpoint dir: later stages use them instead of
+    # loading the checkpoint again (only a resumed run loads from disk)
+    held: dict[Path, tuple] = field(default_factory=dict)
+    dense_pair: tuple | None = None
+    _masks: dict = field(default_factory=dict)
+    # what the stages leave
+    dense: dict | None = None
+    prune_rec: dict | None = None
+    pruned: dict | None = None
+    recover_rec: dict | None = None
+    recovered: dict | None = None
+    final_dir: Path | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.method.sparse
+
+    @property
+    def offload(self) -> bool:
+        """method.offload: the dense model stays in CPU memory; pruning moves one block at a
+        time to the device and evaluation moves the whole model there."""
+        return self.method.offload and self.device.type != "cpu"
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cfg.cache_dir)
+
+    @property
+    def pruned_dir(self) -> Path:
+        return self.rd.root / "pruned"
+
+    def dense_model(self) -> tuple:
+        if self.dense_pair is None:
+            from prunelab.models.loading import load_model
+
+            self.dense_pair = load_model(self.cfg.model, "cpu" if self.offload else self.device)
+        return self.dense_pair
+
+    def stage_model(self, model_dir: Path, take: bool = False) -> tuple:
+        if model_dir in self.held:
+            return self.held.pop(model_dir) if take else self.held[model_dir]
+        from transformers import AutoTokenizer
+
+        from prunelab.models.loading import load_pretrained
+
+        model = load_pretrained(model_dir, **_load_kwargs(self.cfg)).to(self.device)
+        return model, AutoTokenizer.from_pretrained(model_dir)
+
+    def masks(self) -> dict:
+        """The run's masks, read once (eval, recovery and results all need them)."""
+        if not self._masks:
+            from prunelab.sparsity.checkpoint import load_masks
+
+            self._masks.update(load_masks(self.rd.root / "masks.safetensors"))
+        return self._masks
+
+
+def start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Job:
+    """Validate (every problem at once, before any model loads) and open the run directory."""
+    method, recovery, plan = validate(cfg)
+    recovery, own, why = choose_recovery(cfg, method, recovery)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     identity = run_identity(resolved)
     rd = RunDir(run_dir, identity)
     torch.manual_seed(int(cfg.seed))
-    tracker = _tracker(cfg, rd.root, resolved, group, key=_hash(identity))
-    device = pick_device(str(cfg.device))
-    cache = Path(cfg.cache_dir)
-    timings: dict[str, float] = {}
-    resumed: list[str] = []
+    job = Job(
+        cfg=cfg,
+        method=method,
+        recovery=recovery,
+        own_recovery=own,
+        skipped_recovery=why,
+        plan=plan,
+        rd=rd,
+        resolved=resolved,
+        tracker=_tracker(cfg, rd.root, resolved, group, key=_hash(identity)),
+        device=pick_device(str(cfg.device)),
+        group=group,
+    )
     log.info(
         "run dir %s | plan: %.4f of %d parameters (requested %.4f)",
         rd.root,
@@ -266,277 +417,320 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
         plan.params_before,
         plan.requested,
     )
+    return job
 
-    model = tokenizer = None
-    sparse = bool(getattr(plan, "sparse", False))
-    # method.offload: the dense model stays in CPU memory; pruning moves one block at a time
-    # to the device and evaluation moves the whole model there.
-    offload = bool(getattr(method, "offload", False)) and device.type != "cpu"
-    # Models this process already holds, by checkpoint dir: later stages use them instead of
-    # loading the checkpoint again (only a resumed run loads from disk).
-    held: dict[Path, tuple] = {}
 
-    def stage_model(model_dir: Path, take: bool = False):
-        if model_dir in held:
-            return held.pop(model_dir) if take else held[model_dir]
-        from transformers import AutoTokenizer
-
-        from prunelab.models.loading import load_pretrained
-
-        return load_pretrained(model_dir, **_load_kwargs(cfg)).to(device), AutoTokenizer.from_pretrained(
-            model_dir
-        )
-
-    def dense_model():
-        nonlocal model, tokenizer
-        if model is None:
-            from prunelab.models.loading import load_model
-
-            model, tokenizer = load_model(cfg.model, "cpu" if offload else device)
-        return model, tokenizer
-
-    run_masks: dict = {}
-
-    def masks_of_run():  # read once: eval, recovery and results all need them
-        if not run_masks:
-            from prunelab.sparsity.checkpoint import load_masks
-
-            run_masks.update(load_masks(rd.root / "masks.safetensors"))
-        return run_masks
-
-    try:
-        # 1. dense evaluation, cached across runs per (model, eval) config
-        dense_key = _hash(
-            {
-                "model": resolved["model"],
-                "weights": model_fingerprint(cfg.model),
-                "eval": {k: v for k, v in resolved["eval"].items() if k not in ("dense", "semi_structured")},
-                # eval sets named like the run's data are read through its node (local_files)
-                "data": resolved["data"]
-                if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval, cfg.data))
-                else None,
-            }
-        )
-        dense_file = cache / "dense" / f"{cfg.model.name}-{dense_key}.json"
-        dense = None
-        if cfg.eval.dense:
-            if dense_file.exists():
-                dense = json.loads(dense_file.read_text())
-                resumed.append("dense_eval")
-                log.info("dense evaluation: cached (%s)", dense_file)
-            else:
-                from prunelab.evaluation.suite import evaluate
-
-                log.info("dense evaluation")
-                t = time.perf_counter()
-                m, tok = dense_model()
-                dense = evaluate(m.to(device), tok, cfg.eval, cache, "dense", cfg.data)
-                if offload:
-                    m.to("cpu")
-                write_json(dense_file, dense)
-                timings["dense_eval"] = time.perf_counter() - t
-            tracker.summary({"dense": dense})
-
-        # 2. prune
-        pruned_dir = rd.root / "pruned"
-        rec = rd.done("prune")
-        if rec is None:
-            from safetensors.torch import save_file
-
-            from prunelab.methods import PruneContext
-            from prunelab.models.loading import save_model
-            from prunelab.structure import apply_masks, arch_info, prune_physically
-
-            log.info("prune: %s", cfg.method.name)
-            t = time.perf_counter()
-            m, tok = dense_model()
-            calib = (
-                build_calibration(cfg, method, tok) if getattr(method, "needs_calibration", False) else None
-            )
-            t_method = time.perf_counter()  # the method alone, without loading or calibration data
-            ctx = PruneContext(
-                tok,
-                calib,
-                int(cfg.seed),
-                device,
-                data_cfg=cfg.data,
-                out_dir=rd.root / "prune_train",
-                tracker=tracker,
-                run_dir=rd.root,
-                ratio_tolerance=float(cfg.ratio_tolerance),
-            )
-            masks = method.prune(m, plan, ctx)
-            used_plan = getattr(method, "final_plan", None) or plan  # re-planned after seeing the model
-            method_time = time.perf_counter() - t_method
-            extra = {"training": method.history} if getattr(method, "trains", False) else {}
-            if sparse:
-                from prunelab.sparsity.checkpoint import mark_config, save_masks
-
-                extra["sparsity"] = _sparsity_record(m, masks, plan, method)
-                mark_config(m, {k: extra["sparsity"][k] for k in ("method", "pattern", "scope", "sparsity")})
-                new_arch = arch_info(m.config)
-                save_model(m, tok, pruned_dir)
-                save_masks(masks, rd.root / "masks.safetensors")
-            else:
-                apply_masks(m, masks)
-                new_arch = prune_physically(m, masks)
-                save_model(m, tok, pruned_dir)
-                save_file(
-                    {k: v.to(torch.uint8) for k, v in masks.items()}, str(rd.root / "masks.safetensors")
-                )
-            held[pruned_dir] = (m.to(device), tok)
-            rec = rd.finish(
-                "prune",
-                {
-                    "plan": used_plan.to_dict(),
-                    "params_after": new_arch.total_params(),
-                    "layer_shapes": [s.to_dict() for s in new_arch.layers],
-                    "time_s": time.perf_counter() - t,
-                    "method_time_s": method_time,
-                    **extra,
-                },
-            )
-        else:
-            resumed.append("prune")
-            log.info("prune: finished earlier, resuming from %s", pruned_dir)
-        timings["prune"] = rec["time_s"]
-        timings["prune_method"] = rec.get("method_time_s")
-
-        def evaluate_stage(stage: str, model_dir: Path, label: str) -> dict:
-            rec_e = rd.done(stage)
-            if rec_e is not None:
-                resumed.append(stage)
-                return rec_e
-            from prunelab.evaluation.suite import evaluate
-
-            log.info("evaluate the %s model (%s)", label, model_dir)
-            t = time.perf_counter()
-            final, tok = stage_model(model_dir)
-            if sparse and cfg.eval.get("semi_structured"):
-                from prunelab.sparsity.semi_structured import semi_structured
-
-                with semi_structured(final, list(masks_of_run())) as kernels:
-                    if not kernels["used"]:
-                        log.warning("eval.semi_structured: %s", kernels["reason"])
-                    metrics = evaluate(final.eval(), tok, cfg.eval, cache, label, cfg.data)
-                metrics["semi_structured"] = kernels
-            else:
-                metrics = evaluate(final.eval(), tok, cfg.eval, cache, label, cfg.data)
-            return rd.finish(stage, {"metrics": metrics, "time_s": time.perf_counter() - t})
-
-        # 3. evaluate the pruned model (before any recovery)
-        rec_eval = evaluate_stage("eval", pruned_dir, "pruned")
-        timings["eval"] = rec_eval["time_s"]
-
-        # 4. recover with LoRA, merged back into a dense model of the pruned shape
-        final_dir, recovered, recovery_info = pruned_dir, None, None
-        if recovery is not None or own_recovery:
-            recovered_dir = rd.root / "recovered"
-            rec_recover = rd.done("recover")
-            if rec_recover is None:
-                from prunelab.models.loading import save_model
-
-                t = time.perf_counter()
-                pruned, tok = stage_model(pruned_dir, take=True)  # LoRA merges into it in place
-                if own_recovery:
-                    log.info("recover: %s's own recovery (method.recovery)", cfg.method.name)
-                    merged = method.recover(
-                        pruned, tok, recovered_dir, tracker, cfg.data, prune_dir=rd.root / "prune_train"
-                    )
-                else:
-                    log.info("recover: LoRA on %s", recovery.data)
-                    merged = recovery.recover(
-                        pruned,
-                        tok,
-                        recovered_dir,
-                        tracker=tracker,
-                        data_cfg=cfg.data,
-                        keep_masks=masks_of_run() if sparse else None,  # LoRA must not refill pruned weights
-                    )
-                save_model(merged, tok, recovered_dir / "model")
-                held[recovered_dir / "model"] = (merged, tok)
-                after = {}
-                if sparse:  # measured on the merged weights, recorded with the stage
-                    from prunelab.sparsity.checkpoint import sparsity_summary
-
-                    s = sparsity_summary(merged, masks_of_run())
-                    after = {"sparsity_after": {k: s[k] for k in ("achieved", "zero_fraction")}}
-                rec_recover = rd.finish("recover", {"time_s": time.perf_counter() - t, **after})
-            else:
-                resumed.append("recover")
-            timings["recover"] = rec_recover["time_s"]
-            final_dir = recovered_dir / "model"
-            history = recovered_dir / "history.json"
-            recovery_info = json.loads(history.read_text()) if history.exists() else None
-            rec_eval_rec = evaluate_stage("eval_recovered", final_dir, "recovered")
-            timings["eval_recovered"] = rec_eval_rec["time_s"]
-            recovered = rec_eval_rec["metrics"]
-
-        timings["total"] = time.perf_counter() - t_start
-
-        # 5. results
-        if sparse:
-            ratio = {
-                "meaning": "sparsity of the pruned linear layers",
-                "requested": plan.requested,
-                "achieved": rec["sparsity"]["sparsity"],
-                "zero_fraction_of_all_params": rec["sparsity"]["zero_fraction"],
-                "params_before": plan.params_before,
-                "params_after": rec["params_after"],
-            }
-            sparsity = rec["sparsity"]
-            if recovered is not None:
-                after = rec_recover.get("sparsity_after")
-                if after is None:  # a recover stage finished before this field existed
-                    from prunelab.sparsity.checkpoint import sparsity_summary
-
-                    s = sparsity_summary(stage_model(final_dir)[0], masks_of_run())
-                    after = {k: s[k] for k in ("achieved", "zero_fraction")}
-                sparsity = {**sparsity, "after_recovery": after}
-        else:
-            ratio = {
-                "meaning": "fraction of all parameters removed",
-                "requested": plan.requested,
-                "achieved": 1 - rec["params_after"] / plan.params_before,
-                "params_before": plan.params_before,
-                "params_after": rec["params_after"],
-            }
-            sparsity = None
-        results = {
-            "config": resolved,
-            "run_dir": str(rd.root),
-            "model_dir": str(final_dir),
-            "ratio": ratio,
-            "sparsity": sparsity,
-            "plan": rec["plan"],
-            "layer_shapes": rec["layer_shapes"],
-            "dense": dense,
-            "pruned": rec_eval["metrics"],
-            "recovered": recovered,
-            "recovery": recovery_info,
-            "recovery_skipped": skipped_recovery,
-            "training": _training_record(rd.root / "prune_train", rec),
-            "timings_s": timings,
-            "resumed_stages": resumed,
-            "tracking": {
-                "logger": cfg.logger.name,
-                "group": group,
-                "tags": run_tags(cfg),
-                "run_id": tracker.run_id,
-            },
+# ---------------------------------------------------------------- the stages
+def dense_eval(job: Job) -> None:
+    """1. The dense model's metrics, cached across runs per (model, weights, eval) config."""
+    cfg, resolved = job.cfg, job.resolved
+    if not cfg.eval.dense:
+        return
+    key = _hash(
+        {
+            "model": resolved["model"],
+            "weights": model_fingerprint(cfg.model),
+            "eval": {k: v for k, v in resolved["eval"].items() if k not in ("dense", "semi_structured")},
+            # eval sets named like the run's data are read through its node (local_files)
+            "data": resolved["data"]
+            if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval, cfg.data))
+            else None,
         }
-        write_json(rd.root / "results.json", results)
-        log.info("results: %s", rd.root / "results.json")
-        tracker.summary(
-            {
-                "pruned": rec_eval["metrics"],
-                "recovered": recovered,
-                "ratio": results["ratio"],
-                "timings_s": timings,
-            }
+    )
+    path = job.cache / "dense" / f"{cfg.model.name}-{key}.json"
+    if path.exists():
+        job.dense = json.loads(path.read_text())
+        job.resumed.append("dense_eval")
+        log.info("dense evaluation: cached (%s)", path)
+    else:
+        from prunelab.evaluation.suite import evaluate
+
+        log.info("dense evaluation")
+        t = time.perf_counter()
+        m, tok = job.dense_model()
+        job.dense = evaluate(m.to(job.device), tok, cfg.eval, job.cache, "dense", cfg.data)
+        if job.offload:
+            m.to("cpu")
+        write_json(path, job.dense)
+        job.timings["dense_eval"] = time.perf_counter() - t
+    job.tracker.summary({"dense": job.dense})
+
+
+def prune(job: Job) -> None:
+    """2. Prune (physically, or zeroed for sparse methods) and save model + masks."""
+    cfg, method = job.cfg, job.method
+    rec = job.rd.done("prune")
+    if rec is not None:
+        job.resumed.append("prune")
+        log.info("prune: finished earlier, resuming from %s", job.pruned_dir)
+    else:
+        from safetensors.torch import save_file
+
+        from prunelab.methods import PruneContext
+        from prunelab.models.loading import save_model
+
+        log.info("prune: %s (ratio %s)", cfg.method.name, cfg.ratio)
+        t = time.perf_counter()
+        m, tok = job.dense_model()
+        calib = build_calibration(cfg, method, tok) if method.needs_calibration else None
+        t_method = time.perf_counter()  # the method alone, without loading or calibration data
+        ctx = PruneContext(
+            tok,
+            calib,
+            int(cfg.seed),
+            job.device,
+            data_cfg=cfg.data,
+            out_dir=job.rd.root / "prune_train",
+            tracker=job.tracker,
+            run_dir=job.rd.root,
+            ratio_tolerance=float(cfg.ratio_tolerance),
         )
-        tracker.finish()
-        return results
+        done = apply_method(method, m, job.plan, ctx)
+        method_time = time.perf_counter() - t_method
+        save_model(m, tok, job.pruned_dir)
+        if method.sparse:
+            from prunelab.sparsity.checkpoint import save_masks
+
+            save_masks(done.masks, job.rd.root / "masks.safetensors")
+        else:
+            save_file(
+                {k: v.to(torch.uint8) for k, v in done.masks.items()}, str(job.rd.root / "masks.safetensors")
+            )
+        job.held[job.pruned_dir] = (m.to(job.device), tok)
+        job.dense_pair = None  # pruned in place: it is the pruned model now
+        rec = job.rd.finish(
+            "prune",
+            {
+                "plan": done.plan.to_dict(),
+                "params_after": done.arch.total_params(),
+                "layer_shapes": [s.to_dict() for s in done.arch.layers],
+                "time_s": time.perf_counter() - t,
+                "method_time_s": method_time,
+                **done.record,
+            },
+        )
+        log.info(
+            "prune: %d → %d parameters in %.1f s (method %.1f s)",
+            job.plan.params_before,
+            rec["params_after"],
+            rec["time_s"],
+            method_time,
+        )
+    job.prune_rec = rec
+    job.timings["prune"] = rec["time_s"]
+    job.timings["prune_method"] = rec.get("method_time_s")
+
+
+def _evaluate(job: Job, stage: str, model_dir: Path, label: str) -> dict:
+    rec = job.rd.done(stage)
+    if rec is not None:
+        job.resumed.append(stage)
+        return rec
+    from prunelab.evaluation.suite import evaluate
+
+    cfg = job.cfg
+    log.info("evaluate the %s model (%s)", label, model_dir)
+    t = time.perf_counter()
+    final, tok = job.stage_model(model_dir)
+    if job.sparse and cfg.eval.get("semi_structured"):
+        from prunelab.sparsity.semi_structured import semi_structured
+
+        with semi_structured(final, list(job.masks())) as kernels:
+            if not kernels["used"]:
+                log.warning("eval.semi_structured: %s", kernels["reason"])
+            metrics = evaluate(final.eval(), tok, cfg.eval, job.cache, label, cfg.data)
+        metrics["semi_structured"] = kernels
+    else:
+        metrics = evaluate(final.eval(), tok, cfg.eval, job.cache, label, cfg.data)
+    return job.rd.finish(stage, {"metrics": metrics, "time_s": time.perf_counter() - t})
+
+
+def evaluate_pruned(job: Job) -> None:
+    """3. Evaluate the pruned model, before any recovery."""
+    rec = _evaluate(job, "eval", job.pruned_dir, "pruned")
+    job.pruned = rec["metrics"]
+    job.timings["eval"] = rec["time_s"]
+    job.final_dir = job.pruned_dir
+
+
+def recover(job: Job) -> None:
+    """4. Recover with LoRA (the `recovery` group's or the method's own), merged back into a
+    dense model of the pruned shape."""
+    if job.recovery is None and not job.own_recovery:
+        return
+    cfg = job.cfg
+    out = job.rd.root / "recovered"
+    rec = job.rd.done("recover")
+    if rec is not None:
+        job.resumed.append("recover")
+    else:
+        from prunelab.models.loading import save_model
+
+        t = time.perf_counter()
+        pruned, tok = job.stage_model(job.pruned_dir, take=True)  # LoRA merges into it in place
+        if job.own_recovery:
+            log.info("recover: %s's own recovery (method.recovery)", cfg.method.name)
+            merged = job.method.recover(
+                pruned, tok, out, job.tracker, cfg.data, prune_dir=job.rd.root / "prune_train"
+            )
+        else:
+            log.info("recover: LoRA on %s", job.recovery.data)
+            merged = job.recovery.recover(
+                pruned,
+                tok,
+                out,
+                tracker=job.tracker,
+                data_cfg=cfg.data,
+                keep_masks=job.masks() if job.sparse else None,  # LoRA must not refill pruned weights
+            )
+        save_model(merged, tok, out / "model")
+        job.held[out / "model"] = (merged, tok)
+        after = {}
+        if job.sparse:  # measured on the merged weights, recorded with the stage
+            from prunelab.sparsity.checkpoint import sparsity_summary
+
+            s = sparsity_summary(merged, job.masks())
+            after = {"sparsity_after": {k: s[k] for k in ("achieved", "zero_fraction")}}
+        rec = job.rd.finish("recover", {"time_s": time.perf_counter() - t, **after})
+        log.info("recover: done in %.1f s", rec["time_s"])
+    job.recover_rec = rec
+    job.timings["recover"] = rec["time_s"]
+    job.final_dir = out / "model"
+
+
+def evaluate_recovered(job: Job) -> None:
+    """5. Evaluate the recovered model (when a recovery ran)."""
+    if job.recover_rec is None:
+        return
+    rec = _evaluate(job, "eval_recovered", job.final_dir, "recovered")
+    job.recovered = rec["metrics"]
+    job.timings["eval_recovered"] = rec["time_s"]
+
+
+STAGES = (dense_eval, prune, evaluate_pruned, recover, evaluate_recovered)
+
+
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
+    """The whole recipe: every stage in order, then results.json. Rerunning resumes."""
+    job = start(cfg, run_dir, group)
+    try:
+        for stage in STAGES:
+            stage(job)
+        return finish(job)
     except BaseException:
-        tracker.finish(exit_code=1)
+        job.tracker.finish(exit_code=1)
         raise
+
+
+# ---------------------------------------------------------------- results
+def collect(job: Job) -> dict:
+    """results.json: everything the stages recorded, in one document."""
+    rec, cfg = job.prune_rec, job.cfg
+    sparsity = rec.get("sparsity")
+    if sparsity is not None and job.recovered is not None:
+        after = job.recover_rec.get("sparsity_after")
+        if after is None:  # a recover stage finished before this field existed
+            from prunelab.sparsity.checkpoint import sparsity_summary
+
+            s = sparsity_summary(job.stage_model(job.final_dir)[0], job.masks())
+            after = {k: s[k] for k in ("achieved", "zero_fraction")}
+        sparsity = {**sparsity, "after_recovery": after}
+    history = job.rd.root / "recovered" / "history.json"
+    return {
+        "config": job.resolved,
+        "run_dir": str(job.rd.root),
+        "model_dir": str(job.final_dir),
+        "ratio": ratio_record(job.plan, rec["params_after"], rec.get("sparsity")),
+        "sparsity": sparsity,
+        "plan": rec["plan"],
+        "layer_shapes": rec["layer_shapes"],
+        "dense": job.dense,
+        "pruned": job.pruned,
+        "recovered": job.recovered,
+        "recovery": json.loads(history.read_text())
+        if job.recover_rec is not None and history.exists()
+        else None,
+        "recovery_skipped": job.skipped_recovery,
+        "training": _training_record(job.rd.root / "prune_train", rec),
+        "timings_s": job.timings,
+        "resumed_stages": job.resumed,
+        "tracking": {
+            "logger": cfg.logger.name,
+            "group": job.group,
+            "tags": run_tags(cfg),
+            "run_id": job.tracker.run_id,
+        },
+    }
+
+
+def finish(job: Job) -> dict:
+    job.timings["total"] = time.perf_counter() - job.t_start
+    results = collect(job)
+    write_json(job.rd.root / "results.json", results)
+    rows = summary_rows(results)
+    for line in summary_text(rows).splitlines():
+        log.info("%s", line)
+    log.info("results: %s", job.rd.root / "results.json")
+    job.tracker.summary(
+        {
+            "pruned": job.pruned,
+            "recovered": job.recovered,
+            "ratio": results["ratio"],
+            "timings_s": job.timings,
+        }
+    )
+    job.tracker.table("summary", rows)
+    job.tracker.table("plan", plan_rows(results))
+    job.tracker.finish()
+    return results
+
+
+def _headline(metrics: dict | None) -> tuple[float | None, float | None]:
+    """(first perplexity, mean zero-shot accuracy) of an evaluation, None where absent."""
+    if not metrics:
+        return None, None
+    ppl = next(iter(metrics.get("perplexity", {}).values()), None)
+    accs = [v["acc"] for v in metrics.get("zeroshot", {}).values() if isinstance(v, dict) and "acc" in v]
+    return ppl, (sum(accs) / len(accs) if accs else None)
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """dense → pruned → recovered: ratio, parameters, perplexity, accuracy, time."""
+    r, t = results["ratio"], results["timings_s"]
+    rows = []
+    for stage, params, ratio, secs in (
+        ("dense", r["params_before"], 0.0, t.get("dense_eval")),
+        ("pruned", r["params_after"], r["achieved"], t.get("prune")),
+        ("recovered", r["params_after"], r["achieved"], t.get("recover")),
+    ):
+        if results.get(stage) is None:
+            continue
+        ppl, acc = _headline(results[stage])
+        rows.append(
+            {"stage": stage, "ratio": ratio, "params": params, "ppl": ppl, "acc": acc, "time_s": secs}
+        )
+    return rows
+
+
+def summary_text(rows: list[dict]) -> str:
+    def f(v: Any, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    lines = [f"{'stage':<10} {'ratio':>7} {'params':>13} {'ppl':>10} {'acc':>7} {'time s':>8}"]
+    for x in rows:
+        lines.append(
+            f"{x['stage']:<10} {x['ratio']:>7.4f} {x['params']:>13,} {f(x['ppl'], '10.2f')} "
+            f"{f(x['acc'], '7.4f')} {f(x['time_s'], '8.1f')}"
+        )
+    return "\n".join(lines)
+
+
+def plan_rows(results: dict) -> list[dict]:
+    """What was removed where: one row per pruned unit (structured) or linear (sparse)."""
+    sparsity = results.get("sparsity")
+    if sparsity:
+        return [
+            {"where": name, **{k: v for k, v in rep.items() if isinstance(v, (int, float, str))}}
+            for name, rep in sparsity.get("per_layer", {}).items()
+        ]
+    return [{"where": unit, "removed": n} for unit, n in results["plan"].get("remove", {}).items()]

@@ -1,57 +1,30 @@
-"""Pruning methods. Each folder owns only what is unique to its method; the contract:
+"""Pruning methods. Each folder owns only what is unique to its method; the contract every
+method implements is ``PruningMethod`` (``prunelab.methods.base``): its docstring lists every
+member the runner reads.
 
-method = build_method(cfg.method)        # validates hyperparameters, loads nothing
-method.targets                           # structure kinds it prunes, e.g. ("attn", "mlp")
-method.sparse                            # True: zeroes weights (layer-wise family), plans sparsity
-method.layers(num_layers)                # layers open to pruning
-masks = method.prune(model, plan, ctx)   # may also update weights in place
-
-Optional, for methods that train while they prune (LoRAPrune, LoRAShear, ATP):
-method.trains / method.check(data_cfg)   # True: gets data, a folder and a tracker in ctx
-method.then_recover                      # False: its training is the recovery (stage skipped)
-method.final_plan                        # a plan made after seeing the model (re-planned)
-method.history                           # recorded under results.json → training
-method.recover(...) / method.recovers    # its own recovery stage (LoRAShear), and whether it runs
+``build_method(cfg.method)`` turns a method config node into its validated dataclass;
+``method_trainer`` builds the LoRA trainer of a method that trains while it prunes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from dataclasses import fields
+from typing import Any
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch import nn
 
 from prunelab.errors import ConfigError
-from prunelab.structure.groups import Masks
-from prunelab.structure.plan import PrunePlan
+from prunelab.methods.base import PruneContext, PruningMethod
 
-
-@dataclass
-class PruneContext:
-    """What a method may use besides the model: tokenizer, calibration data, seed."""
-
-    tokenizer: Any
-    calibration: torch.Tensor | None
-    seed: int
-    device: torch.device | None = None  # where a method computes (None: where the model is)
-    # methods that train while pruning (LoRAPrune): the run's data node, a folder, a tracker
-    data_cfg: Any = None
-    out_dir: Any = None
-    tracker: Any = None
-    run_dir: Any = None  # the run directory: artefacts researchers look at (LoRAShear's plot)
-    ratio_tolerance: float = 0.01  # for methods that re-plan once they have seen the model
-
-
-class Method(Protocol):
-    name: str
-    targets: tuple[str, ...]
-
-    def layers(self, num_layers: int) -> list[int]: ...
-
-    def prune(self, model: nn.Module, plan: PrunePlan, ctx: PruneContext) -> Masks: ...
+__all__ = [
+    "COUPLED_MODULES",
+    "PruneContext",
+    "PruningMethod",
+    "build_dataclass",
+    "build_method",
+    "method_trainer",
+]
 
 
 def build_dataclass(cfg: DictConfig, group: str) -> Any:
@@ -73,8 +46,15 @@ def build_dataclass(cfg: DictConfig, group: str) -> Any:
     return cls(**kwargs)
 
 
-def build_method(cfg: DictConfig) -> Method:
-    return build_dataclass(cfg, "method")
+def build_method(cfg: DictConfig) -> PruningMethod:
+    """The method config node as its validated dataclass (a ``PruningMethod``)."""
+    method = build_dataclass(cfg, "method")
+    if not isinstance(method, PruningMethod):
+        raise ConfigError(
+            f"method._target_={cfg._target_} is not a pruning method (a subclass of "
+            "prunelab.methods.base.PruningMethod)"
+        )
+    return method
 
 
 def sub_config(cls: type, value: Any, key: str) -> Any:

@@ -26,6 +26,9 @@ class NullTracker:
     def image(self, key: str, path: str | Path) -> None:
         pass
 
+    def table(self, key: str, rows: list[dict]) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -85,6 +88,15 @@ class WandbTracker:
         import wandb
 
         self.run.log({key: wandb.Image(str(path))})
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Rows of dicts as a W&B table (the run summary, the per-layer plan)."""
+        import wandb
+
+        if not rows:
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

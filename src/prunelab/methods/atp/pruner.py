@@ -44,6 +44,7 @@ from prunelab.errors import ConfigError, bad_value
 from prunelab.methods import (
     COUPLED_MODULES,
     PruneContext,
+    PruningMethod,
     check_trainer,
     lora_targets,
     method_trainer,
@@ -209,7 +210,7 @@ class _Gates:
 
 
 @dataclass
-class ATP:
+class ATP(PruningMethod):
     name: str = "atp"
     targets: tuple[str, ...] = field(default_factory=lambda: tuple(COUPLED_MODULES))
     keep_first_layers: float | int = 0

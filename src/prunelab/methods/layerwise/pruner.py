@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
-from prunelab.methods import PruneContext
+from prunelab.methods.base import PruneContext, PruningMethod
 from prunelab.sparsity import solvers
 from prunelab.sparsity.engine import ACTIVATION_STORES, LINEARS, pick_store, prune_layerwise
 from prunelab.sparsity.patterns import SCOPES, Pattern, parse_pattern
@@ -35,7 +35,7 @@ def _positive_int(key: str, value: object) -> None:
 
 
 @dataclass
-class LayerwisePruner:
+class LayerwisePruner(PruningMethod):
     """Shared keys of the layer-wise methods (subclasses add their solver's knobs)."""
 
     SOLVER: ClassVar[str] = "magnitude"

@@ -31,7 +31,14 @@ from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
 from prunelab.importance.lora_grad import ESTIMATORS, unit_scores
-from prunelab.methods import COUPLED_MODULES, PruneContext, check_trainer, lora_targets, method_trainer
+from prunelab.methods import (
+    COUPLED_MODULES,
+    PruneContext,
+    PruningMethod,
+    check_trainer,
+    lora_targets,
+    method_trainer,
+)
 from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, members
@@ -61,7 +68,7 @@ def grow_masks(masks: Masks, scores: dict[str, torch.Tensor], want: dict[str, in
 
 
 @dataclass
-class LoRAPrune:
+class LoRAPrune(PruningMethod):
     name: str = "loraprune"
     importance: str = "lora_grad"  # lora_grad (the paper) | taylor (true weight gradients) | magnitude
     targets: tuple[str, ...] = field(default_factory=lambda: tuple(COUPLED_MODULES))

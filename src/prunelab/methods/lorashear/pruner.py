@@ -50,6 +50,7 @@ from prunelab.errors import ConfigError, bad_value
 from prunelab.methods import (
     COUPLED_MODULES,
     PruneContext,
+    PruningMethod,
     check_trainer,
     lora_targets,
     method_trainer,
@@ -121,7 +122,7 @@ def schedule(cfg: LHSPGConfig) -> tuple[list[int], list[int]]:
 
 
 @dataclass
-class LoRAShear:
+class LoRAShear(PruningMethod):
     name: str = "lorashear"
     targets: tuple[str, ...] = field(default_factory=lambda: tuple(COUPLED_MODULES))
     keep_first_layers: float | int = 0  # the knowledge analysis decides what stays
@@ -135,6 +136,7 @@ class LoRAShear:
 
     sparse: ClassVar[bool] = False
     trains: ClassVar[bool] = True
+    has_own_recovery: ClassVar[bool] = True  # part 4 replaces the `recovery` group's stage
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from prunelab.errors import ConfigError, bad_value
 from prunelab.importance import AGGREGATIONS, select_global, select_masks
 from prunelab.importance.magnitude import MagnitudeImportance
 from prunelab.importance.random import RandomImportance
-from prunelab.methods import PruneContext
+from prunelab.methods.base import PruneContext, PruningMethod
 from prunelab.structure import ArchInfo, arch_info, units
 from prunelab.structure.groups import Masks, base_model
 from prunelab.structure.plan import PrunePlan, prunable_layers
@@ -30,7 +30,7 @@ RANKINGS = ("local", "global")
 
 
 @dataclass
-class StructuredPruner:
+class StructuredPruner(PruningMethod):
     IMPORTANCES: ClassVar[tuple[str, ...]] = ("magnitude", "random")
 
     name: str = "structured"
