@@ -22,7 +22,7 @@ from prunelab.errors import ConfigError
 from prunelab.paths import conf_dir
 from prunelab.runner import VOLATILE_DOTTED, VOLATILE_KEYS, run_identity
 
-log = logging.getLogger("prunelab")
+log = logging.getLogger(__name__)
 
 
 MAX_DIR_NAME = 200  # file systems allow 255 bytes per name; long ablation override lists exceed it
@@ -109,6 +109,9 @@ def _main(cfg: DictConfig) -> float | None:
     from prunelab.runner import run
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from prunelab.progress import quiet_libraries
+
+    quiet_libraries()  # no library progress bars in a log file
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"

@@ -23,11 +23,23 @@ from prunelab.evaluation.suite import perplexity_sets
 from prunelab.methods.base import PruningMethod
 from prunelab.tracking.rundir import RunDir, write_json
 
-log = logging.getLogger("prunelab")
+log = logging.getLogger(__name__)
 LOGGERS = ("wandb", "none")
 
 
 # ---------------------------------------------------------------- validation (no model loads)
+def check_ratio(ratio: Any, tolerance: Any) -> list[str]:
+    """Problems with ``ratio`` / ``ratio_tolerance`` (empty: fine)."""
+    problems = []
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        problems.append(
+            f"ratio={ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed"
+        )
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 <= tolerance < 1.0:
+        problems.append(f"ratio_tolerance={tolerance!r} must be in [0, 1) (relative to ratio)")
+    return problems
+
+
 def validate(cfg: DictConfig, with_plan: bool = True):
     """Check every group of the config; return (method, recovery, plan). Raises one ConfigError
     listing every problem found. ``with_plan=False`` (a dry run) stops before reading the model's
@@ -48,12 +60,7 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             problems.append(str(e))
             return None
 
-    if not isinstance(cfg.ratio, (int, float)) or not 0.0 < float(cfg.ratio) < 1.0:
-        problems.append(
-            f"ratio={cfg.ratio!r} is outside the allowed range (0, 1): the fraction of all parameters removed"
-        )
-    if not 0.0 <= float(cfg.ratio_tolerance) < 1.0:
-        problems.append(f"ratio_tolerance={cfg.ratio_tolerance!r} must be in [0, 1) (relative to ratio)")
+    problems += check_ratio(cfg.ratio, cfg.ratio_tolerance)
     method = attempt(lambda: build_method(cfg.method))
     if method is not None and method.trains:
         attempt(lambda: method.check(cfg.data))  # its training data, before any model loads

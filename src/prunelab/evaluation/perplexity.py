@@ -8,7 +8,8 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from prunelab.progress import bar
 
 
 def next_token_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -39,7 +40,7 @@ def window_nll(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in tqdm(range(0, n, batch_size), desc=progress, disable=progress is None, leave=False):
+    for i in bar(range(0, n, batch_size), desc=progress, disable=progress is None, leave=False):
         batch = windows[i : i + batch_size].to(device)
         total += next_token_nll_sum(model(input_ids=batch).logits, batch)
         count += batch[:, 1:].numel()

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunelab.importance import aggregate
+from prunelab.progress import bar
 from prunelab.structure import ArchInfo, Unit
 from prunelab.structure.groups import grouped, iter_unit_members
 
@@ -55,7 +55,7 @@ def gradient_stats(
     order = list(params)
     try:
         step = 1 if fisher else micro_batch
-        for i in tqdm(range(0, n, step), desc="calibration gradients", leave=False):
+        for i in bar(range(0, n, step), desc="calibration gradients", leave=False):
             x = calibration[i : i + step].to(device)
             loss = model(input_ids=x, labels=x).loss
             grads = torch.autograd.grad(loss, [params[k] for k in order])

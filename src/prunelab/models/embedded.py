@@ -144,7 +144,7 @@ def unigram_ppl(train_ids: torch.Tensor, test_ids: torch.Tensor, vocab_size: int
 
 
 def train(name: str, recipe: TrainRecipe, out: Path | None = None) -> dict:
-    from tqdm.auto import tqdm
+    from prunelab.progress import bar as progress_bar
 
     spec = SPECS[name]
     out = out or asset_dir(name)
@@ -176,7 +176,7 @@ def train(name: str, recipe: TrainRecipe, out: Path | None = None) -> dict:
     history = []
     order = torch.randperm(n_windows, generator=gen)
     cursor = 0
-    bar = tqdm(range(recipe.steps), desc=f"train {name}")
+    bar = progress_bar(range(recipe.steps), desc=f"train {name}")
     for step in bar:
         if cursor + recipe.batch_size > n_windows:  # new epoch, new random offset and order
             order, cursor = torch.randperm(n_windows, generator=gen), 0

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunelab.errors import ConfigError, bad_value
+from prunelab.progress import bar as progress_bar
 
 # LLaMA-family linears (LLaMA 1/2/3, Vicuna, Mistral, Qwen2): the only names LoRA may target.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -670,7 +670,7 @@ class LoraRecovery:
             validate(0)
         tokens, train_time = 0, 0.0
         model.train()
-        bar = tqdm(range(1, steps + 1), desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False)
+        bar = progress_bar(range(1, steps + 1), desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False)
         for step in bar:
             t0 = time.perf_counter()
             if hooks.sample is not None:

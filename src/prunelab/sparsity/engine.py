@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunelab.errors import bad_value
+from prunelab.progress import bar
 from prunelab.sparsity.solvers import InputStats, reconstruction_error
 
 # LLaMA-family linear layers by the input they read: layers reading one input share its stats.
@@ -297,7 +297,7 @@ def prune_layerwise(
             spare = store("b")
         last = max(layers)
         todo = set(layers)
-        for i in tqdm(range(last + 1), desc=desc, unit="block", leave=False):
+        for i in bar(range(last + 1), desc=desc, unit="block", leave=False):
             block = blocks[i]
             with on_device([block], device):
                 if i in todo:
