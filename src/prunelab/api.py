@@ -196,6 +196,7 @@ def prune(
     ratio_tolerance: float = 0.01,
     data: str | None = None,
     output_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` in place with ``method`` (``conf/method/<method>.yaml``; ``options`` are
@@ -206,7 +207,8 @@ def prune(
     (its calibration split, at the method's own sample count and length); or None: the data
     config ``data`` (default: the run default, ``embedded``), as the CLI would. Methods that
     train while pruning read ``data`` and write their trainer's files to ``output_dir`` (a
-    temporary folder when None). The result is exactly what the CLI's prune stage produces
+    temporary folder when None). ``overrides``: more command-line overrides composed first
+    (``["debug=fast"]``). The result is exactly what the CLI's prune stage produces
     for the same config: same masks, same weights."""
     import torch
 
@@ -223,7 +225,9 @@ def prune(
     problems = check_ratio(ratio, ratio_tolerance)
     if problems:
         raise ConfigError("; ".join(problems))
-    cfg = compose([f"method={method}", f"seed={seed}", *([f"data={data}"] if data else []), "logger=none"])
+    cfg = compose(
+        [*overrides, f"method={method}", f"seed={seed}", *([f"data={data}"] if data else []), "logger=none"]
+    )
     _merge(cfg, "method", options)
     m = build_method(cfg.method)
     if m.trains:
@@ -296,6 +300,7 @@ def recover(
     masks: Mapping[str, Any] | None = None,
     seed: int = 0,
     output_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
     **options: Any,
 ) -> RecoverResult:
     """LoRA recovery of ``model`` in place (``conf/recovery/<recovery>.yaml``; ``options`` are
@@ -311,7 +316,7 @@ def recover(
     if data is not None:
         _check_choice("data", data)
         options = {"data": data, **options}
-    cfg = compose([f"recovery={recovery}", f"seed={seed}", "logger=none"])
+    cfg = compose([*overrides, f"recovery={recovery}", f"seed={seed}", "logger=none"])
     _merge(cfg, "recovery", options)
     trainer = build_dataclass(cfg.recovery, "recovery")
     trainer.check()
@@ -331,6 +336,7 @@ def evaluate(
     *,
     data: str | None = None,
     cache_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
     **options: Any,
 ) -> dict[str, Any]:
     """The evaluation suite ``eval`` (``conf/eval/<eval>.yaml``; ``options`` are its keys,
@@ -342,7 +348,7 @@ def evaluate(
     _check_choice("eval", eval)
     if data is not None:
         _check_choice("data", data)
-    cfg = compose([f"eval={eval}", *([f"data={data}"] if data else []), "logger=none"])
+    cfg = compose([*overrides, f"eval={eval}", *([f"data={data}"] if data else []), "logger=none"])
     _merge(cfg, "eval", options)
     check_eval_config(cfg.eval, cfg.data)
     cache = Path(cache_dir) if cache_dir is not None else Path(cfg.cache_dir)

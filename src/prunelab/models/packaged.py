@@ -43,7 +43,7 @@ PREFIX = "packaged:"
 MANIFEST = "prunelab_source.json"
 SOURCE_ENV = "PRUNELAB_PACKAGED_SOURCE"
 ROOT_ENV = "PRUNELAB_MODELS_DIR"
-log = logging.getLogger("prunelab")
+log = logging.getLogger(__name__)
 
 
 class ModelSourceError(ConfigError):

@@ -18,7 +18,7 @@ import torch
 
 from prunelab.sparsity.patterns import Pattern, drop_lowest_rows, keep_mask, prune_count, row_counts
 
-log = logging.getLogger("prunelab")
+log = logging.getLogger(__name__)
 
 
 class InputStats:
