@@ -125,7 +125,7 @@ def test_api_refuses_bad_input_with_the_cli_messages():
 
 def test_prune_with_token_calibration_is_used_as_given():
     """calibration= token ids: the method sees exactly those (Wanda's norms change with them)."""
-    a, tok = prunelab.load_model("tiny_llama")
+    a, _ = prunelab.load_model("tiny_llama")
     b, _ = prunelab.load_model("tiny_llama")
     ids = torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     ra = prunelab.prune(a, method="wanda", ratio=0.5, calibration=ids)
