@@ -40,9 +40,9 @@ format: setup
 # The README's Performance tables (~25 min on 2 cores; finished jobs are reused on a rerun).
 bench: setup
 	$(VENV)/bin/prunelab-bench --methods structured llm_pruner --ratios 0.2 0.35
-	$(VENV)/bin/prunelab-bench --readme README.md
+	$(VENV)/bin/prunelab-bench --readme docs/performance.md
 	$(VENV)/bin/prunelab-bench --model synthetic_110m --methods structured llm_pruner --ratios 0.2 0.35 0.5
-	$(VENV)/bin/prunelab-bench --model synthetic_110m --methods magnitude wanda sparsegpt admm --readme README.md
+	$(VENV)/bin/prunelab-bench --model synthetic_110m --methods magnitude wanda sparsegpt admm --readme docs/performance.md
 	$(PY) experiments/bench_scoring_memory.py --size 100m --batch 1 --seq 128   # LoRA-gradient vs Taylor scoring memory (README numbers)
 
 # Reproduce the shipped embedded models (~15 min each on 2 cores).

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import prunelab
+from prunelab.methods import base_method_configs
 from prunelab.models.embedded import asset_dir
-from prunelab.paths import conf_dir
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,14 +23,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def base_methods() -> list[str]:
-    """Every method config that is not a budget variant of another (``defaults: [<base>]``):
-    derived from conf/method, so a new method is in this table without editing it."""
-    out = []
-    for name in prunelab.options_of("method"):
-        text = (conf_dir() / "method" / f"{name}.yaml").read_text()
-        if not re.search(r"^defaults:", text, flags=re.M):
-            out.append(name)
-    return out
+    """Every method of its own (budget variants excluded), derived from conf/method."""
+    return base_method_configs()
 
 
 def test_base_methods_cover_every_method_class():
@@ -109,7 +103,9 @@ def test_api_refuses_bad_input_with_the_cli_messages():
     model, tok = prunelab.load_model("tiny_llama")
     with pytest.raises(prunelab.ConfigError, match=r"method='wandaa' is not allowed; did you mean 'wanda'"):
         prunelab.prune(model, tok, method="wandaa")
-    with pytest.raises(prunelab.ConfigError, match=r"method\.sparsity is not a key of method=wanda; allowed:"):
+    with pytest.raises(
+        prunelab.ConfigError, match=r"method\.sparsity is not a key of method=wanda; allowed:"
+    ):
         prunelab.prune(model, tok, method="wanda", sparsity=0.5)
     with pytest.raises(prunelab.ConfigError, match=r"ratio=1\.5 is outside the allowed range"):
         prunelab.prune(model, tok, ratio=1.5)

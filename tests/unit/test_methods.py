@@ -233,3 +233,17 @@ def test_layerwise_method_shared_checks(name, method_cfg, ratio, inputs, tmp_pat
     info = remask(merged, masks, {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)})
     assert info["weights_zeroed"] > 0
     assert sparsity_summary(merged, masks)["achieved"] == pytest.approx(plan.achieved, abs=1e-12)
+
+
+def test_every_method_is_in_the_shared_tables_and_the_bench():
+    """Adding a method (docs/adding_a_method.md): its config must reach the shared checks
+    here and the benchmark's default list; both are checked from conf/method, not by hand."""
+    from prunelab.api import compose
+    from prunelab.bench import all_methods
+    from prunelab.methods import base_method_configs
+
+    tested = {cfg["_target_"] for _, cfg, *_ in METHODS + SPARSE_METHODS}
+    for name in base_method_configs():
+        target = compose([f"method={name}"]).method._target_
+        assert target in tested, f"method={name} ({target}) has no row in the shared method tables"
+        assert name in all_methods(), f"method={name} is missing from prunelab-bench's methods"

@@ -21,10 +21,41 @@ __all__ = [
     "COUPLED_MODULES",
     "PruneContext",
     "PruningMethod",
+    "base_method_configs",
     "build_dataclass",
     "build_method",
     "method_trainer",
 ]
+
+# the order methods are listed in (tables, benchmarks); a new method is appended after these
+LISTING_ORDER = (
+    "structured",
+    "llm_pruner",
+    "loraprune",
+    "lorashear",
+    "atp",
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "admm",
+)
+
+
+def base_method_configs() -> list[str]:
+    """Every ``conf/method`` config that is a method of its own, not a budget variant of
+    another (a variant's YAML starts from ``defaults: [<base>]``). Derived from the config
+    folder, so a new method shows up in the benchmark and the shared tests without edits."""
+    import re
+
+    from prunelab.paths import conf_dir
+
+    names = [
+        f.stem
+        for f in sorted((conf_dir() / "method").glob("*.yaml"))
+        if not re.search(r"^defaults:", f.read_text(), flags=re.M)
+    ]
+    order = {n: i for i, n in enumerate(LISTING_ORDER)}
+    return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
 
 def build_dataclass(cfg: DictConfig, group: str) -> Any:

@@ -329,7 +329,7 @@ class ATP(PruningMethod):
                 state["below"] = state["below"] + 1 if det_loss < self.freeze_tolerance else 0
                 entry = {
                     "step": step,
-                    "lm_loss": float(lm),
+                    "lm_loss": float(lm.detach()),
                     "budget_loss": det_loss,
                     "kept_params": r,
                     "kept": {k: float(v.float().mean()) for k, v in det.items()},
