@@ -232,3 +232,34 @@ def test_bad_training_key_is_named_under_method_train():
                 {"_target_": "prunelab.methods.loraprune.LoRAPrune", "name": "loraprune", "train": {"lr": -1}}
             )
         )
+
+
+def test_prune_schedule_moving_average_and_cubic_growth_as_in_the_paper():
+    """``PruneSchedule.update`` on given scores: Ī = β·Ī + (1−β)·I (first update initialises),
+    non-finite updates skipped, at prune steps round(cubic · count) lowest-Ī structures masked,
+    masks only grow. Expected values are computed here by hand."""
+    from types import SimpleNamespace
+
+    from prunelab.methods.loraprune.pruner import PruneSchedule
+
+    todo = [SimpleNamespace(key="1.mlp", n=6, kind="mlp", layer=1)]
+    sch = PruneSchedule(
+        None, todo, {"1.mlp": 4}, "lora_grad", beta=0.9, prune_freq=2, warmup=0.0, cooldown=0.25
+    )
+    s1 = torch.tensor([6.0, 5, 4, 3, 2, 1])
+    s2 = torch.tensor([1.0, 2, 3, 4, 5, 6]) * 2
+    sch.update({"1.mlp": s1}, step=1, steps=8)  # 1 % prune_freq: scores only
+    assert torch.equal(sch.ema["1.mlp"], s1) and bool(sch.masks["1.mlp"].all())
+    sch.update({"1.mlp": torch.tensor([float("nan")] * 6)}, step=1, steps=8)
+    assert sch.skipped == 1 and torch.equal(sch.ema["1.mlp"], s1)
+    sch.update({"1.mlp": s2}, step=2, steps=8)
+    expected = torch.tensor([5.6, 4.9, 4.2, 3.5, 2.8, 2.1])  # 0.9·s1 + 0.1·s2
+    assert torch.allclose(sch.ema["1.mlp"], expected)
+    # cubic: 1 − (1 − 2/6)³ = 19/27 of 4 → round(2.81) = 3 masked: the three lowest Ī (5, 4, 3);
+    # β and 1−β swapped, or the raw scores, would mask 0, 1, 2 instead
+    frac = 1 - (1 - 2 / 6) ** 3
+    assert sch.log[-1]["fraction"] == pytest.approx(frac) and round(frac * 4) == 3
+    assert sch.masks["1.mlp"].tolist() == [True, True, True, False, False, False]
+    sch.update({"1.mlp": torch.tensor([0.0, 0, 0, 100, 100, 100])}, step=8, steps=8)  # final: all 4
+    assert int((~sch.masks["1.mlp"]).sum()) == 4
+    assert not sch.masks["1.mlp"][3:].any()  # masked structures stay masked whatever their scores

@@ -43,17 +43,18 @@ LISTING_ORDER = (
 
 def base_method_configs() -> list[str]:
     """Every ``conf/method`` config that is a method of its own, not a budget variant of
-    another (a variant's YAML starts from ``defaults: [<base>]``). Derived from the config
-    folder, so a new method shows up in the benchmark and the shared tests without edits."""
-    import re
+    another (a variant's defaults list starts from another method config, ``- <base>``).
+    Derived from the config folder, so a new method shows up in the benchmark and the shared
+    tests without edits."""
+    from omegaconf import OmegaConf
 
     from prunelab.paths import conf_dir
 
-    names = [
-        f.stem
-        for f in sorted((conf_dir() / "method").glob("*.yaml"))
-        if not re.search(r"^defaults:", f.read_text(), flags=re.M)
-    ]
+    def is_variant(path) -> bool:
+        entries = OmegaConf.load(path).get("defaults") or []
+        return any(isinstance(e, str) and e != "_self_" and "/" not in e and "@" not in e for e in entries)
+
+    names = [f.stem for f in sorted((conf_dir() / "method").glob("*.yaml")) if not is_variant(f)]
     order = {n: i for i, n in enumerate(LISTING_ORDER)}
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 

@@ -67,6 +67,98 @@ def grow_masks(masks: Masks, scores: dict[str, torch.Tensor], want: dict[str, in
             masks[key][drop] = False
 
 
+class PruneSchedule:
+    """LoRAPrune's two training hooks as one object: masks applied in the forward pass
+    (``setup``), and after every backward the moving-average scores and, every
+    ``prune_freq`` steps, the masks grown along the cubic schedule (``after_backward`` →
+    ``update``). ``update`` takes the scores themselves, so the schedule is testable without
+    a model."""
+
+    def __init__(
+        self,
+        arch: Any,
+        todo: list[Any],
+        remove: dict[str, int],
+        importance: str,
+        beta: float,
+        prune_freq: int,
+        warmup: float,
+        cooldown: float,
+    ) -> None:
+        self.arch, self.todo, self.remove_counts = arch, todo, remove
+        self.importance, self.beta, self.prune_freq = importance, beta, prune_freq
+        self.warmup, self.cooldown = warmup, cooldown
+        self.masks: Masks = {u.key: torch.ones(u.n, dtype=torch.bool) for u in todo}
+        self.ema: dict[str, torch.Tensor] = {}
+        self.log: list[dict] = []
+        self.skipped = 0  # non-finite score updates left out of the average
+        self._base_grads: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def _mask_inputs(self, key: str, width: int):
+        def hook(module, args):
+            keep = self.masks[key].repeat_interleave(width).to(args[0].device, args[0].dtype)
+            return (args[0] * keep, *args[1:])
+
+        return hook
+
+    def setup(self, peft_model: nn.Module) -> None:
+        """Mask each pruned structure's inputs to o_proj / down_proj; for ``taylor``, let the
+        base weights take gradients (the comparison: true gradients)."""
+        layers, arch = decoder_layers(peft_model), self.arch
+        for u in self.todo:
+            if u.kind == "attn":  # a KV group's query heads are consecutive o_proj input blocks
+                mod, width = layers[u.layer].self_attn.o_proj, arch.group_size(u.layer) * arch.head_dim
+            else:
+                mod, width = layers[u.layer].mlp.down_proj, 1
+            # on peft's wrapper (masks the frozen and the LoRA path while training) and on the
+            # base layer (the module left after merge_and_unload: the merge check stays masked)
+            self._handles.append(mod.base_layer.register_forward_pre_hook(self._mask_inputs(u.key, width)))
+            self._handles.append(mod.register_forward_pre_hook(self._mask_inputs(u.key, width)))
+        if self.importance == "taylor":
+            for u in self.todo:
+                for m in members(arch, u):
+                    mod = layers[u.layer].get_submodule(m.path)
+                    w = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
+                    if m.param == "weight" and not w.requires_grad:
+                        w.requires_grad_(True)
+                        self._base_grads.append(w)
+
+    def after_backward(self, peft_model: nn.Module, step: int, steps: int) -> None:
+        self.update(unit_scores(peft_model, self.arch, self.todo, self.importance), step, steps)
+        for w in self._base_grads:
+            w.grad = None  # not in the optimizer: clear, or they would accumulate
+
+    def update(self, scores: dict[str, torch.Tensor], step: int, steps: int) -> None:
+        """Ī ← β·Ī + (1 − β)·I per structure (the first finite update initialises Ī); at
+        every ``prune_freq``-th step and the last, mask the lowest-Ī kept structures up to
+        round(cubic_fraction · plan count) per unit."""
+        for k, s in scores.items():
+            if not torch.isfinite(s).all():
+                self.skipped += 1
+                continue
+            self.ema[k] = s if k not in self.ema else self.beta * self.ema[k] + (1 - self.beta) * s
+        if step % self.prune_freq and step != steps:
+            return
+        frac = cubic_fraction(step, steps, self.warmup, self.cooldown)
+        grow_masks(self.masks, self.ema, {k: round(frac * n) for k, n in self.remove_counts.items()})
+        self.log.append(
+            {"step": step, "fraction": frac, "removed": {k: int((~v).sum()) for k, v in self.masks.items()}}
+        )
+
+    def hooks(self, select_from: int) -> TrainHooks:
+        return TrainHooks(setup=self.setup, after_backward=self.after_backward, select_from=select_from)
+
+    def remove(self) -> None:
+        """Take the hooks off and leave the base weights frozen again."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for w in self._base_grads:
+            w.requires_grad_(False)
+            w.grad = None
+
+
 @dataclass
 class LoRAPrune(PruningMethod):
     name: str = "loraprune"
@@ -132,58 +224,17 @@ class LoRAPrune(PruningMethod):
         model comes back with LoRA merged (masked structures still present, not yet removed)."""
         arch = arch_info(model.config)
         todo = [u for u in units(arch, self.targets) if plan.remove.get(u.key, 0) > 0]
-        masks: Masks = {u.key: torch.ones(u.n, dtype=torch.bool) for u in todo}
-        ema: dict[str, torch.Tensor] = {}
-        log: list[dict] = []
-        skipped = 0
-        base_grads: list[torch.Tensor] = []
-        handles: list[Any] = []
-
-        def mask_inputs(key: str, width: int):
-            def hook(module, args):
-                keep = masks[key].repeat_interleave(width).to(args[0].device, args[0].dtype)
-                return (args[0] * keep, *args[1:])
-
-            return hook
-
-        def setup(peft_model: nn.Module) -> None:
-            layers = decoder_layers(peft_model)
-            for u in todo:
-                if u.kind == "attn":  # a KV group's query heads are consecutive o_proj input blocks
-                    mod, width = layers[u.layer].self_attn.o_proj, arch.group_size(u.layer) * arch.head_dim
-                else:
-                    mod, width = layers[u.layer].mlp.down_proj, 1
-                # on peft's wrapper (masks the frozen and the LoRA path while training) and on the
-                # base layer (the module left after merge_and_unload: the merge check stays masked)
-                handles.append(mod.base_layer.register_forward_pre_hook(mask_inputs(u.key, width)))
-                handles.append(mod.register_forward_pre_hook(mask_inputs(u.key, width)))
-            if self.importance == "taylor":  # the comparison: true gradients of the base weights
-                for u in todo:
-                    for m in members(arch, u):
-                        mod = layers[u.layer].get_submodule(m.path)
-                        w = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
-                        if m.param == "weight" and not w.requires_grad:
-                            w.requires_grad_(True)
-                            base_grads.append(w)
-
-        def after_backward(peft_model: nn.Module, step: int, steps: int) -> None:
-            nonlocal skipped
-            scores = unit_scores(peft_model, arch, todo, self.importance)
-            for k, s in scores.items():
-                if not torch.isfinite(s).all():
-                    skipped += 1
-                    continue
-                ema[k] = s if k not in ema else self.beta * ema[k] + (1 - self.beta) * s
-            for w in base_grads:
-                w.grad = None  # not in the optimizer: clear, or they would accumulate
-            if step % self.prune_freq and step != steps:
-                return
-            frac = cubic_fraction(step, steps, self.warmup, self.cooldown)
-            grow_masks(masks, ema, {u.key: round(frac * plan.remove[u.key]) for u in todo})
-            log.append(
-                {"step": step, "fraction": frac, "removed": {k: int((~v).sum()) for k, v in masks.items()}}
-            )
-
+        schedule = PruneSchedule(
+            arch=arch,
+            todo=todo,
+            remove={u.key: plan.remove[u.key] for u in todo},
+            importance=self.importance,
+            beta=self.beta,
+            prune_freq=self.prune_freq,
+            warmup=self.warmup,
+            cooldown=self.cooldown,
+        )
+        masks = schedule.masks
         tr = self.trainer
         train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
         steps = tr.num_steps(len(train))
@@ -196,16 +247,10 @@ class LoRAPrune(PruningMethod):
                 ctx.out_dir,
                 ctx.tracker,
                 extra,
-                hooks=TrainHooks(
-                    setup=setup, after_backward=after_backward, select_from=self.final_step(steps)
-                ),
+                hooks=schedule.hooks(select_from=self.final_step(steps)),
             )
         finally:
-            for h in handles:
-                h.remove()
-            for w in base_grads:
-                w.requires_grad_(False)
-                w.grad = None
+            schedule.remove()
         missing = {
             k: plan.remove[k] - int((~v).sum()) for k, v in masks.items() if int((~v).sum()) != plan.remove[k]
         }
@@ -213,7 +258,11 @@ class LoRAPrune(PruningMethod):
             raise RuntimeError(
                 f"loraprune ended short of the plan: {missing} (too few steps for prune_freq?)"
             )
-        self.history = {"prune_steps": log, "nonfinite_updates_skipped": skipped, "steps": steps}
+        self.history = {
+            "prune_steps": schedule.log,
+            "nonfinite_updates_skipped": schedule.skipped,
+            "steps": steps,
+        }
         if merged is not model:
             raise RuntimeError("LoRA merge must update the model in place")
         return masks

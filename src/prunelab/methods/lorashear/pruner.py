@@ -155,7 +155,7 @@ class LoRAShear(PruningMethod):
         self.recovery = sub_config(DynamicRecovery, rec, "method.recovery")
         train = OmegaConf.to_container(self.train) if isinstance(self.train, DictConfig) else dict(self.train)
         for k in ("max_steps", "epochs", "patience"):
-            if k in train:
+            if train.get(k) is not None:
                 raise ConfigError(
                     f"method.train.{k} cannot be set: the LHSPG phase runs exactly method.lhspg.warmup_steps + "
                     "periods × period_steps optimizer steps"
