@@ -14,6 +14,7 @@ stage directory: ``adapter/`` (the best adapter, safetensors) and ``history.json
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,8 @@ from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
 from prunelab.progress import bar as progress_bar
+
+log = logging.getLogger(__name__)
 
 # LLaMA-family linears (LLaMA 1/2/3, Vicuna, Mistral, Qwen2): the only names LoRA may target.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -666,6 +669,16 @@ class LoraRecovery:
 
         # Step 0 is a reference point, not a candidate: as the papers' Trainer, a checkpoint
         # is one the optimizer produced.
+        log.info(
+            "%s: LoRA r=%d on %d training examples, %d steps × %d, lr %g, validation every %d",
+            self.log_prefix,
+            self.r,
+            len(train),
+            steps,
+            self.batch_size,
+            self.lr,
+            self.eval_every,
+        )
         if val_batches:
             validate(0)
         tokens, train_time = 0, 0.0
@@ -719,6 +732,18 @@ class LoraRecovery:
                     else:
                         since_best += 1
                 bar.set_postfix(loss=f"{total:.4f}", val=f"{v:.4f}")
+                best = hist["best_val_loss"]
+                log.info(
+                    "%s: step %d/%d train loss %.4f, validation %.4f (%s)",
+                    self.log_prefix,
+                    step,
+                    steps,
+                    total,
+                    v,
+                    f"best {best:.4f} at step {hist['best_step']}"
+                    if best is not None
+                    else f"candidates from step {hooks.select_from}",
+                )
                 if self.patience is not None and since_best >= self.patience and step < steps:
                     hist["stopped_early_at"] = step  # validation stopped improving
                     break
@@ -727,6 +752,14 @@ class LoraRecovery:
         if not val_batches:  # nothing to choose by: the last state is the result
             hist["best_step"] = hist["steps_run"]
         hist.update(train_time_s=train_time, train_tokens=tokens, tokens_per_s=tokens / max(train_time, 1e-9))
+        log.info(
+            "%s: %d steps, %d tokens in %.1f s; the adapter of step %s is merged",
+            self.log_prefix,
+            hist["steps_run"],
+            tokens,
+            train_time,
+            hist["best_step"],
+        )
         return hist, best_state
 
     def _val_losses(

@@ -31,6 +31,7 @@ structures physically; ``training.removal_max_abs_logit_change`` is what that re
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ from prunelab.recovery.lora import TrainHooks, loss_sum, target_count
 from prunelab.structure import ArchInfo, Unit, arch_info, units
 from prunelab.structure.groups import Masks, Member, decoder_layers, grouped, lora_slices, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -306,6 +309,13 @@ class ATP(PruningMethod):
             keep, flips = meet_budget(deterministic(), gen.margins(), weights, target * prunable)
             state.update(frozen=keep, frozen_at=step, forced=forced, flips=flips)
             log.append({"step": step, "event": "freeze", "forced": forced, "flips": flips})
+            _log.info(
+                "atp: decisions frozen at step %d/%d (%s; %d flipped to meet the budget)",
+                step,
+                steps,
+                "forced at method.freeze_by" if forced else "budget loss below method.freeze_tolerance",
+                flips,
+            )
 
         def before_step(peft_model: nn.Module, step: int, steps_: int, batches: list) -> None:
             if state["frozen"] is None:  # 1. the generator step (LoRA frozen for it)
@@ -340,7 +350,7 @@ class ATP(PruningMethod):
                         {
                             "atp/budget_loss": det_loss,
                             "atp/kept_params": r,
-                            "atp/generator_lm_loss": float(lm),
+                            "atp/generator_lm_loss": float(lm.detach()),
                             **{f"atp/kept/{k}": v for k, v in entry["kept"].items()},
                         },
                         step=step,

@@ -22,6 +22,7 @@ The loop (the shared LoRA trainer with two hooks):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,6 +44,8 @@ from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, members
 from prunelab.structure.plan import PrunePlan, prunable_layers
+
+log = logging.getLogger(__name__)
 
 
 def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:
@@ -144,6 +147,13 @@ class PruneSchedule:
         grow_masks(self.masks, self.ema, {k: round(frac * n) for k, n in self.remove_counts.items()})
         self.log.append(
             {"step": step, "fraction": frac, "removed": {k: int((~v).sum()) for k, v in self.masks.items()}}
+        )
+        log.info(
+            "loraprune: pruning step at %d/%d — %.0f%% of the plan, %d structures masked",
+            step,
+            steps,
+            100 * frac,
+            sum(self.log[-1]["removed"].values()),
         )
 
     def hooks(self, select_from: int) -> TrainHooks:

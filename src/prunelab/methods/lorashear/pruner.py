@@ -38,6 +38,7 @@ re-planned around the unprunable groups.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ from prunelab.structure import Unit, arch_info, units
 from prunelab.structure.groups import Masks
 from prunelab.structure.plan import PrunePlan, plan_ratio, prunable_layers
 
+_log = logging.getLogger(__name__)
 SALIENCY = ("lora_aware", "magnitude")
 
 
@@ -287,6 +289,14 @@ class LoRAShear(PruningMethod):
                             "redundant_max_norm": residual,
                         }
                     )
+                    _log.info(
+                        "lorashear: LHSPG period %d/%d ends at step %d (redundant groups' max norm %.2e); "
+                        "LoRA merged",
+                        active[-1] + 1,
+                        n_sel,
+                        step,
+                        residual,
+                    )
             if step in starts:
                 p = starts.index(step) + 1
                 want = {u.key: round(p / n_sel * plan.remove[u.key]) for u in todo}
@@ -297,6 +307,13 @@ class LoRAShear(PruningMethod):
                         "event": "select",
                         "redundant": {k: int(v.sum()) for k, v in redundant.items()},
                     }
+                )
+                _log.info(
+                    "lorashear: LHSPG period %d/%d starts at step %d — %d redundant groups selected",
+                    p,
+                    n_sel,
+                    step,
+                    sum(log[-1]["redundant"].values()),
                 )
 
         def setup(peft_model: nn.Module) -> None:
