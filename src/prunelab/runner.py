@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,8 +209,17 @@ def _tracker(cfg: DictConfig, run_dir: Path, resolved: dict, group: str | None, 
 
     if cfg.logger.name == "none":
         return NullTracker()
+    # job_type: what the job does, to filter a sweep's runs (prune only, or prune + recovery)
+    job_type = "prune" if cfg.recovery.name == "none" else "prune+recover"
     return WandbTracker(
-        cfg.logger, run_dir, resolved, name=run_dir.name, group=group, tags=run_tags(cfg), key=key
+        cfg.logger,
+        run_dir,
+        resolved,
+        name=run_dir.name,
+        group=group,
+        tags=run_tags(cfg),
+        key=key,
+        job_type=job_type,
     )
 
 
@@ -688,6 +698,9 @@ def finish(job: Job) -> dict:
     )
     job.tracker.table("summary", rows)
     job.tracker.table("plan", plan_rows(results))
+    if job.cfg.logger.get("log_model"):
+        name = re.sub(r"[^\w.-]", "_", job.rd.root.name)[:100]  # W&B artifact names: [\w.-]
+        job.tracker.artifact(f"{name}-model", job.final_dir)
     job.tracker.finish()
     return results
 

@@ -138,3 +138,24 @@ def test_run_from_python_resumes_like_the_cli(tmp_path):
     assert set(again.results["resumed_stages"]) >= {"prune", "eval"}
     assert again.metrics["pruned"] == first.metrics["pruned"]
     assert prunelab.run([*overrides, "dry_run=true"]) is None
+
+
+def test_wandb_gets_summary_and_plan_tables_and_the_model_artifact(tmp_path, monkeypatch):
+    """A real offline W&B run: the dense → pruned summary and the per-layer plan as tables,
+    the final model as an artifact when logger.log_model=true."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    res = prunelab.run(
+        [
+            "method=wanda",
+            "ratio=0.5",
+            "debug=fast",
+            "recovery=none",
+            "logger.log_model=true",
+            f"output_root={tmp_path}",
+        ]
+    )
+    (log,) = res.run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = log.read_bytes()
+    for needle in (b"summary.table", b"plan.table", b"model.safetensors"):
+        assert needle in data, needle
+    assert res.results["tracking"]["run_id"]

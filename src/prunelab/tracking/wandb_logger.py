@@ -29,6 +29,9 @@ class NullTracker:
     def table(self, key: str, rows: list[dict]) -> None:
         pass
 
+    def artifact(self, name: str, path: str | Path, kind: str = "model") -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -54,6 +57,7 @@ class WandbTracker:
         group: str | None,
         tags: list[str],
         key: str = "",
+        job_type: str | None = None,
     ) -> None:
         import wandb
 
@@ -65,6 +69,7 @@ class WandbTracker:
             entity=cfg.entity,
             mode=cfg.mode,
             group=group,
+            job_type=job_type,
             name=name,
             tags=tags,
             config=config,
@@ -97,6 +102,14 @@ class WandbTracker:
             return
         columns = list(dict.fromkeys(k for r in rows for k in r))
         self.run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+
+    def artifact(self, name: str, path: str | Path, kind: str = "model") -> None:
+        """A folder (the pruned / recovered checkpoint) as a versioned W&B artifact."""
+        import wandb
+
+        art = wandb.Artifact(name, type=kind)
+        art.add_dir(str(path))
+        self.run.log_artifact(art)
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
