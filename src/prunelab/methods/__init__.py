@@ -89,6 +89,14 @@ def build_method(cfg: DictConfig) -> PruningMethod:
     return method
 
 
+def plain(value: Any) -> Any:
+    """A config node as plain Python (dicts, lists); other values unchanged. Methods built by
+    ``build_method`` already get plain values; this serves callers that pass nodes."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def sub_config(cls: type, value: Any, key: str) -> Any:
     """A nested method config node (``method.knowledge``) as its dataclass; unknown keys are
     refused by name."""

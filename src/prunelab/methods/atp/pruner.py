@@ -49,6 +49,7 @@ from prunelab.methods import (
     check_trainer,
     lora_targets,
     method_trainer,
+    plain,
     sub_config,
 )
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
@@ -233,8 +234,6 @@ class ATP(PruningMethod):
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        from omegaconf import DictConfig, OmegaConf
-
         self.targets = lora_targets(self.targets)
         self.generator = sub_config(GeneratorConfig, self.generator, "method.generator")
         for key in ("budget_weight", "lasso"):
@@ -247,11 +246,7 @@ class ATP(PruningMethod):
             raise ConfigError(f"method.freeze_patience={self.freeze_patience!r} must be a positive integer")
         if not (isinstance(self.freeze_by, (int, float)) and 0 < self.freeze_by <= 1):
             raise ConfigError(f"method.freeze_by={self.freeze_by!r} must be a fraction of the run in (0, 1]")
-        train = (
-            OmegaConf.to_container(self.train, resolve=True)
-            if isinstance(self.train, DictConfig)
-            else dict(self.train)
-        )
+        train = plain(self.train) if not isinstance(self.train, dict) else dict(self.train)
         if "patience" in train:
             raise ConfigError("method.train.patience cannot be set: the decisions need the whole run")
         self.trainer = method_trainer(

@@ -55,6 +55,7 @@ from prunelab.methods import (
     check_trainer,
     lora_targets,
     method_trainer,
+    plain,
     sub_config,
 )
 from prunelab.methods.lorashear.recovery import DynamicRecovery
@@ -142,20 +143,17 @@ class LoRAShear(PruningMethod):
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        from omegaconf import DictConfig, OmegaConf
-
         self.targets = lora_targets(self.targets)
         if not isinstance(self.lora_aware, bool):
             raise ConfigError(f"method.lora_aware={self.lora_aware!r} must be true or false")
         self.knowledge = sub_config(KnowledgeConfig, self.knowledge, "method.knowledge")
         self.lhspg = sub_config(LHSPGConfig, self.lhspg, "method.lhspg")
         rec = self.recovery
-        if isinstance(rec, DictConfig):
-            rec = OmegaConf.to_container(rec, resolve=True)
+        rec = plain(rec)
         if isinstance(rec, dict):
             rec = {"seed": self.seed, **rec}
         self.recovery = sub_config(DynamicRecovery, rec, "method.recovery")
-        train = OmegaConf.to_container(self.train) if isinstance(self.train, DictConfig) else dict(self.train)
+        train = dict(plain(self.train))
         for k in ("max_steps", "epochs", "patience"):
             if train.get(k) is not None:
                 raise ConfigError(
