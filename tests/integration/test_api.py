@@ -159,3 +159,18 @@ def test_wandb_gets_summary_and_plan_tables_and_the_model_artifact(tmp_path, mon
     for needle in (b"summary.table", b"plan.table", b"model.safetensors"):
         assert needle in data, needle
     assert res.results["tracking"]["run_id"]
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    out = []
+    for doc in [README, *sorted((README.parent / "docs").rglob("*.md"))]:
+        for i, code in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)):
+            out.append((f"{doc.relative_to(README.parent)}#{i}", code))
+    return out
+
+
+@pytest.mark.parametrize("where,code", python_blocks(), ids=[w for w, _ in python_blocks()])
+def test_docs_python_examples_run(where, code, tmp_path, monkeypatch):
+    """Every Python example in the README and docs/ runs as written (outputs under tmp_path)."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, where, "exec"), {})
