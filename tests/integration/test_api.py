@@ -120,13 +120,23 @@ def test_api_refuses_bad_input_with_the_cli_messages():
 
 
 def test_prune_with_token_calibration_is_used_as_given():
-    """calibration= token ids: the method sees exactly those (Wanda's norms change with them)."""
+    """calibration= token ids: the method sees exactly those — the masks equal the library's
+    own method call with that tensor in its context (and differ for other ids)."""
+    from prunelab.methods import PruneContext, build_method
+    from prunelab.runner import make_plan
+    from prunelab.structure import arch_info
+
     a, _ = prunelab.load_model("tiny_llama")
     b, _ = prunelab.load_model("tiny_llama")
+    c, _ = prunelab.load_model("tiny_llama")
     ids = torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     ra = prunelab.prune(a, method="wanda", ratio=0.5, calibration=ids)
-    rb = prunelab.prune(b, method="wanda", ratio=0.5, calibration=ids[:, :32].flip(0))
-    assert any(not torch.equal(ra.masks[k], rb.masks[k]) for k in ra.masks)
+    method = build_method(prunelab.compose(["method=wanda"]).method)
+    plan = make_plan(method, arch_info(b.config), 0.5)
+    direct = method.prune(b, plan, PruneContext(None, ids, 0))
+    assert all(torch.equal(ra.masks[k], direct[k]) for k in direct)
+    rc = prunelab.prune(c, method="wanda", ratio=0.5, calibration=ids[:, :32].flip(0))
+    assert any(not torch.equal(ra.masks[k], rc.masks[k]) for k in ra.masks)
 
 
 def test_run_from_python_resumes_like_the_cli(tmp_path):

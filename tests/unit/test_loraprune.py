@@ -236,8 +236,8 @@ def test_bad_training_key_is_named_under_method_train():
 
 def test_prune_schedule_moving_average_and_cubic_growth_as_in_the_paper():
     """``PruneSchedule.update`` on given scores: Ī = β·Ī + (1−β)·I (first update initialises),
-    non-finite updates skipped, at prune steps round(cubic · count) lowest-Ī structures masked,
-    masks only grow. Expected values are computed here by hand."""
+    non-finite updates skipped, at prune steps (and the last step) round(cubic · count)
+    lowest-Ī structures masked, masks only grow. Expected values are computed here by hand."""
     from types import SimpleNamespace
 
     from prunelab.methods.loraprune.pruner import PruneSchedule
@@ -246,20 +246,21 @@ def test_prune_schedule_moving_average_and_cubic_growth_as_in_the_paper():
     sch = PruneSchedule(
         None, todo, {"1.mlp": 4}, "lora_grad", beta=0.9, prune_freq=2, warmup=0.0, cooldown=0.25
     )
+    steps = 9  # the last step is not a multiple of prune_freq: the plan must be met there anyway
     s1 = torch.tensor([6.0, 5, 4, 3, 2, 1])
     s2 = torch.tensor([1.0, 2, 3, 4, 5, 6]) * 2
-    sch.update({"1.mlp": s1}, step=1, steps=8)  # 1 % prune_freq: scores only
+    sch.update({"1.mlp": s1}, step=1, steps=steps)  # 1 % prune_freq: scores only
     assert torch.equal(sch.ema["1.mlp"], s1) and bool(sch.masks["1.mlp"].all())
-    sch.update({"1.mlp": torch.tensor([float("nan")] * 6)}, step=1, steps=8)
+    sch.update({"1.mlp": torch.tensor([float("nan")] * 6)}, step=1, steps=steps)
     assert sch.skipped == 1 and torch.equal(sch.ema["1.mlp"], s1)
-    sch.update({"1.mlp": s2}, step=2, steps=8)
+    sch.update({"1.mlp": s2}, step=2, steps=steps)
     expected = torch.tensor([5.6, 4.9, 4.2, 3.5, 2.8, 2.1])  # 0.9·s1 + 0.1·s2
     assert torch.allclose(sch.ema["1.mlp"], expected)
-    # cubic: 1 − (1 − 2/6)³ = 19/27 of 4 → round(2.81) = 3 masked: the three lowest Ī (5, 4, 3);
-    # β and 1−β swapped, or the raw scores, would mask 0, 1, 2 instead
-    frac = 1 - (1 - 2 / 6) ** 3
+    # cubic: 1 − (1 − 2/6.75)³ ≈ 0.65 of 4 → round(2.61) = 3 masked: the three lowest Ī (5, 4, 3);
+    # β and 1−β swapped, or the raw scores, would mask 0, 1, 2 instead; int() would mask 2
+    frac = 1 - (1 - 2 / (0.75 * steps)) ** 3
     assert sch.log[-1]["fraction"] == pytest.approx(frac) and round(frac * 4) == 3
     assert sch.masks["1.mlp"].tolist() == [True, True, True, False, False, False]
-    sch.update({"1.mlp": torch.tensor([0.0, 0, 0, 100, 100, 100])}, step=8, steps=8)  # final: all 4
+    sch.update({"1.mlp": torch.tensor([0.0, 0, 0, 100, 100, 100])}, step=9, steps=steps)  # the last step
     assert int((~sch.masks["1.mlp"]).sum()) == 4
     assert not sch.masks["1.mlp"][3:].any()  # masked structures stay masked whatever their scores
