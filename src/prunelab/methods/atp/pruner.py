@@ -213,6 +213,126 @@ class _Gates:
         self.handles.clear()
 
 
+class JointTraining:
+    """ATP's hooks into the LoRA trainer as one object: before each LoRA step, the generator
+    step on the same batch (LoRA frozen), the deterministic decisions as hard gates and the
+    freeze once the budget holds (``before_step``); after it, the group-lasso proximal step
+    on the pruned structures' LoRA slices (``after_step``)."""
+
+    def __init__(
+        self,
+        method: ATP,
+        arch: ArchInfo,
+        todo: list[Unit],
+        weights: dict[str, int],
+        target: float,
+        steps: int,
+        device: torch.device,
+        tracker: Any = None,
+    ) -> None:
+        g = method.generator
+        self.method, self.arch, self.todo, self.weights = method, arch, todo, weights
+        self.prunable = sum(u.n * weights[u.key] for u in todo)
+        self.target, self.steps, self.tracker = target, steps, tracker
+        self.gen = DecisionGenerator(
+            todo, arch.num_layers, g.dim, g.heads, g.layers, g.encoder, g.temperature, g.offset, method.seed
+        ).to(device)
+        self.gen_opt = torch.optim.AdamW(self.gen.parameters(), lr=g.lr, weight_decay=0.0)
+        self.gates = _Gates(arch, todo)
+        self.state: dict[str, Any] = {
+            "frozen": None,
+            "below": 0,
+            "frozen_at": None,
+            "forced": False,
+            "flips": 0,
+        }
+        self.log: list[dict] = []
+        self.freeze_limit = max(1, math.floor(method.freeze_by * steps))
+
+    def hooks(self, select_from: int) -> TrainHooks:
+        return TrainHooks(
+            setup=self.gates.install,
+            before_step=self.before_step,
+            after_step=self.after_step,
+            select_from=select_from,
+        )
+
+    def deterministic(self) -> dict[str, torch.Tensor]:
+        """The decisions now: frozen ones once frozen, else the generator's noise-free ones."""
+        if self.state["frozen"] is not None:
+            return self.state["frozen"]
+        return {k: v.cpu() for k, v in self.gen.decisions().items()}
+
+    def freeze(self, step: int, forced: bool) -> None:
+        keep, flips = meet_budget(
+            self.deterministic(), self.gen.margins(), self.weights, self.target * self.prunable
+        )
+        self.state.update(frozen=keep, frozen_at=step, forced=forced, flips=flips)
+        self.log.append({"step": step, "event": "freeze", "forced": forced, "flips": flips})
+        _log.info(
+            "atp: decisions frozen at step %d/%d (%s; %d flipped to meet the budget)",
+            step,
+            self.steps,
+            "forced at method.freeze_by" if forced else "budget loss below method.freeze_tolerance",
+            flips,
+        )
+
+    def before_step(self, peft_model: nn.Module, step: int, steps: int, batches: list) -> None:
+        m, state = self.method, self.state
+        if state["frozen"] is None:  # 1. the generator step (LoRA frozen for it)
+            lora = [p for p in peft_model.parameters() if p.requires_grad]
+            for p in lora:
+                p.requires_grad_(False)
+            self.gen.train()
+            self.gen_opt.zero_grad(set_to_none=True)
+            soft, hard = self.gen(noise=True)
+            self.gates.mode, self.gates.values = "soft", soft
+            count = max(1, sum(target_count(b) for b in batches))  # as the LoRA step counts
+            lm = sum(loss_sum(peft_model, b) for b in batches) / count
+            bl = budget_loss(kept_fraction(hard, self.weights, self.prunable), self.target)
+            (lm + m.budget_weight * bl).backward()
+            self.gen_opt.step()
+            for p in lora:
+                p.requires_grad_(True)
+            det = self.deterministic()
+            r = float(kept_fraction({k: v.float() for k, v in det.items()}, self.weights, self.prunable))
+            det_loss = float(budget_loss(torch.tensor(r), self.target))
+            state["below"] = state["below"] + 1 if det_loss < m.freeze_tolerance else 0
+            entry = {
+                "step": step,
+                "lm_loss": float(lm.detach()),
+                "budget_loss": det_loss,
+                "kept_params": r,
+                "kept": {k: float(v.float().mean()) for k, v in det.items()},
+            }
+            self.log.append(entry)
+            if self.tracker is not None:
+                self.tracker.log(
+                    {
+                        "atp/budget_loss": det_loss,
+                        "atp/kept_params": r,
+                        "atp/generator_lm_loss": float(lm.detach()),
+                        **{f"atp/kept/{k}": v for k, v in entry["kept"].items()},
+                    },
+                    step=step,
+                )
+            if state["below"] >= m.freeze_patience or step >= self.freeze_limit:
+                self.freeze(step, forced=state["below"] < m.freeze_patience)
+        self.gates.mode, self.gates.values = "hard", {k: v.float() for k, v in self.deterministic().items()}
+
+    def after_step(self, peft_model: nn.Module, step: int, steps: int) -> None:
+        # 2. the LoRA step's group lasso over the pruned structures' LoRA slices, by its
+        # proximal operator (threshold lr_t·λ): exact zeros, which its subgradient under
+        # Adam never reaches (it oscillates at the scale of the learning rate)
+        if self.method.lasso == 0:
+            return
+        lr = self.method.trainer.lr_at(step, steps)
+        for u in self.todo:
+            pruned = ~self.gates.values[u.key].bool()
+            if bool(pruned.any()):
+                group_lasso_prox(peft_model, self.arch, u, pruned, lr * self.method.lasso)
+
+
 @dataclass
 class ATP(PruningMethod):
     name: str = "atp"
@@ -279,97 +399,15 @@ class ATP(PruningMethod):
                 f"ratio={plan.requested} cannot be met by pruning heads and MLP channels of layers "
                 f"{plan.prunable_layers} (at most {1 - floor:.3f} of their parameters can go)"
             )
-        g = self.generator
-        device = next(model.parameters()).device
-        gen = DecisionGenerator(
-            todo, arch.num_layers, g.dim, g.heads, g.layers, g.encoder, g.temperature, g.offset, self.seed
-        ).to(device)
-        gen_opt = torch.optim.AdamW(gen.parameters(), lr=g.lr, weight_decay=0.0)
-        gates = _Gates(arch, todo)
-        state: dict[str, Any] = {"frozen": None, "below": 0, "frozen_at": None, "forced": False, "flips": 0}
-        log: list[dict] = []
         tr = self.trainer
         train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
         steps = tr.num_steps(len(train))
-        freeze_limit = max(1, math.floor(self.freeze_by * steps))
-
-        def deterministic() -> dict[str, torch.Tensor]:
-            return (
-                state["frozen"]
-                if state["frozen"] is not None
-                else {k: v.cpu() for k, v in gen.decisions().items()}
-            )
-
-        def freeze(step: int, forced: bool) -> None:
-            keep, flips = meet_budget(deterministic(), gen.margins(), weights, target * prunable)
-            state.update(frozen=keep, frozen_at=step, forced=forced, flips=flips)
-            log.append({"step": step, "event": "freeze", "forced": forced, "flips": flips})
-            _log.info(
-                "atp: decisions frozen at step %d/%d (%s; %d flipped to meet the budget)",
-                step,
-                steps,
-                "forced at method.freeze_by" if forced else "budget loss below method.freeze_tolerance",
-                flips,
-            )
-
-        def before_step(peft_model: nn.Module, step: int, steps_: int, batches: list) -> None:
-            if state["frozen"] is None:  # 1. the generator step (LoRA frozen for it)
-                lora = [p for p in peft_model.parameters() if p.requires_grad]
-                for p in lora:
-                    p.requires_grad_(False)
-                gen.train()
-                gen_opt.zero_grad(set_to_none=True)
-                soft, hard = gen(noise=True)
-                gates.mode, gates.values = "soft", soft
-                count = max(1, sum(target_count(b) for b in batches))  # as the LoRA step counts
-                lm = sum(loss_sum(peft_model, b) for b in batches) / count
-                bl = budget_loss(kept_fraction(hard, weights, prunable), target)
-                (lm + self.budget_weight * bl).backward()
-                gen_opt.step()
-                for p in lora:
-                    p.requires_grad_(True)
-                det = deterministic()
-                r = float(kept_fraction({k: v.float() for k, v in det.items()}, weights, prunable))
-                det_loss = float(budget_loss(torch.tensor(r), target))
-                state["below"] = state["below"] + 1 if det_loss < self.freeze_tolerance else 0
-                entry = {
-                    "step": step,
-                    "lm_loss": float(lm.detach()),
-                    "budget_loss": det_loss,
-                    "kept_params": r,
-                    "kept": {k: float(v.float().mean()) for k, v in det.items()},
-                }
-                log.append(entry)
-                if ctx.tracker is not None:
-                    ctx.tracker.log(
-                        {
-                            "atp/budget_loss": det_loss,
-                            "atp/kept_params": r,
-                            "atp/generator_lm_loss": float(lm.detach()),
-                            **{f"atp/kept/{k}": v for k, v in entry["kept"].items()},
-                        },
-                        step=step,
-                    )
-                if state["below"] >= self.freeze_patience or step >= freeze_limit:
-                    freeze(step, forced=state["below"] < self.freeze_patience)
-            gates.mode, gates.values = "hard", {k: v.float() for k, v in deterministic().items()}
-
-        def after_step(peft_model: nn.Module, step: int, steps_: int) -> None:
-            # 2. the LoRA step's group lasso over the pruned structures' LoRA slices, by its
-            # proximal operator (threshold lr_t·λ): exact zeros, which its subgradient under
-            # Adam never reaches (it oscillates at the scale of the learning rate)
-            if self.lasso == 0:
-                return
-            lr = tr.lr_at(step, steps_)
-            for u in todo:
-                pruned = ~gates.values[u.key].bool()
-                if bool(pruned.any()):
-                    group_lasso_prox(peft_model, arch, u, pruned, lr * self.lasso)
-
-        # the final adapter: the lasso has had the whole post-freeze run to zero the pruned slices
-        # (an earlier "best" adapter would bring their LoRA paths back)
-        select_from = steps
+        joint = JointTraining(
+            self, arch, todo, weights, target, steps, next(model.parameters()).device, ctx.tracker
+        )
         try:
+            # the final adapter: the lasso has had the whole post-freeze run to zero the pruned
+            # slices (an earlier "best" adapter would bring their LoRA paths back)
             merged = tr.fit_features(
                 model,
                 ctx.tokenizer,
@@ -378,17 +416,13 @@ class ATP(PruningMethod):
                 ctx.out_dir,
                 ctx.tracker,
                 extra,
-                hooks=TrainHooks(
-                    setup=gates.install,
-                    before_step=before_step,
-                    after_step=after_step,
-                    select_from=select_from,
-                ),
+                hooks=joint.hooks(select_from=steps),
             )
         finally:
-            gates.remove()
+            joint.gates.remove()
         if merged is not model:
             raise RuntimeError("LoRA merge must update the model in place")
+        state, log = joint.state, joint.log
         keep = state["frozen"]
         masks = {u.key: keep[u.key].clone() for u in todo if not bool(keep[u.key].all())}
         # the trainer's merge check compares the trained model (LoRA-aware forward, final
@@ -421,7 +455,7 @@ class ATP(PruningMethod):
         run_dir = Path(ctx.run_dir or ctx.out_dir)
         (run_dir / "atp_decisions.json").write_text(json.dumps(log, indent=2) + "\n")
         png = plot_decisions(log, run_dir / "atp_decisions.png")
-        if ctx.tracker is not None and hasattr(ctx.tracker, "image"):
+        if ctx.tracker is not None:
             ctx.tracker.image("atp/decisions", png)
         return masks
 
