@@ -124,6 +124,75 @@ def schedule(cfg: LHSPGConfig) -> tuple[list[int], list[int]]:
     return starts, [s + cfg.period_steps for s in starts]
 
 
+class LHSPGSchedule:
+    """LoRAShear's hooks into the LoRA trainer as one object: the periods' selection of
+    redundant groups (at each period's start), the half-space projection after every
+    optimizer step within a period, and the merge of B·A at each period's end."""
+
+    def __init__(self, method: LoRAShear, arch: Any, todo: list[Unit], plan: PrunePlan) -> None:
+        self.method, self.arch, self.todo, self.plan = method, arch, todo, plan
+        self.redundant: Masks = {u.key: torch.zeros(u.n, dtype=torch.bool) for u in todo}
+        self.starts, self.ends = schedule(method.lhspg)
+        self.log: list[dict] = []
+
+    def hooks(self, select_from: int) -> TrainHooks:
+        return TrainHooks(setup=self.setup, after_step=self.after_step, select_from=select_from)
+
+    def setup(self, peft_model: nn.Module) -> None:
+        if self.method.lhspg.warmup_steps == 0:
+            self.after_step(peft_model, 0, self.method.lhspg.steps)  # select before the first step
+
+    def after_step(self, peft_model: nn.Module, step: int, steps: int) -> None:
+        from prunelab.methods.lorashear.lhspg import lhspg_step, merge_lora_into_base
+
+        m, arch, starts, ends, redundant = self.method, self.arch, self.starts, self.ends, self.redundant
+        n_sel = len(starts)
+        active = [i for i, s in enumerate(starts) if s < step]  # periods begun
+        if active:
+            end = ends[active[-1]]
+            left = max(1, end - step + 1)  # steps_left 1 = exactly zero now
+            proj = lhspg_step(peft_model, arch, redundant, left, m.lhspg.epsilon, lora_aware=m.lora_aware)
+            if step == end:
+                # the effective weights W + s·B·A of every redundant group: exactly 0 here
+                # with LoRA-aware groups (the ablation leaves LoRA's share in them)
+                residual = m._residual(peft_model, arch, self.todo, redundant, effective=True)
+                merge_lora_into_base(peft_model)  # B·A into the kept groups; B restarts at 0
+                self.log.append(
+                    {
+                        "step": step,
+                        "event": "period_end_merge",
+                        "projected": proj,
+                        "redundant_max_norm": residual,
+                    }
+                )
+                _log.info(
+                    "lorashear: LHSPG period %d/%d ends at step %d (redundant groups' max norm %.2e); "
+                    "LoRA merged",
+                    active[-1] + 1,
+                    n_sel,
+                    step,
+                    residual,
+                )
+        if step in starts:
+            p = starts.index(step) + 1
+            want = {u.key: round(p / n_sel * self.plan.remove[u.key]) for u in self.todo}
+            m._select(peft_model, arch, self.todo, redundant, want)
+            self.log.append(
+                {
+                    "step": step,
+                    "event": "select",
+                    "redundant": {k: int(v.sum()) for k, v in redundant.items()},
+                }
+            )
+            _log.info(
+                "lorashear: LHSPG period %d/%d starts at step %d — %d redundant groups selected",
+                p,
+                n_sel,
+                step,
+                sum(self.log[-1]["redundant"].values()),
+            )
+
+
 @dataclass
 class LoRAShear(PruningMethod):
     name: str = "lorashear"
@@ -243,8 +312,6 @@ class LoRAShear(PruningMethod):
         """Knowledge analysis → re-plan → LoRA warm-up + LHSPG periods; returns the keep masks.
         The model comes back with LoRA merged and the redundant groups at zero (removed by the
         runner). Also measures the dense reference losses the recovery's mixer needs."""
-        from prunelab.methods.lorashear.lhspg import lhspg_step, merge_lora_into_base
-
         arch = arch_info(model.config)
         out_dir = Path(ctx.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,63 +328,8 @@ class LoRAShear(PruningMethod):
             ref = self.recovery.reference_losses(model, ctx.tokenizer, ctx.data_cfg)
             (out_dir / "reference_losses.json").write_text(json.dumps(ref, indent=2) + "\n")
         todo = [u for u in units(arch, self.targets) if plan.remove.get(u.key, 0) > 0]
-        redundant: Masks = {u.key: torch.zeros(u.n, dtype=torch.bool) for u in todo}
-        starts, ends = schedule(self.lhspg)
-        n_sel = len(starts)
-        log: list[dict] = []
-
-        def after_step(peft_model: nn.Module, step: int, steps: int) -> None:
-            active = [i for i, s in enumerate(starts) if s < step]  # periods begun
-            if active:
-                end = ends[active[-1]]
-                left = max(1, end - step + 1)  # steps_left 1 = exactly zero now
-                proj = lhspg_step(
-                    peft_model, arch, redundant, left, self.lhspg.epsilon, lora_aware=self.lora_aware
-                )
-                if step == end:
-                    # the effective weights W + s·B·A of every redundant group: exactly 0 here
-                    # with LoRA-aware groups (the ablation leaves LoRA's share in them)
-                    residual = self._residual(peft_model, arch, todo, redundant, effective=True)
-                    merge_lora_into_base(peft_model)  # B·A into the kept groups; B restarts at 0
-                    log.append(
-                        {
-                            "step": step,
-                            "event": "period_end_merge",
-                            "projected": proj,
-                            "redundant_max_norm": residual,
-                        }
-                    )
-                    _log.info(
-                        "lorashear: LHSPG period %d/%d ends at step %d (redundant groups' max norm %.2e); "
-                        "LoRA merged",
-                        active[-1] + 1,
-                        n_sel,
-                        step,
-                        residual,
-                    )
-            if step in starts:
-                p = starts.index(step) + 1
-                want = {u.key: round(p / n_sel * plan.remove[u.key]) for u in todo}
-                self._select(peft_model, arch, todo, redundant, want)
-                log.append(
-                    {
-                        "step": step,
-                        "event": "select",
-                        "redundant": {k: int(v.sum()) for k, v in redundant.items()},
-                    }
-                )
-                _log.info(
-                    "lorashear: LHSPG period %d/%d starts at step %d — %d redundant groups selected",
-                    p,
-                    n_sel,
-                    step,
-                    sum(log[-1]["redundant"].values()),
-                )
-
-        def setup(peft_model: nn.Module) -> None:
-            if self.lhspg.warmup_steps == 0:
-                after_step(peft_model, 0, self.lhspg.steps)  # select before the first step
-
+        periods = LHSPGSchedule(self, arch, todo, plan)
+        redundant, starts, ends, log = periods.redundant, periods.starts, periods.ends, periods.log
         tr = self.trainer
         train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
         steps = tr.num_steps(len(train))
@@ -329,7 +341,7 @@ class LoRAShear(PruningMethod):
             out_dir,
             ctx.tracker,
             extra,
-            hooks=TrainHooks(setup=setup, after_step=after_step, select_from=steps),
+            hooks=periods.hooks(select_from=steps),
         )
         if merged is not model:
             raise RuntimeError("LoRA merge must update the model in place")
