@@ -280,10 +280,18 @@ class HubText:
         calibration: Mapping[str, Any] | Calibration | None = None,
         text_format: str | None = None,
         max_rows: int | Mapping[str, int | None] | None = None,
+        revision: str | None = None,
     ) -> None:
         self.name = name
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"data.path={path!r} must be a hub dataset id such as 'wikitext'")
+        if revision is not None and (not isinstance(revision, str) or not revision):
+            raise ConfigError(f"data.revision={revision!r} must be a branch, tag or commit sha of {path!r}")
+        self.revision = revision
+        if not isinstance(path, str) or not path or path.count("/") != 1:
+            # huggingface_hub >= 1 refuses un-namespaced ids ("wikitext"): say so before loading
+            raise ConfigError(
+                f"data.path={path!r} must be a namespaced hub dataset id 'namespace/name' such as "
+                "'Salesforce/wikitext'"
+            )
         self.path = path
         self.config_name = config_name
         if text_format not in TEXT_FORMATS:
@@ -357,7 +365,9 @@ class HubText:
                     raise bad_value(f"data.data_files (split {split!r})", hub_split, list(data_files))
                 data_files = {hub_split: data_files[hub_split]}
             # No trust_remote_code: dataset scripts are code from the internet.
-            ds = datasets.load_dataset(self.path, self.config_name, split=hub_split, data_files=data_files)
+            ds = datasets.load_dataset(
+                self.path, self.config_name, split=hub_split, data_files=data_files, revision=self.revision
+            )
         limit = self.max_rows.get(split) if isinstance(self.max_rows, Mapping) else self.max_rows
         if limit is not None and len(ds) > limit:
             ds = ds.select(range(limit))
@@ -435,6 +445,7 @@ _KEYS = {
         "text_format",
         "max_rows",
         "in_domain_eval",
+        "revision",
     ),
 }
 

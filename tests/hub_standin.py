@@ -1,0 +1,203 @@
+"""A local stand-in of the Hugging Face Hub: an HTTP server on 127.0.0.1 that serves
+repositories' files and the API responses ``huggingface_hub`` / ``datasets`` ask for.
+
+The real clients run against it unchanged (``HF_ENDPOINT=http://127.0.0.1:<port>``), so an id,
+config name, split, field or file pattern the real libraries would reject fails here too. Each
+repository is a folder ``<root>/<datasets|models>/<namespace>/<name>/<revision>/`` holding
+that revision's files (``refs/convert/parquet`` is the folder ``refs__convert__parquet``);
+a revision's commit sha is a hash of its files. Endpoints (those the pinned clients use):
+
+    GET|HEAD /<datasets/>{repo}/resolve/{revision}/{path}      a file (ETag, X-Repo-Commit)
+    GET /api/{datasets|models}/{repo}[/revision/{revision}]    repo info (sha, siblings)
+    GET /api/{datasets|models}/{repo}/tree/{revision}[/{path}] a folder listing
+    POST /api/{datasets|models}/{repo}/paths-info/{revision}   info about given paths
+
+Anything else is a 404 with the hub's ``X-Error-Code`` header (RepoNotFound, RevisionNotFound,
+EntryNotFound), which the clients turn into their own errors. ``requests`` records every
+request (method, path) for tests that check what was fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+KINDS = ("datasets", "models")
+API_OPS = ("revision", "tree", "paths-info")
+
+
+def revision_dir_name(revision: str) -> str:
+    return revision.replace("/", "__")
+
+
+def tree_sha(folder: Path) -> str:
+    h = hashlib.sha1()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+class HubStandIn:
+    """``with HubStandIn(root) as hub: …`` serves ``root`` on ``hub.endpoint``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.requests: list[tuple[str, str]] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HubStandIn:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # ------------------------------------------------------------------ repositories
+    def repo(self, kind: str, repo_id: str, revision: str) -> tuple[Path | None, str | None, str | None]:
+        """(folder, sha, error code): the revision may be a branch name or a commit sha."""
+        base = self.root / kind / repo_id
+        if "/" not in repo_id or not base.is_dir():
+            return None, None, "RepoNotFound"
+        for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+            sha = tree_sha(folder)
+            if revision in (folder.name.replace("__", "/"), sha):
+                return folder, sha, None
+        return None, None, "RevisionNotFound"
+
+    @staticmethod
+    def split_repo_and_revision(parts: list[str], kind: str) -> tuple[str, str, list[str]]:
+        """``ns/name/<op>/<revision…>/<rest…>``: a revision may hold slashes (refs/convert/parquet)."""
+        repo = "/".join(parts[:2])
+        rest = parts[2:]
+        if rest[:3] == ["refs", "convert", "parquet"] or rest[:2] == ["refs", "pr"]:
+            n = 3
+            return repo, "/".join(rest[:n]), rest[n:]
+        return repo, rest[0] if rest else "main", rest[1:]
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def send(self, code: int, body: bytes | dict | list = b"", headers: dict | None = None) -> None:
+                ctype = "application/octet-stream"
+                if isinstance(body, (dict, list)):
+                    body, ctype = json.dumps(body).encode(), "application/json"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def error(self, code: str) -> None:
+                self.send(404, {"error": code}, {"X-Error-Code": code, "X-Error-Message": code})
+
+            def do_GET(self) -> None:
+                self.route()
+
+            def do_HEAD(self) -> None:
+                self.route()
+
+            def do_POST(self) -> None:
+                self.route()
+
+            def route(self) -> None:
+                url = urlparse(self.path)
+                path = unquote(url.path)
+                hub.requests.append((self.command, path))
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else b""
+                parts = [p for p in path.split("/") if p]
+                if len(parts) >= 2 and parts[0] == "api" and parts[1] in KINDS:
+                    return self.api(parts[1], parts[2:], parse_qs(url.query), body)
+                kind = "datasets" if parts[:1] == ["datasets"] else "models"
+                parts = parts[1:] if kind == "datasets" else parts
+                if len(parts) >= 4 and parts[2] == "resolve":
+                    repo, revision, rest = hub.split_repo_and_revision(parts[:2] + parts[3:], kind)
+                    return self.resolve(kind, repo, revision, "/".join(rest))
+                return self.error("RepoNotFound")
+
+            def resolve(self, kind: str, repo: str, revision: str, file: str) -> None:
+                folder, sha, err = hub.repo(kind, repo, revision)
+                if err:
+                    return self.error(err)
+                f = folder / file
+                if not f.is_file():
+                    return self.error("EntryNotFound")
+                data = f.read_bytes()
+                etag = hashlib.sha1(data).hexdigest()
+                self.send(200, data, {"ETag": f'"{etag}"', "X-Repo-Commit": sha, "Accept-Ranges": "bytes"})
+
+            def api(self, kind: str, parts: list[str], query: dict, body: bytes) -> None:
+                if len(parts) < 2:
+                    return self.error("RepoNotFound")
+                op = parts[2] if len(parts) > 2 and parts[2] in API_OPS else None
+                if op is None:
+                    repo, revision, rest = "/".join(parts[:2]), "main", []
+                else:
+                    repo, revision, rest = hub.split_repo_and_revision(parts[:2] + parts[3:], kind)
+                folder, sha, err = hub.repo(kind, repo, revision)
+                if err:
+                    return self.error(err)
+
+                def entry(p: Path) -> dict:
+                    rel = str(p.relative_to(folder))
+                    if p.is_dir():
+                        return {"type": "directory", "path": rel, "oid": tree_sha(p)}
+                    data = p.read_bytes()
+                    return {
+                        "type": "file",
+                        "path": rel,
+                        "size": len(data),
+                        "oid": hashlib.sha1(data).hexdigest(),
+                    }
+
+                files = sorted(p for p in folder.rglob("*") if p.is_file())
+                if op in (None, "revision"):
+                    return self.send(
+                        200,
+                        {
+                            "id": repo,
+                            "_id": repo,
+                            "sha": sha,
+                            "private": False,
+                            "gated": False,
+                            "disabled": False,
+                            "tags": [],
+                            "downloads": 0,
+                            "likes": 0,
+                            "lastModified": "2024-01-01T00:00:00.000Z",
+                            "createdAt": "2024-01-01T00:00:00.000Z",
+                            "siblings": [{"rfilename": str(p.relative_to(folder))} for p in files],
+                        },
+                    )
+                if op == "tree":
+                    base = folder.joinpath(*rest)
+                    if not base.is_dir():
+                        return self.error("EntryNotFound")
+                    recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                    return self.send(
+                        200, [entry(p) for p in sorted(base.rglob("*") if recursive else base.iterdir())]
+                    )
+                # paths-info: form-encoded or JSON {"paths": [...]}
+                try:
+                    paths = json.loads(body or b"{}").get("paths", [])
+                except ValueError:
+                    paths = parse_qs(body.decode()).get("paths", [])
+                return self.send(200, [entry(folder / p) for p in paths if (folder / p).exists()])
+
+        return Handler
