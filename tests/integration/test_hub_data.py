@@ -181,3 +181,17 @@ def test_unnamespaced_data_path_is_refused_before_loading():
 
     with pytest.raises(ConfigError, match=r"data.path='wikitext' must be a namespaced hub dataset id"):
         HubText("wikitext2", "wikitext", "wikitext-2-raw-v1")
+
+
+def test_only_the_requested_shard_is_downloaded(hub, tmp_path):
+    """C4's validation split alone: its train shard (hundreds of MB on the hub) is not fetched."""
+    before = len(hub.requests)
+    code = """
+from prunelab.data.sources import build_source, load_source_config
+print(len(build_source(load_source_config('c4')).text('validation')))
+"""
+    p = load_in_client(hub, tmp_path, code)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fetched = [path for method, path in hub.requests[before:] if "/resolve/" in path and method == "GET"]
+    assert any("c4-validation" in f for f in fetched), fetched
+    assert not any("c4-train" in f for f in fetched), fetched
