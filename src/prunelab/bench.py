@@ -3,7 +3,7 @@
     prunelab-bench                                             # every method, ratio 0.5, embedded tiny_llama
     prunelab-bench --model synthetic_110m --methods structured llm_pruner wanda sparsegpt \\
                    --ratios 0.2 0.35 0.5                       # ~110M random-weight LLaMA
-    prunelab-bench --readme docs/performance.md                          # also rewrite the README's table for the model
+    prunelab-bench --readme docs/performance.md                          # also rewrite that file's table for the model
 
 Each (method, ratio) runs in a fresh Python process, so peak memory belongs to that job:
 
