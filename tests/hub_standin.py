@@ -175,14 +175,16 @@ class HubStandIn:
                             "_id": repo,
                             "sha": sha,
                             "private": False,
-                            "gated": False,
+                            "gated": "manual" if (folder / ".gated").exists() else False,
                             "disabled": False,
                             "tags": [],
                             "downloads": 0,
                             "likes": 0,
                             "lastModified": "2024-01-01T00:00:00.000Z",
                             "createdAt": "2024-01-01T00:00:00.000Z",
-                            "siblings": [{"rfilename": str(p.relative_to(folder))} for p in files],
+                            "siblings": [
+                                {"rfilename": str(p.relative_to(folder))} for p in files if p.name != ".gated"
+                            ],
                         },
                     )
                 if op == "tree":

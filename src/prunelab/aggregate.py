@@ -176,7 +176,7 @@ def summarise(jobs: list[Job]) -> dict:
             row["perplexity"] = {
                 name: _mean_std([f["perplexity"][name] for f in finals]) for name in finals[0]["perplexity"]
             }
-            tasks = sorted(t for t in (finals[0].get("zeroshot") or {}) if t != "average")
+            tasks = sorted(t for t in (finals[0].get("zeroshot") or {}) if t not in ("average", "n_shot"))
             row["zeroshot"] = {t: _mean_std([100 * f["zeroshot"][t]["acc"] for f in finals]) for t in tasks}
             if tasks:
                 row["avg_acc"] = _mean_std(

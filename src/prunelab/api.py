@@ -387,6 +387,9 @@ def run(
         if run_dir is None:
             run_dir = Path(cfg.output_root) / "runs" / _run_dir_name(_overrides_dirname(overrides))
     if cfg.dry_run:
+        from prunelab.preflight import preflight
+
         validate(cfg, with_plan=False)
+        preflight(cfg)
         return None
     return RunResult(_run(cfg, Path(run_dir), group=group))

@@ -128,6 +128,16 @@ def build_calibration(cfg: DictConfig, method: PruningMethod, tokenizer: Any) ->
     )
 
 
+def _eval_key(ev: dict) -> dict:
+    """The eval config as the dense cache keys it: without the keys that do not change the dense
+    numbers, and without num_fewshot while it is null (keys made before it existed stay valid)."""
+    ev = {k: v for k, v in ev.items() if k not in ("dense", "semi_structured")}
+    zs = ev.get("zeroshot")
+    if isinstance(zs, dict) and zs.get("num_fewshot") is None:
+        ev["zeroshot"] = {k: v for k, v in zs.items() if k != "num_fewshot"}
+    return ev
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -407,7 +417,12 @@ class Job:
 
 
 def start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Job:
-    """Validate (every problem at once, before any model loads) and open the run directory."""
+    """Validate (every problem at once, before any model loads), preflight (device, folders,
+    hub ids) and open the run directory."""
+    from prunelab.preflight import preflight
+
+    validate(cfg, with_plan=False)  # config errors first: they need nothing from the hub
+    preflight(cfg)
     method, recovery, plan = validate(cfg)
     recovery, own, why = choose_recovery(cfg, method, recovery)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -447,7 +462,7 @@ def dense_eval(job: Job) -> None:
         {
             "model": resolved["model"],
             "weights": model_fingerprint(cfg.model),
-            "eval": {k: v for k, v in resolved["eval"].items() if k not in ("dense", "semi_structured")},
+            "eval": _eval_key(resolved["eval"]),
             # eval sets named like the run's data are read through its node (local_files)
             "data": resolved["data"]
             if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval, cfg.data))
@@ -710,8 +725,7 @@ def _headline(metrics: dict | None) -> tuple[float | None, float | None]:
     if not metrics:
         return None, None
     ppl = next(iter(metrics.get("perplexity", {}).values()), None)
-    accs = [v["acc"] for v in metrics.get("zeroshot", {}).values() if isinstance(v, dict) and "acc" in v]
-    return ppl, (sum(accs) / len(accs) if accs else None)
+    return ppl, (metrics.get("zeroshot") or {}).get("average", {}).get("acc")
 
 
 def summary_rows(results: dict) -> list[dict]:

@@ -91,6 +91,9 @@ REPOS = {
         )
         for s in ("train", "test")
     },
+    # models: a plain one and a gated one (the stand-in marks a repo gated with a .gated file)
+    ("models", "org-a/tiny-llama", "main"): {"config.json": '{"model_type": "llama"}'},
+    ("models", "org-b/gated-llama", "main"): {"config.json": '{"model_type": "llama"}', ".gated": "manual"},
     ("qiaojin/PubMedQA", "main"): {
         "README.md": PUBMEDQA_README,
         "pqa_artificial/train-00000-of-00001.parquet": lambda d: _parquet(
@@ -109,8 +112,9 @@ REPOS = {
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
-    for (repo, revision), files in REPOS.items():
-        base = root / "datasets" / repo / revision_dir_name(revision)
+    for key, files in REPOS.items():
+        kind, repo, revision = key if len(key) == 3 else ("datasets", *key)
+        base = root / kind / repo / revision_dir_name(revision)
         for rel, src in files.items():
             dest = base / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -195,3 +199,66 @@ print(len(build_source(load_source_config('c4')).text('validation')))
     fetched = [path for method, path in hub.requests[before:] if "/resolve/" in path and method == "GET"]
     assert any("c4-validation" in f for f in fetched), fetched
     assert not any("c4-train" in f for f in fetched), fetched
+
+
+PREFLIGHT = """
+import json, sys
+from prunelab.api import compose
+from prunelab.errors import ConfigError
+from prunelab.preflight import preflight
+try:
+    print(json.dumps({"ok": True, "notes": preflight(compose(sys.argv[1:]))}))
+except ConfigError as e:
+    print(json.dumps({"ok": False, "error": str(e)}))
+"""
+
+
+def preflight_in_client(hub, tmp_path, *overrides):
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_TOKEN": "",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    cmd = [sys.executable, "-c", PREFLIGHT, f"output_root={tmp_path}", *overrides]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_preflight_resolves_every_hub_id_of_a_paper_setup(hub, tmp_path):
+    out = preflight_in_client(
+        hub,
+        tmp_path,
+        "model=llama_7b",
+        "model.path=org-a/tiny-llama",
+        "data=wikitext2",
+        "recovery=lora",
+        "recovery.data=alpaca_cleaned",
+        "eval.perplexity.datasets=[wikitext2:test,ptb:test]",
+    )
+    assert out == {"ok": True, "notes": []}, out
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["model.path=org-a/tiny-lama"], "model.path='org-a/tiny-lama': no such model on the hub"),
+        (
+            ["model.path=org-b/gated-llama"],
+            "is a gated model: request access on https://huggingface.co/org-b/gated-llama",
+        ),
+        (["data=ptb", "data.revision=main"], "a loading-script dataset (ptb_text_only.py)"),
+        (
+            ["data=wikitext2", "data.path=Salesforce/wikitxt"],
+            "data='Salesforce/wikitxt' at revision 'main': no such dataset on the hub",
+        ),
+        (["data=wikitext2", "data.revision=v9"], "has no such revision"),
+    ],
+)
+def test_preflight_names_the_hub_problem_before_anything_loads(overrides, expected, hub, tmp_path):
+    out = preflight_in_client(hub, tmp_path, "model=llama_7b", "model.path=org-a/tiny-llama", *overrides)
+    assert not out["ok"] and expected in out["error"], out
+    assert not any("/resolve/" in path and path.endswith(".parquet") for _, path in hub.requests[-20:])

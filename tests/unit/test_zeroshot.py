@@ -12,7 +12,6 @@ from prunelab.errors import ConfigError
 from prunelab.evaluation import zeroshot
 from prunelab.evaluation.zeroshot import (
     EMBEDDED_TASKS,
-    PAPER_TASKS,
     build_embedded_tasks,
     check_tasks,
     evaluate_zeroshot,
@@ -144,11 +143,47 @@ def test_unknown_task_names_the_key_and_the_allowed_list() -> None:
 
     with pytest.raises(ConfigError, match="include_defaults"):
         check_tasks(["piqa"], include_defaults=False)
-    with pytest.raises(ConfigError) as err:
-        check_tasks(["hellaswag2"], include_defaults=True)
-    assert all(t in str(err.value) for t in PAPER_TASKS)
     with pytest.raises(ConfigError):
         check_tasks([], include_defaults=False)
+
+
+def test_any_lm_eval_task_is_accepted_and_a_typo_gets_lm_evals_closest_names() -> None:
+    """Beyond the embedded and the papers' tasks, the names lm-eval's registry knows (built
+    only for such a name)."""
+    check_tasks(["rte", "mmlu", "prunelab_cloze"], include_defaults=True)
+    with pytest.raises(ConfigError) as err:
+        check_tasks(["hellaswag2"], include_defaults=True)
+    msg = str(err.value)
+    assert msg.startswith("eval.zeroshot.tasks: lm-eval knows no task 'hellaswag2'") and "'hellaswag'" in msg
+    with pytest.raises(
+        ConfigError, match=r"lm-eval's own tasks .* need eval\.zeroshot\.include_defaults=true"
+    ):
+        check_tasks(["rte"], include_defaults=False)
+
+
+def test_num_fewshot_values() -> None:
+    from prunelab.evaluation.zeroshot import shots_of
+
+    assert shots_of(None, "rte") == 0 and shots_of(5, "rte") == 5
+    assert shots_of({"mmlu": 5}, "mmlu") == 5 and shots_of({"mmlu": 5}, "rte") == 0
+    for bad in (-1, 1.5, True, {"rte": "five"}):
+        with pytest.raises(ConfigError, match=r"eval\.zeroshot\.num_fewshot="):
+            shots_of(bad, "rte")
+
+
+def test_few_shot_tasks_run_with_their_shots(model, tokenizer, tasks_dir: Path) -> None:
+    """{task: shots} reaches lm-eval per task (one call per shot count); 0-shot runs record no n_shot."""
+    zero = evaluate_zeroshot(model, tokenizer, EMBEDDED_TASKS[:2], include_path=tasks_dir, limit=6)
+    few = evaluate_zeroshot(
+        model,
+        tokenizer,
+        EMBEDDED_TASKS[:2],
+        include_path=tasks_dir,
+        limit=6,
+        num_fewshot={EMBEDDED_TASKS[1]: 2},
+    )
+    assert "n_shot" not in zero and few["n_shot"] == {EMBEDDED_TASKS[1]: 2}
+    assert few[EMBEDDED_TASKS[0]] == zero[EMBEDDED_TASKS[0]]  # the 0-shot task is unchanged
 
 
 def test_evaluate_rejects_unknown_task_before_loading(model, tokenizer) -> None:

@@ -12,6 +12,13 @@ from torch import nn
 from prunelab.evaluation.perplexity import perplexity
 
 
+def _plain(value: Any) -> Any:
+    """A config node's value as plain Python (``{task: shots}`` nodes arrive as DictConfig)."""
+    if hasattr(value, "items") and not isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    return value
+
+
 def perplexity_sets(cfg: Any, data_cfg: Any = None) -> list[tuple[str, str]]:
     """``eval.perplexity.datasets`` entries ``name`` or ``name:split`` (default split: test),
     plus the run's own data (its test split) when that data config declares
@@ -46,7 +53,15 @@ def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
     for name, _split in perplexity_sets(cfg, data_cfg):
         source_for(name, data_cfg).check()
     if cfg.zeroshot.tasks:
+        from prunelab.evaluation.zeroshot import shots_of
+
         check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
+        shots = _plain(cfg.zeroshot.get("num_fewshot"))
+        for task in cfg.zeroshot.tasks:
+            shots_of(shots, str(task))
+        if isinstance(shots, dict) and set(shots) - set(cfg.zeroshot.tasks):
+            extra = sorted(set(shots) - set(cfg.zeroshot.tasks))
+            raise ConfigError(f"eval.zeroshot.num_fewshot names {extra}, not in eval.zeroshot.tasks")
 
 
 def evaluate(
@@ -84,6 +99,7 @@ def evaluate(
             limit=cfg.zeroshot.limit,
             batch_size=cfg.zeroshot.batch_size,
             max_length=cfg.zeroshot.max_length,
+            num_fewshot=_plain(cfg.zeroshot.get("num_fewshot")),
         )
         out["time_s"]["zeroshot"] = time.perf_counter() - t
     if cfg.cost.enabled:

@@ -246,19 +246,58 @@ def default_tasks_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1)
+def lm_eval_task_names() -> frozenset[str]:
+    """Every task, group and tag lm-eval's own registry knows (its index takes ~10-40 s to build,
+    so it is built only for a task that is neither embedded nor one of the papers')."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
 def check_tasks(tasks: Sequence[str], include_defaults: bool) -> None:
-    """Raise ``ConfigError`` for a task name that is not available; cheap (no lm-eval index)."""
+    """Raise ``ConfigError`` for a task name that is not available. Embedded and the papers'
+    tasks are checked from names alone; any other task (``rte``, ``mmlu``, …) against
+    lm-eval's registry, with its closest name as a suggestion."""
     allowed = embedded_task_names() + (PAPER_TASKS if include_defaults else ())
     if isinstance(tasks, str) or not tasks:
         raise ConfigError(
             f"{_TASKS_KEY}={tasks!r} must be a non-empty list of tasks; allowed: {', '.join(allowed)}"
         )
     for task in tasks:
-        if task not in allowed:
-            err = bad_value(_TASKS_KEY, task, allowed)
-            if task in PAPER_TASKS:
-                err = ConfigError(f"{err} (paper tasks need eval.zeroshot.include_defaults=true)")
-            raise err
+        if task in allowed:
+            continue
+        if task in PAPER_TASKS:
+            raise ConfigError(
+                f"{bad_value(_TASKS_KEY, task, allowed)} (paper tasks need eval.zeroshot.include_defaults=true)"
+            )
+        if not include_defaults:
+            raise ConfigError(
+                f"{bad_value(_TASKS_KEY, task, allowed)} (lm-eval's own tasks — rte, mmlu, … — need "
+                "eval.zeroshot.include_defaults=true)"
+            )
+        known = lm_eval_task_names()
+        if task not in known:
+            import difflib
+
+            close = difflib.get_close_matches(task, sorted(known), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"{_TASKS_KEY}: lm-eval knows no task {task!r}{hint} (`lm_eval ls tasks` lists all {len(known)})"
+            )
+
+
+def shots_of(num_fewshot: int | dict | None, task: str) -> int:
+    """``eval.zeroshot.num_fewshot``: null (0, the papers' zero-shot protocol), one int for every
+    task, or ``{task: shots}`` (unlisted tasks: 0)."""
+    if num_fewshot is None:
+        return 0
+    value = num_fewshot.get(task, 0) if isinstance(num_fewshot, dict) else num_fewshot
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"eval.zeroshot.num_fewshot={num_fewshot!r}: expected null, an int >= 0 or {{task: int >= 0}}"
+        )
+    return value
 
 
 class _DropExpected(logging.Filter):
@@ -351,7 +390,7 @@ def evaluate_zeroshot(
     limit: int | None = None,
     batch_size: int = 32,
     max_length: int = 256,
-    num_fewshot: int = 0,
+    num_fewshot: int | dict | None = 0,
 ) -> dict[str, dict[str, float]]:
     """Accuracy of ``model`` on ``tasks``: ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}}``.
 
@@ -372,31 +411,43 @@ def evaluate_zeroshot(
         tm = TaskManager(
             include_path=str(include_path) if include_path else None, include_defaults=include_defaults
         )
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=tm,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            log_samples=False,
-            # No reseeding of the caller's global RNGs: zero-shot scoring draws no random numbers.
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
-        )
+        by_shots: dict[int, list[str]] = {}
+        for task in tasks:
+            by_shots.setdefault(shots_of(num_fewshot, task), []).append(task)
+        out: dict = {"results": {}}
+        for shots, group in sorted(by_shots.items()):  # one lm-eval call per shot count
+            part = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=group,
+                task_manager=tm,
+                num_fewshot=shots,
+                limit=limit,
+                log_samples=False,
+                # No reseeding of the caller's global RNGs: zero-shot scoring draws no random
+                # numbers (few-shot example sampling is seeded by lm-eval's fewshot_random_seed).
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
+            )
+            out["results"].update(part["results"])
+            out.setdefault("n-shot", {}).update(part.get("n-shot", {}))
     model.eval()
 
     results: dict[str, dict[str, float]] = {}
     for task in tasks:
         r = out["results"][task]
+        # every numeric metric lm-eval reports (acc, acc_norm, exact_match, …), unfiltered ("none")
         results[task] = {
-            m: _float(r[f"{m},none"])
-            for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-            if f"{m},none" in r
+            k.split(",")[0]: _float(v)
+            for k, v in r.items()
+            if k.endswith(",none") and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
     results["average"] = {
         m: sum(vals) / len(vals)
         for m in ("acc", "acc_norm")
         if (vals := [r[m] for r in results.values() if m in r])
     }
+    shots = {t: int(out.get("n-shot", {}).get(t, 0)) for t in tasks if shots_of(num_fewshot, t)}
+    if shots:  # what lm-eval ran, recorded when any task is few-shot
+        results["n_shot"] = shots
     return results
