@@ -88,8 +88,9 @@ class TextSource(Protocol):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _plain(value: Any) -> Any:
-    """DictConfig/ListConfig -> plain containers (Hydra's instantiate hands us DictConfigs)."""
+def plain(value: Any) -> Any:
+    """DictConfig/ListConfig -> plain containers (Hydra's instantiate hands us DictConfigs); the
+    one conversion of config nodes below the CLI/API edge (methods and the evaluation use it too)."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
     except ImportError:  # omegaconf is a dependency, but keep plain dicts working without it
@@ -100,7 +101,7 @@ def _plain(value: Any) -> Any:
 
 
 def _calibration(value: Any) -> Calibration:
-    value = _plain(value) or {}
+    value = plain(value) or {}
     if isinstance(value, Calibration):
         return value
     if not isinstance(value, Mapping):
@@ -206,7 +207,7 @@ class EmbeddedText:
         calibration: Mapping[str, Any] | Calibration | None = None,
     ) -> None:
         self.name = name
-        sources = _plain(sources)
+        sources = plain(sources)
         if sources is not None:
             if isinstance(sources, str) or not isinstance(sources, (list, tuple)):
                 raise ConfigError(f"data.sources={sources!r} must be null or a list of {list(SOURCES)}")
@@ -303,18 +304,18 @@ class HubText:
         if not isinstance(joiner, str):
             raise ConfigError(f"data.joiner={joiner!r} must be a string")
         self.joiner = joiner
-        splits = dict(_plain(splits) or {s: s for s in SPLITS})
+        splits = dict(plain(splits) or {s: s for s in SPLITS})
         for key in splits:
             if key not in SPLITS:
                 raise bad_value("data.splits", key, SPLITS)
         self.splits: dict[str, str] = splits
-        self.data_files = _plain(data_files)
-        local_files = dict(_plain(local_files) or {})
+        self.data_files = plain(data_files)
+        local_files = dict(plain(local_files) or {})
         for key in local_files:
             if key not in splits:
                 raise bad_value("data.local_files", key, list(splits))
         self.local_files: dict[str, str] = local_files
-        max_rows = _plain(max_rows)
+        max_rows = plain(max_rows)
         if isinstance(max_rows, Mapping):
             for key in max_rows:
                 if key not in splits:
@@ -468,7 +469,7 @@ def load_source_config(name: str) -> Any:
 
 def build_source(cfg: Any) -> TextSource:
     """A source from a data config node (``cfg.data``); validates keys and values, loads nothing."""
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"data={cfg!r} must be a mapping (a conf/data/*.yaml node)")
     cfg = dict(cfg)

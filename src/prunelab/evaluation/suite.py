@@ -12,13 +12,6 @@ from torch import nn
 from prunelab.evaluation.perplexity import perplexity
 
 
-def _plain(value: Any) -> Any:
-    """A config node's value as plain Python (``{task: shots}`` nodes arrive as DictConfig)."""
-    if hasattr(value, "items") and not isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
-    return value
-
-
 def perplexity_sets(cfg: Any, data_cfg: Any = None) -> list[tuple[str, str]]:
     """``eval.perplexity.datasets`` entries ``name`` or ``name:split`` (default split: test),
     plus the run's own data (its test split) when that data config declares
@@ -53,10 +46,11 @@ def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
     for name, _split in perplexity_sets(cfg, data_cfg):
         source_for(name, data_cfg).check()
     if cfg.zeroshot.tasks:
+        from prunelab.data.sources import plain
         from prunelab.evaluation.zeroshot import shots_of
 
         check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
-        shots = _plain(cfg.zeroshot.get("num_fewshot"))
+        shots = plain(cfg.zeroshot.get("num_fewshot"))
         for task in cfg.zeroshot.tasks:
             shots_of(shots, str(task))
         if isinstance(shots, dict) and set(shots) - set(cfg.zeroshot.tasks):
@@ -82,6 +76,7 @@ def evaluate(
         )
     out["time_s"]["perplexity"] = time.perf_counter() - t
     if cfg.zeroshot.tasks:
+        from prunelab.data.sources import plain
         from prunelab.evaluation.zeroshot import build_embedded_tasks, evaluate_zeroshot
 
         t = time.perf_counter()
@@ -99,7 +94,7 @@ def evaluate(
             limit=cfg.zeroshot.limit,
             batch_size=cfg.zeroshot.batch_size,
             max_length=cfg.zeroshot.max_length,
-            num_fewshot=_plain(cfg.zeroshot.get("num_fewshot")),
+            num_fewshot=plain(cfg.zeroshot.get("num_fewshot")),
         )
         out["time_s"]["zeroshot"] = time.perf_counter() - t
     if cfg.cost.enabled:

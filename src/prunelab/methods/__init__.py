@@ -14,6 +14,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from prunelab.data.sources import plain  # noqa: F401  (re-exported: methods convert nested nodes with it)
 from prunelab.errors import ConfigError
 from prunelab.methods.base import PruneContext, PruningMethod
 
@@ -87,14 +88,6 @@ def build_method(cfg: DictConfig) -> PruningMethod:
             "prunelab.methods.base.PruningMethod)"
         )
     return method
-
-
-def plain(value: Any) -> Any:
-    """A config node as plain Python (dicts, lists); other values unchanged. Methods built by
-    ``build_method`` already get plain values; this serves callers that pass nodes."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def sub_config(cls: type, value: Any, key: str) -> Any:

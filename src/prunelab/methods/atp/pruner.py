@@ -366,7 +366,7 @@ class ATP(PruningMethod):
             raise ConfigError(f"method.freeze_patience={self.freeze_patience!r} must be a positive integer")
         if not (isinstance(self.freeze_by, (int, float)) and 0 < self.freeze_by <= 1):
             raise ConfigError(f"method.freeze_by={self.freeze_by!r} must be a fraction of the run in (0, 1]")
-        train = plain(self.train) if not isinstance(self.train, dict) else dict(self.train)
+        train = dict(plain(self.train))
         if "patience" in train:
             raise ConfigError("method.train.patience cannot be set: the decisions need the whole run")
         self.trainer = method_trainer(
