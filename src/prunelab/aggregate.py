@@ -139,9 +139,37 @@ def _mean_std(vals: list[float]) -> tuple[float, float]:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarise(jobs: list[Job]) -> dict:
+def _metric_spec(jobs: list[Job], published: dict | None) -> Any:
+    """Which recorded metric each task's column shows: the paper's (``published.yaml``
+    protocol) when a table is named, else the runs' own ``eval.zeroshot.metric``."""
+    if published and "metric" in published.get("protocol", {}):
+        return published["protocol"]["metric"]
+    specs = [json.dumps(((j.config.get("eval") or {}).get("zeroshot") or {}).get("metric")) for j in jobs]
+    if len(set(specs)) > 1:
+        raise SystemExit(
+            f"the jobs were averaged under different eval.zeroshot.metric settings ({sorted(set(specs))}); "
+            "aggregate them separately or name a table with --published"
+        )
+    return json.loads(specs[0])
+
+
+def _protocol(jobs: list[Job]) -> dict:
+    """The perplexity protocol and ratio convention the jobs ran with (each set of values seen)."""
+    seen: dict[str, set] = {"seq_len": set(), "joiner": set(), "ratio_convention": set()}
+    for j in jobs:
+        ppl = (j.config.get("eval") or {}).get("perplexity") or {}
+        seen["seq_len"].add(ppl.get("seq_len"))
+        seen["joiner"].add(json.dumps(ppl.get("joiner")))
+        seen["ratio_convention"].add(j.config.get("ratio_convention") or "params")
+    return {k: sorted(v, key=str) for k, v in seen.items()}
+
+
+def summarise(jobs: list[Job], metric: Any = None) -> dict:
     """{"dense": metrics, "rows": [...]} — one row per configuration and ratio; jobs that
-    differ only in seed are averaged."""
+    differ only in seed are averaged. ``metric``: ``eval.zeroshot.metric``-style spec of the
+    metric each task reports (default acc)."""
+    from prunelab.evaluation.zeroshot import NOT_TASKS, metric_of
+
     common = set.intersection(*(set(j.flat) for j in jobs))  # keys some jobs lack cannot tell them apart
 
     def signature(j: Job) -> str:
@@ -176,15 +204,22 @@ def summarise(jobs: list[Job]) -> dict:
             row["perplexity"] = {
                 name: _mean_std([f["perplexity"][name] for f in finals]) for name in finals[0]["perplexity"]
             }
-            tasks = sorted(t for t in (finals[0].get("zeroshot") or {}) if t not in ("average", "n_shot"))
-            row["zeroshot"] = {t: _mean_std([100 * f["zeroshot"][t]["acc"] for f in finals]) for t in tasks}
+            row["convention"] = ok[0].results["ratio"].get("convention")
+            tasks = sorted(t for t in (finals[0].get("zeroshot") or {}) if t not in NOT_TASKS)
+
+            def score(f: dict, t: str) -> float:
+                m = metric_of(metric, t)
+                if m not in f["zeroshot"][t]:
+                    raise SystemExit(f"task {t!r} recorded no {m!r} (it has {sorted(f['zeroshot'][t])})")
+                return 100 * f["zeroshot"][t][m]
+
+            row["zeroshot"] = {t: _mean_std([score(f, t) for f in finals]) for t in tasks}
             if tasks:
-                row["avg_acc"] = _mean_std(
-                    [statistics.mean(100 * f["zeroshot"][t]["acc"] for t in tasks) for f in finals]
-                )
+                row["avg_acc"] = _mean_std([statistics.mean(score(f, t) for t in tasks) for f in finals])
             row["seeds"] = len(ok)
         rows.append(row)
-    return {"dense": dense, "rows": rows}
+    metrics = {t: metric_of(metric, t) for r in rows for t in r.get("zeroshot", {})}
+    return {"dense": dense, "rows": rows, "metric": metrics, "protocol": _protocol(jobs)}
 
 
 def _published(name: str | None) -> dict | None:
@@ -216,6 +251,47 @@ def _published_for(pub: dict | None, row: dict | None) -> dict | None:
     return None
 
 
+def _ratio_cell(r: dict) -> str:
+    """Requested (achieved) in the run's convention, and the fraction of all parameters."""
+    c = r.get("convention")
+    if c:
+        return f"{r['ratio']:.0%} {c['convention']} ({c['achieved']:.2%}; {r['achieved']:.2%} of all)"
+    return f"{r['ratio']:.0%} ({r['achieved']:.2%})"
+
+
+def legend(summary: dict, published: dict | None = None) -> list[str]:
+    """What each column is: the metric per task, the perplexity protocol and ratio convention
+    of the runs, and where a named paper table's protocol differs from theirs."""
+    metric, prot = summary.get("metric", {}), summary.get("protocol", {})
+    lines = []
+    if metric:
+        lines.append(
+            "Zero-shot columns: "
+            + ", ".join(f"{t} {m}" for t, m in sorted(metric.items()))
+            + "; avg = their unweighted mean (%)."
+        )
+    if prot:
+        joiners = ", ".join("data config's own" if j == "null" else j for j in prot["joiner"])
+        lines.append(
+            f"Perplexity: non-overlapping windows of {', '.join(map(str, prot['seq_len']))} tokens, rows joined "
+            f"by {joiners}. Ratio convention: {', '.join(prot['ratio_convention'])}."
+        )
+    if published:
+        lines.append(f"Published: {published['source']}.")
+        want = published.get("protocol", {})
+        for key, ours in (
+            ("seq_len", prot.get("seq_len")),
+            ("joiner", [json.loads(j) for j in prot.get("joiner", [])]),
+            ("ratio_convention", prot.get("ratio_convention")),
+        ):
+            if key in want and ours is not None and ours != [want[key]]:
+                lines.append(
+                    f"NOT LIKE WITH LIKE: the paper's {key} is {want[key]!r}, these runs used "
+                    f"{', '.join(repr(o) if o is not None else 'each data config' + chr(39) + 's own' for o in ours)}."
+                )
+    return lines
+
+
 def _fmt(ms: tuple[float, float] | None, digits: int = 2) -> str:
     if ms is None:
         return "–"
@@ -230,7 +306,15 @@ def render(summary: dict, published: dict | None = None, title: str = "") -> tup
         {d for r in rows for d in r.get("perplexity", {})} | set((dense or {}).get("perplexity", {}))
     )
     tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
-    head = ["method", "ratio (achieved)", "params", *[f"ppl {d}" for d in datasets], *tasks, "avg acc"]
+    metric = summary.get("metric", {})
+    head = [
+        "method",
+        "ratio (achieved)",
+        "params",
+        *[f"ppl {d}" for d in datasets],
+        *[f"{t} ({metric.get(t, 'acc')})" for t in tasks],
+        "avg",
+    ]
     body: list[list[str]] = []
 
     def pub_cell(p: dict | None, key: str) -> str:
@@ -239,18 +323,15 @@ def render(summary: dict, published: dict | None = None, title: str = "") -> tup
     if dense:
         p = _published_for(published, None)
         zs = dense.get("zeroshot") or {}
-        avg = (
-            statistics.mean(100 * zs[t]["acc"] for t in tasks)
-            if tasks and all(t in zs for t in tasks)
-            else None
-        )
+        have = tasks and all(t in zs and metric.get(t, "acc") in zs[t] for t in tasks)
+        avg = statistics.mean(100 * zs[t][metric.get(t, "acc")] for t in tasks) if have else None
         body.append(
             ["dense", "0", f"{dense['cost']['parameters']:,}" if dense.get("cost") else "–"]
             + [
                 f"{dense['perplexity'][d]:.2f}{pub_cell(p, d)}" if d in dense["perplexity"] else "–"
                 for d in datasets
             ]
-            + [f"{100 * zs[t]['acc']:.1f}" if t in zs else "–" for t in tasks]
+            + [f"{100 * zs[t][metric.get(t, 'acc')]:.1f}" if t in zs else "–" for t in tasks]
             + [(f"{avg:.1f}" if avg is not None else "–") + pub_cell(p, "avg_acc")]
         )
     for r in rows:
@@ -269,7 +350,7 @@ def render(summary: dict, published: dict | None = None, title: str = "") -> tup
         seeds = f" ({r['seeds']} seeds)" if r["seeds"] > 1 else ""
         failed = f" ({len(r['failed'])} failed)" if r["failed"] else ""
         body.append(
-            [r["label"] + seeds + failed, f"{r['ratio']:.0%} ({r['achieved']:.2%})", f"{r['params']:,}"]
+            [r["label"] + seeds + failed, _ratio_cell(r), f"{r['params']:,}"]
             + [_fmt(r["perplexity"].get(d)) + pub_cell(p, d) for d in datasets]
             + [_fmt(r["zeroshot"].get(t), 1) for t in tasks]
             + [_fmt(r.get("avg_acc"), 1) + pub_cell(p, "avg_acc")]
@@ -278,8 +359,7 @@ def render(summary: dict, published: dict | None = None, title: str = "") -> tup
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
         "| " + " | ".join(b) + " |" for b in body
     ]
-    if published:
-        md += ["", f"Published: {published['source']}."]
+    md += ["", *legend(summary, published)]
 
     def tex(s: str) -> str:
         return (
@@ -338,8 +418,8 @@ def plot(summary: dict, out: Path) -> list[Path]:
 
 def aggregate(paths: list[str], out: Path, published: str | None = None, title: str = "") -> dict:
     jobs = collect(paths)
-    summary = summarise(jobs)
     pub = _published(published)
+    summary = summarise(jobs, _metric_spec(jobs, pub))
     md, latex = render(summary, pub, title)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(md)

@@ -194,6 +194,7 @@ def prune(
     *,
     seed: int = 0,
     ratio_tolerance: float = 0.01,
+    ratio_convention: str | None = None,
     data: str | None = None,
     output_dir: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -209,7 +210,10 @@ def prune(
     train while pruning read ``data`` and write their trainer's files to ``output_dir`` (a
     temporary folder when None). ``overrides``: more command-line overrides composed first
     (``["debug=fast"]``). The result is exactly what the CLI's prune stage produces
-    for the same config: same masks, same weights."""
+    for the same config: same masks, same weights. ``ratio_convention``: a paper's reading of
+    ``ratio`` (``linear``: ATP's budget over the prunable linear layers; ``per_layer``: LoRAPrune's
+    and LLM-Pruner's official per-layer fraction of heads and channels); both numbers are in
+    ``result.ratio``."""
     import torch
 
     from prunelab.methods import PruneContext, build_method
@@ -234,7 +238,7 @@ def prune(
         if tokenizer is None:
             raise ConfigError(f"method={method} fine-tunes while it prunes: pass the model's tokenizer")
         m.check(cfg.data)
-    plan = make_plan(m, arch_info(model.config), ratio, ratio_tolerance)
+    plan = make_plan(m, arch_info(model.config), ratio, ratio_tolerance, ratio_convention)
     calib = None
     if m.needs_calibration:
         if isinstance(calibration, torch.Tensor):

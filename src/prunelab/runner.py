@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunelab.errors import ConfigError, bad_value
 from prunelab.evaluation.suite import perplexity_sets
 from prunelab.methods.base import PruningMethod
+from prunelab.structure.plan import check_convention
 from prunelab.tracking.rundir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             return None
 
     problems += check_ratio(cfg.ratio, cfg.ratio_tolerance)
+    attempt(lambda: check_convention(cfg.get("ratio_convention")))
     method = attempt(lambda: build_method(cfg.method))
     if method is not None and method.trains:
         attempt(lambda: method.check(cfg.data))  # its training data, before any model loads
@@ -96,20 +98,34 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     return (
         method,
         recovery,
-        make_plan(method, arch_info(load_config(cfg.model)), cfg.ratio, cfg.ratio_tolerance),
+        make_plan(
+            method,
+            arch_info(load_config(cfg.model)),
+            cfg.ratio,
+            cfg.ratio_tolerance,
+            cfg.get("ratio_convention"),
+        ),
     )
 
 
-def make_plan(method: PruningMethod, arch: Any, ratio: float, tolerance: float = 0.01) -> Any:
+def make_plan(
+    method: PruningMethod, arch: Any, ratio: float, tolerance: float = 0.01, convention: str | None = None
+) -> Any:
     """Per-layer amounts for ``method`` on ``arch``: a sparsity plan for the layer-wise family
     (ratio = sparsity of the pruned linears), else a removal plan (ratio = fraction of all
-    parameters). Raises ConfigError for ratios the structure cannot meet."""
-    from prunelab.structure.plan import plan_ratio, plan_sparsity
+    parameters, or as ``convention`` reads it: ``linear``, ``per_layer``). Raises ConfigError
+    for ratios the structure cannot meet."""
+    from prunelab.structure.plan import check_convention, plan_convention, plan_sparsity
 
     layers = method.layers(arch.num_layers)
     if method.sparse:
+        if check_convention(convention) != "params":
+            raise ConfigError(
+                f"ratio_convention={convention!r} does not apply to method={method.name}: a layer-wise "
+                "method's ratio is already the sparsity of the pruned linear layers; use ratio_convention=null"
+            )
         return plan_sparsity(arch, float(ratio), method.pattern, method.scope, method.modules, layers)
-    return plan_ratio(arch, float(ratio), method.targets, layers, float(tolerance))
+    return plan_convention(arch, float(ratio), convention, method.targets, layers, float(tolerance))
 
 
 # ---------------------------------------------------------------- helpers
@@ -133,8 +149,13 @@ def _eval_key(ev: dict) -> dict:
     numbers, and without num_fewshot while it is null (keys made before it existed stay valid)."""
     ev = {k: v for k, v in ev.items() if k not in ("dense", "semi_structured")}
     zs = ev.get("zeroshot")
-    if isinstance(zs, dict) and zs.get("num_fewshot") is None:
-        ev["zeroshot"] = {k: v for k, v in zs.items() if k != "num_fewshot"}
+    if isinstance(zs, dict):  # metric: which recorded metric is averaged, recomputed on reading
+        ev["zeroshot"] = {
+            k: v for k, v in zs.items() if k != "metric" and not (k == "num_fewshot" and v is None)
+        }
+    ppl = ev.get("perplexity")
+    if isinstance(ppl, dict) and ppl.get("joiner") is None:
+        ev["perplexity"] = {k: v for k, v in ppl.items() if k != "joiner"}
     return ev
 
 
@@ -307,13 +328,16 @@ def ratio_record(plan: Any, params_after: int, sparsity: dict | None) -> dict:
             "params_before": plan.params_before,
             "params_after": params_after,
         }
-    return {
+    record = {
         "meaning": "fraction of all parameters removed",
         "requested": plan.requested,
         "achieved": 1 - params_after / plan.params_before,
         "params_before": plan.params_before,
         "params_after": params_after,
     }
+    if getattr(plan, "convention", None):  # a paper's convention: its numbers beside prunelab's
+        record["convention"] = plan.convention
+    return record
 
 
 def choose_recovery(cfg: DictConfig, method: PruningMethod, recovery: Any) -> tuple[Any, bool, str | None]:
@@ -472,6 +496,12 @@ def dense_eval(job: Job) -> None:
     path = job.cache / "dense" / f"{cfg.model.name}-{key}.json"
     if path.exists():
         job.dense = json.loads(path.read_text())
+        if job.dense.get("zeroshot"):  # the cache key leaves eval.zeroshot.metric out
+            from prunelab.data.sources import plain
+            from prunelab.evaluation.zeroshot import reported_average
+
+            zs = job.dense["zeroshot"]
+            zs["reported"] = reported_average(zs, plain(cfg.eval.zeroshot.get("metric")))
         job.resumed.append("dense_eval")
         log.info("dense evaluation: cached (%s)", path)
     else:
@@ -725,7 +755,10 @@ def _headline(metrics: dict | None) -> tuple[float | None, float | None]:
     if not metrics:
         return None, None
     ppl = next(iter(metrics.get("perplexity", {}).values()), None)
-    return ppl, (metrics.get("zeroshot") or {}).get("average", {}).get("acc")
+    zs = metrics.get("zeroshot") or {}
+    if "reported" in zs:  # the average of eval.zeroshot.metric (acc unless a paper's protocol says otherwise)
+        return ppl, zs["reported"]["average"]
+    return ppl, zs.get("average", {}).get("acc")
 
 
 def summary_rows(results: dict) -> list[dict]:

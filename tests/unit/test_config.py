@@ -157,6 +157,11 @@ BAD = [
         ["method=wanda", "ratio=0.5", "eval.semi_structured=true"],
         r"eval\.semi_structured=true needs 2:4.*sparsity_pattern=unstructured",
     ),
+    # the papers' protocols
+    (["ratio_convention=per-layer"], r"ratio_convention='per-layer' is not allowed; allowed: null or params"),
+    (["method=wanda", "ratio_convention=linear"], r"ratio_convention='linear' does not apply to method=wanda"),
+    (["eval.perplexity.joiner={wikitext2: x}"], r"eval\.perplexity\.joiner names \['wikitext2'\]"),
+    (["eval.zeroshot.metric={boolq: acc_norm}"], r"eval\.zeroshot\.metric names \['boolq'\]"),
 ]
 
 

@@ -379,3 +379,72 @@ def test_stdlib_corpus_is_cached_on_disk_and_rebuilt_when_unreadable(tmp_path, m
     cached.write_text("{not json")
     assert corpus._stdlib_docs() == first and calls == [1]  # parsed again, file rewritten
     assert json.loads(cached.read_text())[0]["id"] == first[0].id
+
+
+# ----------------------------------------------------------------------------- the protocol's joiner
+
+
+def test_eval_joiner_is_the_protocols_not_the_datasets():
+    """eval.perplexity.joiner replaces data.joiner for the evaluation: LLM-Pruner's code joins
+    PTB sentences with "\\n\\n", GPTQ-style code (data=ptb's own joiner) with " "."""
+    from prunelab.evaluation.suite import check_joiner, joiner_of, source_for
+
+    data_cfg = S.load_source_config("ptb")
+    data_cfg.local_files = {"validation": str(PTB_VAL)}
+    rows = column(PTB_VAL, "sentence")
+    assert source_for("ptb", data_cfg).text("validation") == " ".join(rows)
+    assert source_for("ptb", data_cfg, "\n\n").text("validation") == "\n\n".join(rows)
+    assert joiner_of(None, "ptb") is None and joiner_of("\n\n", "ptb") == "\n\n"
+    assert joiner_of({"ptb": "\n\n"}, "ptb") == "\n\n" and joiner_of({"ptb": "\n\n"}, "wikitext2") is None
+    check_joiner({"ptb": " "}, ["wikitext2", "ptb"])
+    with pytest.raises(ConfigError, match=r"eval\.perplexity\.joiner names \['c4'\]"):
+        check_joiner({"c4": " "}, ["wikitext2", "ptb"])
+    with pytest.raises(ConfigError, match=r"eval\.perplexity\.joiner=3 is not allowed; allowed: null"):
+        check_joiner(3, ["ptb"])
+
+
+def test_eval_perplexity_uses_the_protocols_joiner(tokenizer, tmp_path):
+    """The number itself: exp(mean NLL) over 16-token windows of BOS + "\\n\\n".join(rows),
+    computed here by hand, differs from the " "-joined text's."""
+    from omegaconf import OmegaConf
+
+    from prunelab.evaluation.suite import evaluate
+    from tests.conftest import make_model
+
+    torch.manual_seed(0)
+    model = make_model(
+        "llama", kv=2, heads=2, layers=1, hidden=32, inter=64, vocab=len(tokenizer), max_pos=64
+    )
+    data_cfg = S.load_source_config("ptb")
+    data_cfg.local_files = {"validation": str(PTB_VAL)}
+
+    def ev(joiner):
+        cfg = OmegaConf.create(
+            {
+                "perplexity": {
+                    "datasets": ["ptb:validation"],
+                    "seq_len": 16,
+                    "batch_size": 4,
+                    "max_windows": None,
+                    "joiner": joiner,
+                },
+                "zeroshot": {"tasks": []},
+                "cost": {"enabled": False},
+            }
+        )
+        return evaluate(model, tokenizer, cfg, tmp_path, "test", data_cfg)["perplexity"]["ptb"]
+
+    def by_hand(text):
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        n = len(ids) // 16
+        windows = torch.tensor(ids[: n * 16]).view(n, 16)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(windows).logits.double(), -1)
+        nll = -logp[:, :-1].gather(-1, windows[:, 1:, None]).mean()
+        return float(torch.exp(nll))
+
+    rows = column(PTB_VAL, "sentence")
+    blank, space = ev("\n\n"), ev(None)
+    assert blank == pytest.approx(by_hand("\n\n".join(rows)), rel=1e-5)
+    assert space == pytest.approx(by_hand(" ".join(rows)), rel=1e-5)
+    assert abs(blank - space) > 1e-3

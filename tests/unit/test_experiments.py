@@ -126,7 +126,7 @@ def test_aggregation_of_a_fixture_sweep(tmp_path):
 
     res = aggregate([str(tmp_path)], tmp_path / "table")
     md = res["markdown"].splitlines()
-    assert md[0] == "| method | ratio (achieved) | params | ppl embedded | t1 | t2 | avg acc |"
+    assert md[0] == "| method | ratio (achieved) | params | ppl embedded | t1 (acc) | t2 (acc) | avg |"
     assert md[2] == "| dense | 0 | 100 | 50.00 | 60.0 | 80.0 | 70.0 |"
     assert (
         md[3]
@@ -135,7 +135,8 @@ def test_aggregation_of_a_fixture_sweep(tmp_path):
     assert md[4] == "| llm_pruner, importance=l2 | 20% (20.00%) | 80 | 90.00 | 40.0 | 60.0 | 50.0 |"
     assert md[5] == "| llm_pruner, importance=element1 | 50% (50.00%) | 50 | 100.00 | 30.0 | 50.0 | 40.0 |"
     assert md[6].startswith("| llm_pruner, importance=l2 | 50% | FAILED: RuntimeError: boom |")
-    assert len(md) == 7  # the unfinished job is not a row
+    assert md[7] == "" and md[8].startswith("Zero-shot columns: t1 acc, t2 acc; avg")
+    assert len(md) == 10  # the unfinished job is not a row; two legend lines
     assert "\\toprule" in res["latex"] and "61.00 $\\pm$ 1.41" in res["latex"]
     assert sorted(Path(p).name for p in res["plots"]) == ["acc_vs_ratio.png", "ppl_vs_ratio.png"]
     assert {p.name for p in (tmp_path / "table").iterdir()} >= {"table.md", "table.tex", "table.json"}
@@ -150,8 +151,50 @@ def test_published_numbers_appear_beside_matching_rows(tmp_path):
         "recovery": {"name": "none"},
         "method": {"name": "llm_pruner", "importance": "element1"},
     }
+    cfg["ratio"] = 0.25  # the paper's code's per-layer ratio behind its "20%"
     _job(tmp_path, "a", cfg, _res(60.0, (0.5, 0.7), 0.2, 80))
     md = aggregate([str(tmp_path)], tmp_path / "t", published="llm_pruner_table1")["markdown"]
     assert "60.0 (paper 56.69)" in md and "70.0 (paper 63.25)" in md  # element1 no tuning; dense
+    # this job ran with 0.25 of all parameters, not the paper's per-layer reading: said so
+    assert "NOT LIKE WITH LIKE: the paper's ratio_convention is 'per_layer', these runs used 'params'" in md
     with pytest.raises(SystemExit, match=r"not in published\.yaml"):
         aggregate([str(tmp_path)], tmp_path / "t", published="nope")
+
+
+def test_columns_report_each_papers_metric_and_the_ratio_convention(tmp_path):
+    """--published llm_pruner_table1: hellaswag shows acc_norm, boolq acc (the paper's columns);
+    the average is the mean of those; the ratio cell gives the per-layer and the all-parameter
+    fractions; a protocol that matches the paper's raises no warning."""
+    cfg = {
+        "ratio": 0.25,
+        "ratio_convention": "per_layer",
+        "seed": 0,
+        "model": {"name": "m"},
+        "recovery": {"name": "none"},
+        "method": {"name": "llm_pruner", "importance": "element1"},
+        "eval": {"perplexity": {"seq_len": 128, "joiner": "\n\n"}, "zeroshot": {"metric": None}},
+    }
+    zs = {"boolq": {"acc": 0.60, "acc_norm": 0.10}, "hellaswag": {"acc": 0.30, "acc_norm": 0.50}}
+    res = _res(20.0, (0.0, 0.0), 0.195, 80)
+    res["pruned"]["zeroshot"] = zs
+    res["dense"]["zeroshot"] = {
+        "boolq": {"acc": 0.7, "acc_norm": 0.2},
+        "hellaswag": {"acc": 0.4, "acc_norm": 0.6},
+    }
+    res["ratio"]["convention"] = {"convention": "per_layer", "achieved": 0.25}
+    _job(tmp_path, "a", cfg, res)
+    md = aggregate([str(tmp_path)], tmp_path / "t", published="llm_pruner_table1")["markdown"]
+    lines = md.splitlines()
+    assert (
+        lines[0]
+        == "| method | ratio (achieved) | params | ppl embedded | boolq (acc) | hellaswag (acc_norm) | avg |"
+    )
+    assert (
+        "| llm_pruner | 25% per_layer (25.00%; 19.50% of all) | 80 | 20.00 | 60.0 | 50.0 | 55.0 (paper 56.69) |"
+        in md
+    )
+    assert "| dense | 0 | 100 | 50.00 | 70.0 | 60.0 | 65.0 (paper 63.25) |" in md
+    assert "NOT LIKE WITH LIKE" not in md
+    # without --published: the runs' own eval.zeroshot.metric (null = acc everywhere)
+    md = aggregate([str(tmp_path)], tmp_path / "t2")["markdown"]
+    assert "| boolq (acc) | hellaswag (acc) | avg |" in md and "| 60.0 | 30.0 | 45.0 |" in md

@@ -79,3 +79,65 @@ def test_excluding_everything_leaves_nothing_to_prune():
     everything = {f"{i}.{k}" for i in range(2) for k in ("attn", "mlp")}
     with pytest.raises(ConfigError, match="cannot be met"):
         plan_ratio(arch, 0.1, ("attn", "mlp"), [0, 1], exclude=everything)
+
+
+# ---------------------------------------------------------------- the papers' ratio conventions
+def _llama_7b():
+    from transformers import LlamaConfig
+
+    return arch_info(
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        )
+    )
+
+
+def test_per_layer_convention_gives_llm_pruners_published_parameter_count():
+    """LLM-Pruner's official `--pruning_ratio 0.25 --block_wise` on layers 4..29 of LLaMA-7B logs
+    '#Param before: 6738415616, #Param after: 5422977024' (its README/issue #34): the per-layer
+    convention must land on exactly that count — 8 of 32 heads and 2752 of 11008 channels per layer."""
+    from prunelab.structure.plan import plan_convention
+
+    plan = plan_convention(_llama_7b(), 0.25, "per_layer", ("attn", "mlp"), list(range(4, 30)))
+    assert plan.params_before == 6_738_415_616 and plan.params_after == 5_422_977_024
+    assert all(plan.remove[f"{i}.attn"] == 8 and plan.remove[f"{i}.mlp"] == 2752 for i in range(4, 30))
+    assert plan.convention["requested"] == 0.25 and plan.convention["achieved"] == pytest.approx(0.25)
+    assert plan.achieved == pytest.approx(1 - 5_422_977_024 / 6_738_415_616)  # the "20%" of its Table 1
+
+
+def test_linear_convention_counts_only_the_linear_layers():
+    """ATP's budget: the ratio of the decoder's linear-layer parameters (embeddings, lm_head and
+    norms not counted), written out for LLaMA-7B."""
+    from prunelab.structure.plan import plan_convention
+
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    plan = plan_convention(_llama_7b(), 0.4, "linear", ("attn", "mlp"), list(range(32)))
+    removed = plan.params_before - plan.params_after
+    assert removed / linear == pytest.approx(0.4, rel=0.01)
+    assert plan.convention["achieved"] == pytest.approx(removed / linear)
+    assert plan.achieved == pytest.approx(removed / 6_738_415_616) and plan.achieved < 0.4
+
+
+def test_per_layer_convention_on_gqa_rounds_each_unit():
+    from prunelab.structure.plan import plan_convention
+
+    arch = arch_info(make_model("llama", 2, heads=4, layers=3, inter=10).config)
+    plan = plan_convention(arch, 0.3, "per_layer", ("attn", "mlp"), [1, 2])
+    assert plan.remove == {"1.attn": 1, "1.mlp": 3, "2.attn": 1, "2.mlp": 3}  # round(0.6)=1, round(3.0)=3
+    assert plan.convention["achieved"] == pytest.approx(1 - (1 + 7 + 1 + 7) / 24)
+
+
+def test_bad_conventions_are_refused_with_the_allowed_values():
+    from prunelab.structure.plan import check_convention, plan_convention
+
+    assert check_convention(None) == "params"
+    with pytest.raises(ConfigError, match=r"ratio_convention='per-layer' is not allowed; allowed: null or params"):
+        check_convention("per-layer")
+    arch = arch_info(make_model().config)
+    with pytest.raises(ConfigError, match=r"ratio_convention='linear' needs head/channel pruning"):
+        plan_convention(arch, 0.2, "linear", ("layer",))

@@ -257,3 +257,28 @@ def test_same_tokens_split_differently_are_scored_apart(model, tokenizer) -> Non
     n_start = 1 + len(tokenizer(args[0][0], add_special_tokens=False)["input_ids"])
     assert got[0] == pytest.approx(_hand_logprob(model, ids, n_start), abs=1e-4)
     assert got[1] == pytest.approx(_hand_logprob(model, ids, 1), abs=1e-4)
+
+
+def test_reported_average_takes_each_tasks_metric() -> None:
+    """eval.zeroshot.metric picks, per task, which recorded metric enters the reported average
+    (LLM-Pruner's tables: acc_norm for HellaSwag, ARC-c, OBQA; acc elsewhere)."""
+    from prunelab.evaluation.zeroshot import check_metric, reported_average
+
+    res = {
+        "boolq": {"acc": 0.70},
+        "hellaswag": {"acc": 0.50, "acc_norm": 0.70},
+        "openbookqa": {"acc": 0.30, "acc_norm": 0.40},
+        "average": {"acc": 0.5, "acc_norm": 0.55},
+    }
+    paper = {"hellaswag": "acc_norm", "openbookqa": "acc_norm"}
+    rep = reported_average(res, paper)
+    assert rep["metric"] == {"boolq": "acc", "hellaswag": "acc_norm", "openbookqa": "acc_norm"}
+    assert rep["average"] == pytest.approx((0.70 + 0.70 + 0.40) / 3)
+    assert reported_average(res, None)["average"] == pytest.approx((0.70 + 0.50 + 0.30) / 3)
+    with pytest.raises(ConfigError, match=r"task 'boolq' recorded no 'acc_norm'"):
+        reported_average(res, "acc_norm")
+    check_metric(paper, ["boolq", "hellaswag", "openbookqa"])
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot\.metric names \['piqa'\]"):
+        check_metric({"piqa": "acc_norm"}, ["boolq"])
+    with pytest.raises(ConfigError, match=r"eval\.zeroshot\.metric=3 is not allowed"):
+        check_metric(3, ["boolq"])

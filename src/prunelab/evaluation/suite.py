@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from prunelab.evaluation.perplexity import perplexity
+from prunelab.evaluation.zeroshot import reported_average
 
 
 def perplexity_sets(cfg: Any, data_cfg: Any = None) -> list[tuple[str, str]]:
@@ -26,14 +27,47 @@ def perplexity_sets(cfg: Any, data_cfg: Any = None) -> list[tuple[str, str]]:
     return out
 
 
-def source_for(name: str, data_cfg: Any = None):
+def source_for(name: str, data_cfg: Any = None, joiner: str | None = None):
     """The text source for an eval dataset: the run's own ``data`` node when the names match
-    (so ``data.local_files`` overrides reach the evaluation too), else ``conf/data/<name>.yaml``."""
-    from prunelab.data.sources import build_source, load_source_config
+    (so ``data.local_files`` overrides reach the evaluation too), else ``conf/data/<name>.yaml``.
+    ``joiner`` replaces the data config's own row joiner (hub texts; the embedded corpus keeps
+    its document separator)."""
+    from prunelab.data.sources import HubText, build_source, load_source_config
 
-    if data_cfg is not None and data_cfg.name == name:
-        return build_source(data_cfg)
-    return build_source(load_source_config(name))
+    source = build_source(
+        data_cfg if data_cfg is not None and data_cfg.name == name else load_source_config(name)
+    )
+    if joiner is not None and isinstance(source, HubText):
+        source.joiner = joiner
+    return source
+
+
+def joiner_of(spec: Any, name: str) -> str | None:
+    """The row joiner of eval dataset ``name`` under ``eval.perplexity.joiner``: null = the data
+    config's own (``data.joiner``), a string for every hub text, or ``{dataset: joiner}``."""
+    from prunelab.data.sources import plain
+
+    spec = plain(spec)
+    if isinstance(spec, dict):
+        return spec.get(name)
+    return spec
+
+
+def check_joiner(spec: Any, names: list[str]) -> None:
+    from prunelab.data.sources import plain
+    from prunelab.errors import ConfigError
+
+    spec = plain(spec)
+    allowed = "null (each data config's own data.joiner), a string such as '\\n\\n', or {dataset: string}"
+    if spec is None or isinstance(spec, str):
+        return
+    if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+        raise ConfigError(f"eval.perplexity.joiner={spec!r} is not allowed; allowed: {allowed}")
+    extra = sorted(set(spec) - set(names))
+    if extra:
+        raise ConfigError(
+            f"eval.perplexity.joiner names {extra}, not among the perplexity datasets {names}; allowed: {allowed}"
+        )
 
 
 def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
@@ -43,13 +77,16 @@ def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
     if not isinstance(cfg.get("semi_structured", False), bool):
         raise ConfigError(f"eval.semi_structured={cfg.semi_structured!r} must be true or false")
 
-    for name, _split in perplexity_sets(cfg, data_cfg):
+    sets = perplexity_sets(cfg, data_cfg)
+    check_joiner(cfg.perplexity.get("joiner"), [n for n, _ in sets])
+    for name, _split in sets:
         source_for(name, data_cfg).check()
     if cfg.zeroshot.tasks:
         from prunelab.data.sources import plain
-        from prunelab.evaluation.zeroshot import shots_of
+        from prunelab.evaluation.zeroshot import check_metric, shots_of
 
         check_tasks(list(cfg.zeroshot.tasks), include_defaults=bool(cfg.zeroshot.include_defaults))
+        check_metric(plain(cfg.zeroshot.get("metric")), list(cfg.zeroshot.tasks))
         shots = plain(cfg.zeroshot.get("num_fewshot"))
         for task in cfg.zeroshot.tasks:
             shots_of(shots, str(task))
@@ -65,7 +102,8 @@ def evaluate(
     out: dict[str, Any] = {"perplexity": {}, "zeroshot": {}, "cost": {}, "time_s": {}}
     t = time.perf_counter()
     for name, split in perplexity_sets(cfg, data_cfg):
-        ids = source_for(name, data_cfg).token_ids(tokenizer, split)
+        joiner = joiner_of(cfg.perplexity.get("joiner"), name)
+        ids = source_for(name, data_cfg, joiner).token_ids(tokenizer, split)
         out["perplexity"][name] = perplexity(
             model,
             ids,
@@ -96,6 +134,7 @@ def evaluate(
             max_length=cfg.zeroshot.max_length,
             num_fewshot=plain(cfg.zeroshot.get("num_fewshot")),
         )
+        out["zeroshot"]["reported"] = reported_average(out["zeroshot"], plain(cfg.zeroshot.get("metric")))
         out["time_s"]["zeroshot"] = time.perf_counter() - t
     if cfg.cost.enabled:
         from prunelab.evaluation.cost import measure_cost

@@ -300,6 +300,47 @@ def shots_of(num_fewshot: int | dict | None, task: str) -> int:
     return value
 
 
+# Keys of a zero-shot result that are not tasks.
+NOT_TASKS = ("average", "n_shot", "reported")
+_METRIC_KEY = "eval.zeroshot.metric"
+_METRIC_ALLOWED = (
+    "null (acc for every task), a metric name for every task (acc, acc_norm, …), or {task: metric}"
+)
+
+
+def check_metric(metric: str | dict | None, tasks: Sequence[str]) -> None:
+    """``eval.zeroshot.metric``: which recorded metric each task contributes to the reported
+    average (the papers differ: LLM-Pruner's tables use acc_norm for HellaSwag, ARC-c, OBQA)."""
+    if metric is None or (isinstance(metric, str) and metric):
+        return
+    if not isinstance(metric, dict) or not all(isinstance(v, str) and v for v in metric.values()):
+        raise ConfigError(f"{_METRIC_KEY}={metric!r} is not allowed; allowed: {_METRIC_ALLOWED}")
+    extra = sorted(set(metric) - set(tasks))
+    if extra:
+        raise ConfigError(f"{_METRIC_KEY} names {extra}, not in eval.zeroshot.tasks {list(tasks)}")
+
+
+def metric_of(metric: str | dict | None, task: str) -> str:
+    if metric is None:
+        return "acc"
+    return metric.get(task, "acc") if isinstance(metric, dict) else metric
+
+
+def reported_average(results: dict, metric: str | dict | None) -> dict:
+    """``{"metric": {task: name}, "average": mean}``: the unweighted mean over tasks of each
+    task's chosen metric (``eval.zeroshot.metric``). A task that did not record its metric
+    is an error, not a silent fallback."""
+    tasks = [t for t in results if t not in NOT_TASKS]
+    chosen = {t: metric_of(metric, t) for t in tasks}
+    for t, m in chosen.items():
+        if m not in results[t]:
+            raise ConfigError(
+                f"{_METRIC_KEY}: task {t!r} recorded no {m!r}; it recorded {sorted(results[t])}"
+            )
+    values = [results[t][m] for t, m in chosen.items()]
+    return {"metric": chosen, "average": sum(values) / len(values) if values else None}
+
+
 class _DropExpected(logging.Filter):
     """Drops lm-eval warnings about what prunelab does on purpose (a model object, 0-shot)."""
 

@@ -25,6 +25,10 @@ class PrunePlan:
     kinds: tuple[str, ...]
     prunable_layers: list[int]
     remove: dict[str, int] = field(default_factory=dict)  # unit key -> groups to remove
+    # ratio_convention other than "params": the ratio as the user (a paper) meant it,
+    # {"convention", "meaning", "requested", "achieved"}; requested/achieved above stay in
+    # all-parameter terms, which the methods plan with
+    convention: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -265,3 +269,89 @@ def plan_sparsity(
         params_zeroed=zeroed,
         zero_fraction=zeroed / total,
     )
+
+
+# ---------------------------------------------------------------- the papers' ratio conventions
+CONVENTIONS = {
+    "params": "fraction of all parameters removed",
+    "linear": "fraction of the parameters of the prunable linear layers removed",
+    "per_layer": "fraction of the heads (KV groups) and MLP channels removed in each pruned layer",
+}
+_CONVENTION_KEY = "ratio_convention"
+
+
+def check_convention(convention: object) -> str:
+    """``ratio_convention``: null / "params" (prunelab's), "linear" (ATP's budget), "per_layer"
+    (LoRAPrune's and LLM-Pruner's official ``--ratio``)."""
+    if convention is None:
+        return "params"
+    if convention not in CONVENTIONS:
+        raise ConfigError(
+            f"{_CONVENTION_KEY}={convention!r} is not allowed; allowed: null or "
+            + ", ".join(f"{k} ({v})" for k, v in CONVENTIONS.items())
+        )
+    return str(convention)
+
+
+def linear_params(arch: ArchInfo, layers: list[int]) -> int:
+    """Parameters of the linear layers (q, k, v, o, gate, up, down, with biases) of ``layers``."""
+    return sum(arch.layer_params(i) - 2 * arch.hidden_size for i in layers)
+
+
+def plan_convention(
+    arch: ArchInfo,
+    ratio: float,
+    convention: str | None,
+    kinds: tuple[str, ...] = ("attn", "mlp"),
+    layers: list[int] | None = None,
+    tolerance: float = 0.01,
+) -> PrunePlan:
+    """``plan_ratio`` with ``ratio`` read in a paper's convention; the plan records both the
+    convention's ratio and the fraction of all parameters."""
+    convention = check_convention(convention)
+    layers = list(range(arch.num_layers)) if layers is None else layers
+    if convention == "params":
+        return plan_ratio(arch, ratio, kinds, layers, tolerance)
+    if tuple(kinds) in (("layer",), ("hidden",)):
+        raise ConfigError(
+            f"{_CONVENTION_KEY}={convention!r} needs head/channel pruning; method.targets={list(kinds)} "
+            "prunes whole layers or hidden channels: use ratio_convention=null (fraction of all parameters)"
+        )
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(
+            f"ratio={ratio!r} is outside the allowed range (0, 1): the {CONVENTIONS[convention]}"
+        )
+    total = arch.total_params()
+    if convention == "linear":
+        base = linear_params(arch, layers)
+        plan = plan_ratio(arch, ratio * base / total, kinds, layers, tolerance)
+        achieved = (plan.params_before - plan.params_after) / base
+    else:  # per_layer: the same fraction of each pruned layer's heads and channels
+        remove: dict[str, int] = {}
+        groups = kept = 0
+        for i in layers:
+            for kind, n in (
+                ("attn", arch.layers[i].num_key_value_heads),
+                ("mlp", arch.layers[i].intermediate_size),
+            ):
+                if kind in kinds:
+                    remove[f"{i}.{kind}"] = min(n - 1, round(ratio * n))
+                    groups, kept = groups + n, kept + n - remove[f"{i}.{kind}"]
+        removed = _achieved(arch, remove, tuple(kinds))
+        plan = PrunePlan(
+            requested=removed / total,  # what the methods plan with: the counts above, exactly
+            achieved=removed / total,
+            params_before=total,
+            params_after=total - removed,
+            kinds=tuple(kinds),
+            prunable_layers=list(layers),
+            remove=remove,
+        )
+        achieved = 1 - kept / groups
+    plan.convention = {
+        "convention": convention,
+        "meaning": CONVENTIONS[convention],
+        "requested": ratio,
+        "achieved": achieved,
+    }
+    return plan
