@@ -397,3 +397,47 @@ def test_dynamic_recovery_resumes_after_the_last_finished_stage(tmp_path, tok):
     h = json.loads((out / "history.json").read_text())
     assert h["resumed_stages"] == ["text"] and [s["name"] for s in h["stages"]] == ["text", "instruction"]
     assert text_hist.stat().st_mtime_ns == mtime  # the text stage was not trained again
+
+
+def test_every_selection_sees_the_lora_update_it_ranks_by(tmp_path, tok, monkeypatch):
+    """LoRA-aware saliency = ‖W_g‖/max + |⟨W_g, (sBA)_g⟩|/max + (cos(W_g, (sBA)_g) + 1)/max per
+    unit, written here from the paper. Every period's selection — not only the first — must
+    see a non-zero B·A (a period's end is the next one's start, and the merge there resets B:
+    selecting after it ranks by magnitude alone) and rank by that formula."""
+    from prunelab.methods.lorashear import lhspg
+    from prunelab.structure.groups import decoder_layers, grouped, weight_members
+
+    real = lhspg.saliency
+    calls = []
+
+    def by_hand(model, arch, unit):
+        layer = decoder_layers(model)[unit.layer]
+        ws, ds = [], []
+        for m in weight_members(arch, unit):
+            mod = layer.get_submodule(m.path)
+            w = mod.base_layer.weight.detach().float()
+            d = sum(
+                mod.scaling[k] * (mod.lora_B[k].weight.float() @ mod.lora_A[k].weight.float())
+                for k in mod.lora_A
+            )
+            ws.append(grouped(w, m))
+            ds.append(grouped(d.detach(), m))
+        w, d = torch.cat(ws, 1), torch.cat(ds, 1)
+        norm, inner = w.norm(dim=1), (w * d).sum(1).abs()
+        cos = (w * d).sum(1) / (w.norm(dim=1) * d.norm(dim=1)).clamp_min(1e-8) + 1
+        return norm / norm.max() + inner / inner.max() + cos / cos.max(), float(d.norm())
+
+    def spy(model, arch, unit):
+        out = real(model, arch, unit)
+        expected, delta = by_hand(model, arch, unit)
+        calls.append((unit.key, delta, out.clone(), expected))
+        return out
+
+    monkeypatch.setattr(lhspg, "saliency", spy)
+    method = _lorashear(knowledge={"enabled": False}, recovery={"enabled": False})
+    _prune(method, tmp_path, tok)
+    selects = [e for e in method.history["events"] if e["event"] == "select"]
+    assert len(selects) == 3 and len(calls) >= 3 * 2  # every period ranks at least two units
+    for key, delta, out, expected in calls:
+        assert delta > 0, f"a selection of {key} saw B·A = 0 (ranked by magnitude alone)"
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)

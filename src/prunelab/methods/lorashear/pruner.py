@@ -24,7 +24,8 @@ The four parts, each switchable by config for ablations:
    half-space projected step drives them to zero — λ_g = ‖x_g‖/steps_left (a linear decay
    that reaches exactly zero at the period's last step), projection to zero when
    ⟨x̃_g, W_g⟩ < ε‖W_g‖² (ε = ``epsilon``, default 0) — and at period end LoRA is merged
-   into the base weights. Off: all redundant groups are chosen after the warm-up and zeroed
+   into the base weights, *after* the next period's selection (that step is both): the
+   selection must see the B·A the period learned, which the merge resets to zero. Off: all redundant groups are chosen after the warm-up and zeroed
    at once (one-shot), the same steps then train around them.
 4. **Dynamic knowledge recovery** (``recovery``, see recovery.py): text stage, then
    instruction stage, mixture rebuilt from per-source degradation. ``recovery.dynamic=false``
@@ -148,6 +149,7 @@ class LHSPGSchedule:
         m, arch, starts, ends, redundant = self.method, self.arch, self.starts, self.ends, self.redundant
         n_sel = len(starts)
         active = [i for i, s in enumerate(starts) if s < step]  # periods begun
+        merge = None
         if active:
             end = ends[active[-1]]
             left = max(1, end - step + 1)  # steps_left 1 = exactly zero now
@@ -156,24 +158,15 @@ class LHSPGSchedule:
                 # the effective weights W + s·B·A of every redundant group: exactly 0 here
                 # with LoRA-aware groups (the ablation leaves LoRA's share in them)
                 residual = m._residual(peft_model, arch, self.todo, redundant, effective=True)
-                merge_lora_into_base(peft_model)  # B·A into the kept groups; B restarts at 0
-                self.log.append(
-                    {
-                        "step": step,
-                        "event": "period_end_merge",
-                        "projected": proj,
-                        "redundant_max_norm": residual,
-                    }
-                )
-                _log.info(
-                    "lorashear: LHSPG period %d/%d ends at step %d (redundant groups' max norm %.2e); "
-                    "LoRA merged",
-                    active[-1] + 1,
-                    n_sel,
-                    step,
-                    residual,
-                )
+                merge = {
+                    "step": step,
+                    "event": "period_end_merge",
+                    "projected": proj,
+                    "redundant_max_norm": residual,
+                }
         if step in starts:
+            # Before this step's merge: a period's end is the next one's start, and the merge
+            # restarts B at zero — selecting after it would rank by ‖W‖ alone, not LoRA-aware.
             p = starts.index(step) + 1
             want = {u.key: round(p / n_sel * self.plan.remove[u.key]) for u in self.todo}
             m._select(peft_model, arch, self.todo, redundant, want)
@@ -190,6 +183,16 @@ class LHSPGSchedule:
                 n_sel,
                 step,
                 sum(self.log[-1]["redundant"].values()),
+            )
+        if merge is not None:
+            merge_lora_into_base(peft_model)  # B·A into the kept groups; B restarts at 0
+            self.log.append(merge)
+            _log.info(
+                "lorashear: LHSPG period %d/%d ends at step %d (redundant groups' max norm %.2e); LoRA merged",
+                active[-1] + 1,
+                n_sel,
+                step,
+                merge["redundant_max_norm"],
             )
 
 
