@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Torch first, pinned: on a machine without a GPU this is the CPU build (a loose `torch`
-# would pull a multi-GB CUDA build). GPU users: make setup TORCH_SPEC='torch>=2.4'
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
+# would pull a multi-GB CUDA build). GPU users: make setup TORCH_SPEC='torch>=2.6'
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 

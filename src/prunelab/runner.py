@@ -199,15 +199,31 @@ def run_identity(resolved: dict) -> dict:
 
 
 def model_fingerprint(cfg: DictConfig) -> str:
-    """Identifies the weights: file names, sizes and mtimes of a local folder; else the hub id@revision."""
-    from prunelab.models.loading import resolve_path
+    """Identifies the weights: file names, sizes and mtimes of a local folder; else ``<hub id>@<commit>``,
+    the commit sha the revision resolves to (as ``from_pretrained`` resolves it), so a branch that moves
+    keys new numbers. When the commit cannot be known (offline, never downloaded): ``<hub id>@<revision>``,
+    with a warning."""
+    from prunelab.models.loading import hub_commit, resolve_path
 
     path = Path(resolve_path(str(cfg.path)))
     if path.is_dir():
         return _hash(
             [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
         )
-    return f"{cfg.path}@{cfg.revision}"
+    revision = cfg.get("revision")
+    commit = hub_commit(str(cfg.path), None if revision is None else str(revision))
+    if commit is None:
+        log.warning(
+            "model.path=%r: the commit of %s is unknown here (offline and not in the local hub cache); numbers "
+            "from this unpinned revision are cached under the branch name (%s@%s) and would be served again "
+            "after the repository changes; pin it: model.revision=<commit sha>",
+            str(cfg.path),
+            "the default branch" if revision is None else f"revision {revision!r}",
+            cfg.path,
+            revision,
+        )
+        return f"{cfg.path}@{revision}"
+    return f"{cfg.path}@{commit}"
 
 
 def _load_kwargs(cfg: DictConfig) -> dict:
@@ -702,6 +718,7 @@ def collect(job: Job) -> dict:
         "config": job.resolved,
         "run_dir": str(job.rd.root),
         "model_dir": str(job.final_dir),
+        "model_weights": model_fingerprint(cfg.model),  # hub id@commit sha, or a local folder's fingerprint
         "ratio": ratio_record(job.plan, rec["params_after"], rec.get("sparsity")),
         "sparsity": sparsity,
         "plan": rec["plan"],

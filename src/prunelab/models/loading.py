@@ -8,7 +8,11 @@ it. Otherwise the config records per-layer shapes (``prunelab_layer_shapes``) an
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ EMBEDDED_PREFIX = "embedded:"
 SYNTHETIC_PREFIX = "synthetic:"
 PACKAGED_PREFIX = "packaged:"  # = prunelab.models.packaged.PREFIX: a registry wheel's GGUF, converted once
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _PRUNED_CLASSES: dict[type, type] = {}
 
 
@@ -76,12 +81,133 @@ def check_model_config(cfg: Any) -> None:
         raise ConfigError(f"model.path={path!r} does not exist; expected a local model folder or a hub id")
 
 
+def hub_error(path: str, revision: str | None, exc: BaseException) -> ConfigError | None:
+    """One paragraph for a hub model that could not be reached: the key, what happened, what to do.
+    None when ``exc`` is not a hub failure (a broken local folder, a missing file, ...).
+
+    transformers wraps huggingface_hub's errors in an ``OSError``; the cause chain says which:
+    GatedRepoError (no access), RepositoryNotFoundError (no such repo, or private), RevisionNotFoundError,
+    DisabledRepoError, LocalEntryNotFoundError / OfflineModeIsEnabled (offline or unreachable, and not
+    in the local cache), HFValidationError (not a repo id), any other HfHubHTTPError (the hub refused)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from prunelab.preflight import _gated
+
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+
+    def first(*types: type) -> BaseException | None:
+        return next((c for c in chain if isinstance(c, types)), None)
+
+    key = f"model.path={path!r}"
+    where = key + (f" (model.revision={revision!r})" if revision else "")
+    local = "or use a copy on disk: model.path=<local folder> (config.json, tokenizer and weights)"
+    if first(GatedRepoError) is not None:
+        status = getattr(getattr(first(GatedRepoError), "response", None), "status_code", None)
+        sent = (
+            "; the hub refused the token that was sent (no access to this model yet)" if status == 403 else ""
+        )
+        return ConfigError(_gated("model.path", path) + sent)
+    if first(RevisionNotFoundError) is not None:
+        return ConfigError(
+            f"{where}: the model repository has no such revision; give an existing branch, tag or commit "
+            f"sha (model.revision=<sha>; see https://huggingface.co/{path}/commits/main), model.revision=null "
+            f"for the default branch, {local}"
+        )
+    if first(DisabledRepoError) is not None:
+        return ConfigError(f"{where}: the model repository is disabled on the hub; {local}")
+    if first(RepositoryNotFoundError) is not None:
+        return ConfigError(
+            f"{where}: no such model on the hub (check the id; a private repository needs a token with "
+            f"access: `hf auth login` or HF_TOKEN), {local}"
+        )
+    if first(HFValidationError) is not None:
+        return ConfigError(
+            f"{where} is neither a local folder nor a hub model id ('namespace/name'); {local.removeprefix('or ')}"
+        )
+    if first(LocalEntryNotFoundError, OfflineModeIsEnabled) is not None:
+        if constants.HF_HUB_OFFLINE:
+            return ConfigError(
+                f"{where}: offline (HF_HUB_OFFLINE=1) and the model is not in the local hub cache "
+                f"({constants.HF_HUB_CACHE}); download it once with the hub reachable (unset HF_HUB_OFFLINE), "
+                f"{local}"
+            )
+        root = chain[-1]
+        return ConfigError(
+            f"{where}: the hub ({constants.ENDPOINT}) could not be reached ({type(root).__name__}: {root}) and the "
+            f"model is not in the local hub cache ({constants.HF_HUB_CACHE}); check the connection, proxy or "
+            f"HF_ENDPOINT, {local}"
+        )
+    http = first(HfHubHTTPError)
+    if http is not None:
+        status = getattr(getattr(http, "response", None), "status_code", "?")
+        return ConfigError(
+            f"{where}: the hub ({constants.ENDPOINT}) refused the download (HTTP {status}: "
+            f"{(str(http).splitlines() or [''])[0]}); try again later, {local}"
+        )
+    return None
+
+
+@contextmanager
+def hub_errors(cfg: Any) -> Iterator[None]:
+    """A hub model that cannot be reached raises one ConfigError (``hub_error``) instead of
+    transformers' OSError chain; anything else passes through unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        err = hub_error(str(cfg.path), cfg.get("revision"), e)
+        if err is None:
+            raise
+        raise err from e
+
+
+@functools.cache
+def hub_commit(repo: str, revision: str | None, repo_type: str = "model") -> str | None:
+    """The commit sha a hub repository's revision (None: the default branch) resolves to, as
+    ``from_pretrained`` resolves it (huggingface_hub's ``resolve_revision``: the hub when it can be
+    reached, else the local cache's ``refs/<revision>``), or None when it cannot be known (offline
+    and never downloaded, an unknown repository, ...). Once per process and (repo, revision)."""
+    if revision is not None and COMMIT_SHA.fullmatch(str(revision)):
+        return str(revision)
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    api = HfApi()
+    if hasattr(api, "resolve_revision"):  # what transformers 5's from_pretrained itself calls
+        try:
+            resolved = api.resolve_revision(
+                repo, repo_type=repo_type, revision=revision, local_files_only=bool(constants.HF_HUB_OFFLINE)
+            )
+        except Exception:
+            return None
+        sha = str(getattr(resolved, "resolved", resolved))
+    else:  # older: what the last download recorded in the local cache
+        file = try_to_load_from_cache(repo, "config.json", revision=revision, repo_type=repo_type)
+        sha = Path(file).parent.name if isinstance(file, str) else ""
+    return sha if COMMIT_SHA.fullmatch(sha) else None
+
+
 def load_config(cfg: Any):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(
-        resolve_path(str(cfg.path)), revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code)
-    )
+    with hub_errors(cfg):
+        return AutoConfig.from_pretrained(
+            resolve_path(str(cfg.path)), revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code)
+        )
 
 
 def pruned_class(base: type) -> type:
@@ -119,17 +245,18 @@ def load_model(cfg: Any, device: str | torch.device = "cpu"):
     from transformers import AutoTokenizer
 
     path = resolve_path(str(cfg.path))
-    model = load_pretrained(
-        path,
-        dtype=DTYPES[cfg.dtype],
-        revision=cfg.revision,
-        trust_remote_code=bool(cfg.trust_remote_code),
-        attn_implementation=cfg.attn_implementation,
-    ).to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code)
-    )
+    with hub_errors(cfg):
+        model = load_pretrained(
+            path,
+            dtype=DTYPES[cfg.dtype],
+            revision=cfg.revision,
+            trust_remote_code=bool(cfg.trust_remote_code),
+            attn_implementation=cfg.attn_implementation,
+        ).to(device)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code)
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
