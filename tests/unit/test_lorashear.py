@@ -399,45 +399,104 @@ def test_dynamic_recovery_resumes_after_the_last_finished_stage(tmp_path, tok):
     assert text_hist.stat().st_mtime_ns == mtime  # the text stage was not trained again
 
 
-def test_every_selection_sees_the_lora_update_it_ranks_by(tmp_path, tok, monkeypatch):
-    """LoRA-aware saliency = ‖W_g‖/max + |⟨W_g, (sBA)_g⟩|/max + (cos(W_g, (sBA)_g) + 1)/max per
-    unit, written here from the paper. Every period's selection — not only the first — must
-    see a non-zero B·A (a period's end is the next one's start, and the merge there resets B:
-    selecting after it ranks by magnitude alone) and rank by that formula."""
-    from prunelab.methods.lorashear import lhspg
+def _terms_by_hand(model, arch, unit):
+    """[3, n] ‖W_g‖, |⟨W_g, (sBA)_g⟩|, cos(W_g, (sBA)_g) + 1 from peft's A, B and scaling, and ‖sBA‖."""
     from prunelab.structure.groups import decoder_layers, grouped, weight_members
+
+    layer = decoder_layers(model)[unit.layer]
+    ws, ds = [], []
+    for m in weight_members(arch, unit):
+        mod = layer.get_submodule(m.path)
+        w = mod.base_layer.weight.detach().float()
+        d = sum(
+            mod.scaling[k] * (mod.lora_B[k].weight.float() @ mod.lora_A[k].weight.float()) for k in mod.lora_A
+        )
+        ws.append(grouped(w, m))
+        ds.append(grouped(d.detach(), m))
+    w, d = torch.cat(ws, 1), torch.cat(ds, 1)
+    cos = (w * d).sum(1) / (w.norm(dim=1) * d.norm(dim=1)).clamp_min(1e-8) + 1
+    return torch.stack([w.norm(dim=1), (w * d).sum(1).abs(), cos]), float(d.norm())
+
+
+def test_every_selection_sees_the_lora_update_it_ranks_by(tmp_path, tok, monkeypatch):
+    """Per-unit scope. LoRA-aware saliency = ‖W_g‖/max + |⟨W_g, (sBA)_g⟩|/max + (cos(W_g, (sBA)_g)
+    + 1)/max within the unit, written here from the paper. Every period's selection — not only
+    the first — must see a non-zero B·A (a period's end is the next one's start, and the merge
+    there resets B: selecting after it ranks by magnitude alone) and rank by that formula."""
+    from prunelab.methods.lorashear import lhspg
 
     real = lhspg.saliency
     calls = []
 
-    def by_hand(model, arch, unit):
-        layer = decoder_layers(model)[unit.layer]
-        ws, ds = [], []
-        for m in weight_members(arch, unit):
-            mod = layer.get_submodule(m.path)
-            w = mod.base_layer.weight.detach().float()
-            d = sum(
-                mod.scaling[k] * (mod.lora_B[k].weight.float() @ mod.lora_A[k].weight.float())
-                for k in mod.lora_A
-            )
-            ws.append(grouped(w, m))
-            ds.append(grouped(d.detach(), m))
-        w, d = torch.cat(ws, 1), torch.cat(ds, 1)
-        norm, inner = w.norm(dim=1), (w * d).sum(1).abs()
-        cos = (w * d).sum(1) / (w.norm(dim=1) * d.norm(dim=1)).clamp_min(1e-8) + 1
-        return norm / norm.max() + inner / inner.max() + cos / cos.max(), float(d.norm())
-
     def spy(model, arch, unit):
         out = real(model, arch, unit)
-        expected, delta = by_hand(model, arch, unit)
+        terms, delta = _terms_by_hand(model, arch, unit)
+        expected = (terms / terms.max(dim=1, keepdim=True).values).sum(0)
         calls.append((unit.key, delta, out.clone(), expected))
         return out
 
     monkeypatch.setattr(lhspg, "saliency", spy)
-    method = _lorashear(knowledge={"enabled": False}, recovery={"enabled": False})
+    method = _lorashear(
+        knowledge={"enabled": False},
+        recovery={"enabled": False},
+        lhspg={"warmup_steps": 2, "periods": 3, "period_steps": 3, "scope": "unit"},
+    )
     _prune(method, tmp_path, tok)
     selects = [e for e in method.history["events"] if e["event"] == "select"]
     assert len(selects) == 3 and len(calls) >= 3 * 2  # every period ranks at least two units
     for key, delta, out, expected in calls:
         assert delta > 0, f"a selection of {key} saw B·A = 0 (ranked by magnitude alone)"
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_global_selection_takes_the_least_salient_groups_across_layers(tmp_path, tok, monkeypatch):
+    """Global scope (the default): at every period start, each kind's groups of all layers are
+    ranked on one scale (each saliency term divided by its max over all groups of that kind),
+    and the least salient not-yet-redundant groups are taken until the kind's cumulative count
+    p/P · total is reached, never leaving a unit fewer than ceil(min_keep · n) groups. Checked
+    against that rule written out here; the counts end unequal across layers (the allocation
+    is learned, not LLM-Pruner's uniform one) and still sum to the plan's total per kind."""
+    import math
+
+    from prunelab.methods.lorashear.pruner import LoRAShear
+
+    real = LoRAShear._select_global
+    checked = []
+
+    def spy(self, model, arch, todo, redundant, want):
+        before = {k: v.clone() for k, v in redundant.items()}
+        scores = {}
+        for kind in want:
+            mine = [u for u in todo if u.kind == kind]
+            terms = {u.key: _terms_by_hand(model, arch, u)[0] for u in mine}
+            scale = torch.stack([t.max(dim=1).values for t in terms.values()]).max(dim=0).values
+            scores.update({k: (t / scale[:, None]).sum(0) for k, t in terms.items()})
+        real(self, model, arch, todo, redundant, want)
+        for kind, target in want.items():
+            mine = [u for u in todo if u.kind == kind]
+            assert sum(int(redundant[u.key].sum()) for u in mine) == target
+            picked, passed = [], []
+            for u in mine:
+                floor = max(1, math.ceil(self.lhspg.min_keep * u.n))
+                assert int((~redundant[u.key]).sum()) >= floor  # min_keep holds
+                new = redundant[u.key] & ~before[u.key]
+                picked += scores[u.key][new].tolist()
+                if int((~redundant[u.key]).sum()) > floor:  # room left: its groups were passed over
+                    passed += scores[u.key][~redundant[u.key]].tolist()
+            # greedy on one global scale: nothing passed over is less salient than a pick
+            # (up to float ties: the terms agree with the hand ones to ~1e-7)
+            assert not picked or not passed or max(picked) <= min(passed) + 1e-5
+        checked.append(want)
+
+    monkeypatch.setattr(LoRAShear, "_select_global", spy)
+    method = _lorashear(knowledge={"enabled": False}, recovery={"enabled": False})
+    assert method.lhspg.scope == "global"
+    _, _, masks, _ = _prune(method, tmp_path, tok, ratio=0.2)
+    assert len(checked) == 3
+    plan = method.final_plan
+    removed = {k: int((~m).sum()) for k, m in masks.items()}
+    assert removed == {k: plan.remove.get(k, 0) for k in removed}
+    mlp = [n for k, n in removed.items() if k.endswith(".mlp")]
+    assert len(set(mlp)) > 1  # not a uniform per-layer count
+    assert sum(mlp) == checked[-1]["mlp"]
+    assert abs(plan.achieved - 0.2) <= 0.05 * 0.2

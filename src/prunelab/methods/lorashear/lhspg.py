@@ -133,9 +133,9 @@ def merge_lora_into_base(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def saliency(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
-    """LoRA-aware group saliency: the per-unit normalised sum of ‖W_g‖, |⟨W_g, (s·BA)_g⟩| and
-    cos(W_g, (s·BA)_g) + 1 (all ≥ 0; higher = keep)."""
+def saliency_terms(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
+    """[3, n]: ‖W_g‖, |⟨W_g, (s·BA)_g⟩| and cos(W_g, (s·BA)_g) + 1 of every group of ``unit``
+    over all its coupled slices (all ≥ 0), before any normalisation."""
     layer = decoder_layers(model)[unit.layer]
     ws, ds = [], []
     for m in weight_members(arch, unit):
@@ -143,11 +143,19 @@ def saliency(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
         ws.append(grouped(_base(mod).float(), m).cpu())
         ds.append(grouped(_delta(mod), m).cpu())
     w, d = torch.cat(ws, 1), torch.cat(ds, 1)
-    norm = w.norm(dim=1)
-    inner = (w * d).sum(1).abs()
     cos = torch.nn.functional.cosine_similarity(w, d, dim=1) + 1
+    return torch.stack([w.norm(dim=1), (w * d).sum(1).abs(), cos])
 
-    def unit_scale(v: torch.Tensor) -> torch.Tensor:
-        return v / v.max() if float(v.max()) > 0 else v
 
-    return unit_scale(norm) + unit_scale(inner) + unit_scale(cos)
+def normalised_sum(terms: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_k terms[k] / scale[k] (scale: each term's max, here or over a larger set of groups;
+    a term that is 0 everywhere contributes 0). Higher = keep."""
+    scale = terms.max(dim=1).values if scale is None else scale
+    return (terms / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]).sum(0)
+
+
+@torch.no_grad()
+def saliency(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor:
+    """LoRA-aware group saliency: the per-unit normalised sum of ‖W_g‖, |⟨W_g, (s·BA)_g⟩| and
+    cos(W_g, (s·BA)_g) + 1 (all ≥ 0; higher = keep)."""
+    return normalised_sum(saliency_terms(model, arch, unit))

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,6 +67,7 @@ from prunelab.structure.plan import PrunePlan, plan_ratio, prunable_layers
 
 _log = logging.getLogger(__name__)
 SALIENCY = ("lora_aware", "magnitude")
+SCOPES = ("global", "unit")
 
 
 @dataclass
@@ -98,10 +99,18 @@ class LHSPGConfig:
     period_steps: int = 10  # steps per period
     epsilon: float = 0.0  # half-space threshold ε
     saliency: str = "lora_aware"  # lora_aware (‖W‖, |⟨W,BA⟩|, cos) | magnitude (‖W + BA‖)
+    scope: str = "global"  # global: rank each kind's groups across layers | unit: the plan's per-unit counts
+    min_keep: float = 0.1  # global scope: fraction of each unit's groups never selected (at least 1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"method.lhspg.enabled={self.enabled!r} must be true or false")
+        if self.scope not in SCOPES:
+            raise bad_value("method.lhspg.scope", self.scope, SCOPES)
+        if isinstance(self.min_keep, bool) or not (
+            isinstance(self.min_keep, (int, float)) and 0 <= self.min_keep < 1
+        ):
+            raise ConfigError(f"method.lhspg.min_keep={self.min_keep!r} must be in [0, 1)")
         for key, lo in (("warmup_steps", 0), ("periods", 1), ("period_steps", 1)):
             v = getattr(self, key)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
@@ -135,6 +144,9 @@ class LHSPGSchedule:
         self.redundant: Masks = {u.key: torch.zeros(u.n, dtype=torch.bool) for u in todo}
         self.starts, self.ends = schedule(method.lhspg)
         self.log: list[dict] = []
+        self.totals: dict[str, int] = {}  # global scope: groups to remove per kind, over all units
+        for u in todo:
+            self.totals[u.kind] = self.totals.get(u.kind, 0) + plan.remove.get(u.key, 0)
 
     def hooks(self, select_from: int) -> TrainHooks:
         return TrainHooks(setup=self.setup, after_step=self.after_step, select_from=select_from)
@@ -168,8 +180,12 @@ class LHSPGSchedule:
             # Before this step's merge: a period's end is the next one's start, and the merge
             # restarts B at zero — selecting after it would rank by ‖W‖ alone, not LoRA-aware.
             p = starts.index(step) + 1
-            want = {u.key: round(p / n_sel * self.plan.remove[u.key]) for u in self.todo}
-            m._select(peft_model, arch, self.todo, redundant, want)
+            if m.lhspg.scope == "unit":
+                want = {u.key: round(p / n_sel * self.plan.remove[u.key]) for u in self.todo}
+                m._select(peft_model, arch, self.todo, redundant, want)
+            else:
+                want = {kind: round(p / n_sel * total) for kind, total in self.totals.items()}
+                m._select_global(peft_model, arch, self.todo, redundant, want)
             self.log.append(
                 {
                     "step": step,
@@ -300,6 +316,48 @@ class LoRAShear(PruningMethod):
             s = s.masked_fill(redundant[u.key], math.inf)
             redundant[u.key][torch.sort(s, stable=True).indices[: want[u.key] - have]] = True
 
+    def _select_global(
+        self, model: nn.Module, arch: Any, todo: list[Unit], redundant: Masks, want: dict
+    ) -> None:
+        """Grow each kind's redundant set to ``want[kind]`` with the least salient groups of
+        that kind across all layers (LHSPG as in the OTO family: one ranking on globally
+        normalised scores), never taking a unit below ``lhspg.min_keep`` of its groups."""
+        from prunelab.methods.lorashear.lhspg import group_norms, normalised_sum, saliency_terms
+
+        for kind, target in want.items():
+            mine = [u for u in todo if u.kind == kind]
+            have = sum(int(redundant[u.key].sum()) for u in mine)
+            if target <= have:
+                continue
+            if self.lhspg.saliency == "lora_aware":
+                terms = [saliency_terms(model, arch, u) for u in mine]
+                scale = torch.stack([t.max(dim=1).values for t in terms]).max(dim=0).values
+                scores = [normalised_sum(t, scale) for t in terms]
+            else:
+                scores = [group_norms(model, arch, u, effective=True) for u in mine]
+            owner = torch.cat([torch.full((u.n,), i) for i, u in enumerate(mine)])
+            index = torch.cat([torch.arange(u.n) for u in mine])
+            flat = torch.cat(
+                [s.masked_fill(redundant[u.key], math.inf) for s, u in zip(scores, mine, strict=True)]
+            )
+            room = [
+                u.n - max(1, math.ceil(self.lhspg.min_keep * u.n)) - int(redundant[u.key].sum()) for u in mine
+            ]
+            need = target - have
+            for j in torch.sort(flat, stable=True).indices.tolist():
+                if need == 0 or math.isinf(float(flat[j])):
+                    break
+                i = int(owner[j])
+                if room[i] > 0:
+                    redundant[mine[i].key][int(index[j])] = True
+                    room[i] -= 1
+                    need -= 1
+            if need:
+                raise ConfigError(
+                    f"method.lhspg.min_keep={self.lhspg.min_keep} leaves too few {kind} groups to select "
+                    f"{target}; lower it or use method.lhspg.scope=unit"
+                )
+
     @staticmethod
     def _residual(model: nn.Module, arch: Any, todo: list[Unit], redundant: Masks, effective: bool) -> float:
         """The largest norm among the redundant groups (over all their coupled slices)."""
@@ -330,7 +388,14 @@ class LoRAShear(PruningMethod):
         if self.recovery.enabled:  # the dense model's losses: the mixer's degradation reference
             ref = self.recovery.reference_losses(model, ctx.tokenizer, ctx.data_cfg)
             (out_dir / "reference_losses.json").write_text(json.dumps(ref, indent=2) + "\n")
-        todo = [u for u in units(arch, self.targets) if plan.remove.get(u.key, 0) > 0]
+        if self.lhspg.scope == "unit":
+            todo = [u for u in units(arch, self.targets) if plan.remove.get(u.key, 0) > 0]
+        else:  # every unit the plan may prune competes; the plan fixes only each kind's total
+            todo = [
+                u
+                for u in units(arch, self.targets)
+                if u.layer in plan.prunable_layers and u.key not in set(unprunable)
+            ]
         periods = LHSPGSchedule(self, arch, todo, plan)
         redundant, starts, ends, log = periods.redundant, periods.starts, periods.ends, periods.log
         tr = self.trainer
@@ -348,11 +413,27 @@ class LoRAShear(PruningMethod):
         )
         if merged is not model:
             raise RuntimeError("LoRA merge must update the model in place")
-        short = {
-            k: plan.remove[k] - int(v.sum()) for k, v in redundant.items() if int(v.sum()) != plan.remove[k]
-        }
+        got = {k: int(v.sum()) for k, v in redundant.items()}
+        if self.lhspg.scope == "unit":
+            short = {k: plan.remove[k] - n for k, n in got.items() if n != plan.remove[k]}
+        else:
+            done = {kind: sum(n for k, n in got.items() if k.endswith("." + kind)) for kind in periods.totals}
+            short = {kind: t - done[kind] for kind, t in periods.totals.items() if done[kind] != t}
         if short:
             raise RuntimeError(f"lorashear ended short of the plan: {short}")
+        if self.lhspg.scope == "global":  # the allocation LHSPG chose is the plan now
+            plan = replace(plan, remove={k: n for k, n in got.items() if n > 0})
+            plan.params_after = plan.params_before - sum(
+                n
+                * (
+                    arch.attn_group_params(int(k.split(".")[0]))
+                    if k.endswith(".attn")
+                    else arch.mlp_channel_params()
+                )
+                for k, n in plan.remove.items()
+            )
+            plan.achieved = 1 - plan.params_after / plan.params_before
+            self.final_plan = plan
         # How far from zero the redundant groups ended, in the merged model: 0.0 exactly with
         # LoRA-aware groups; the refill the merge brought back without them.
         residual = self._residual(model, arch, todo, redundant, effective=False)
