@@ -82,6 +82,7 @@ TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
         ("LLM-Pruner element1 + LoRA", ["method=llm_pruner", "method.importance=element1"], False),
         ("LoRAPrune (lora_grad)", ["method=loraprune"], False),
         ("LoRAShear", ["method=lorashear"], False),
+        ("LoRAShear, per-unit selection", ["method=lorashear", "method.lhspg.scope=unit"], False),
         ("LoRAShear, text-only recovery", ["method=lorashear", TEXT_ONLY], False),
         ("− LoRA-aware groups", ["method=lorashear", "method.lora_aware=false"], False),
         ("− knowledge analysis", ["method=lorashear", "method.knowledge.enabled=false"], False),
