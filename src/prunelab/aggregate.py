@@ -164,17 +164,40 @@ def _protocol(jobs: list[Job]) -> dict:
     return {k: sorted(v, key=str) for k, v in seen.items()}
 
 
+def _check_one_protocol(jobs: list[Job]) -> None:
+    """One table, one evaluation protocol: jobs evaluated under different eval configs (a
+    quick-eval sweep beside a full-eval one) would put numbers side by side that do not
+    compare, under one dense row."""
+    evals = {}
+    for j in jobs:
+        ev = {k: v for k, v in flatten(j.config.get("eval") or {}, "eval").items() if v is not None}
+        ev.pop("eval.dense", None)
+        evals.setdefault(json.dumps(ev, sort_keys=True, default=str), []).append(j)
+    if len(evals) > 1:
+        variants = [json.loads(k) for k in evals]
+        keys = sorted({k for v in variants for k in v if len({json.dumps(w.get(k)) for w in variants}) > 1})
+        raise SystemExit(
+            f"the jobs were evaluated under {len(evals)} different eval configs (they differ in {', '.join(keys)}); "
+            "their numbers do not compare in one table: aggregate each protocol's jobs separately"
+        )
+
+
 def summarise(jobs: list[Job], metric: Any = None) -> dict:
     """{"dense": metrics, "rows": [...]} — one row per configuration and ratio; jobs that
     differ only in seed are averaged. ``metric``: ``eval.zeroshot.metric``-style spec of the
     metric each task reports (default acc)."""
     from prunelab.evaluation.zeroshot import NOT_TASKS, metric_of
 
-    common = set.intersection(*(set(j.flat) for j in jobs))  # keys some jobs lack cannot tell them apart
+    _check_one_protocol(jobs)
 
     def signature(j: Job) -> str:
+        # Every key of the job names its row (seeds alone are averaged). A key a job lacks
+        # counts as null, as in run directories: a key added later with a null default does
+        # not split old and new jobs, but Wanda's lack of `importance` never merges two
+        # LLM-Pruner estimators into one row.
         return json.dumps(
-            {k: j.flat[k] for k in sorted(common) if k.rsplit(".", 1)[-1] != "seed"}, default=str
+            {k: v for k, v in sorted(j.flat.items()) if k.rsplit(".", 1)[-1] != "seed" and v is not None},
+            default=str,
         )
 
     by_config: dict[tuple[float, str], list[Job]] = {}

@@ -518,6 +518,8 @@ def dense_eval(job: Job) -> None:
 
             zs = job.dense["zeroshot"]
             zs["reported"] = reported_average(zs, plain(cfg.eval.zeroshot.get("metric")))
+        if job.dense.get("cost"):  # speed from another process, maybe another machine or load
+            job.dense["cost"]["paired_with_pruned"] = False
         job.resumed.append("dense_eval")
         log.info("dense evaluation: cached (%s)", path)
     else:

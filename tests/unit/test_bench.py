@@ -170,3 +170,12 @@ def test_synthetic_model_is_built_once_and_loads_through_the_model_config(tmp_pa
     bad = OmegaConf.merge(cfg, {"path": "synthetic:nope"})
     with pytest.raises(ConfigError, match=r"model\.path='synthetic:nope'.*allowed"):
         check_model_config(bad)
+
+
+def test_cost_says_where_and_when_speed_was_measured():
+    from prunelab.evaluation.cost import measure_cost
+    from tests.conftest import make_model
+
+    out = measure_cost(make_model(), seq_len=8, decode_tokens=2, repeats=1, vocab=128)
+    assert out["measured_on"].startswith("cpu ") and out["measured_on"].endswith(" threads")
+    assert len(out["measured_at"]) == 19 and out["measured_at"][4] == "-"

@@ -198,3 +198,37 @@ def test_columns_report_each_papers_metric_and_the_ratio_convention(tmp_path):
     # without --published: the runs' own eval.zeroshot.metric (null = acc everywhere)
     md = aggregate([str(tmp_path)], tmp_path / "t2")["markdown"]
     assert "| boolq (acc) | hellaswag (acc) | avg |" in md and "| 60.0 | 30.0 | 45.0 |" in md
+
+
+def test_a_mixed_method_sweep_never_merges_configurations(tmp_path):
+    """LLM-Pruner element1 and l2 beside Wanda (which has no `importance` key): three rows, not
+    'llm_pruner (2 seeds)' averaging two estimators; seeds of one configuration still average."""
+    base = {"model": {"name": "m"}, "recovery": {"name": "none"}, "ratio": 0.5}
+    runs = [
+        ("e1", {"name": "llm_pruner", "importance": "element1"}, 0, 60.0),
+        ("e1s1", {"name": "llm_pruner", "importance": "element1"}, 1, 62.0),
+        ("l2", {"name": "llm_pruner", "importance": "l2"}, 0, 900.0),
+        ("wanda", {"name": "wanda", "sparsity_pattern": "unstructured"}, 0, 70.0),
+    ]
+    for name, method, seed, ppl in runs:
+        _job(tmp_path, name, {**base, "seed": seed, "method": method}, _res(ppl, (0.5, 0.5), 0.5, 50))
+    rows = {r["label"]: r for r in aggregate([str(tmp_path)], tmp_path / "t")["summary"]["rows"]}
+    assert set(rows) == {"llm_pruner, importance=element1", "llm_pruner, importance=l2", "wanda"}
+    assert rows["llm_pruner, importance=element1"]["seeds"] == 2
+    assert rows["llm_pruner, importance=element1"]["perplexity"]["embedded"][0] == 61.0
+    assert rows["llm_pruner, importance=l2"]["seeds"] == 1
+    assert rows["llm_pruner, importance=l2"]["perplexity"]["embedded"][0] == 900.0
+
+
+def test_jobs_of_different_eval_protocols_are_not_tabled_together(tmp_path):
+    cfg = {"model": {"name": "m"}, "recovery": {"name": "none"}, "ratio": 0.5, "seed": 0}
+    quick = {"perplexity": {"seq_len": 128, "max_windows": 32}}
+    full = {"perplexity": {"seq_len": 128, "max_windows": None}}
+    _job(tmp_path, "a", {**cfg, "method": {"name": "wanda"}, "eval": quick}, _res(70.0, (0.5, 0.5), 0.5, 50))
+    _job(
+        tmp_path, "b", {**cfg, "method": {"name": "sparsegpt"}, "eval": full}, _res(65.0, (0.5, 0.5), 0.5, 50)
+    )
+    with pytest.raises(
+        SystemExit, match=r"2 different eval configs \(they differ in eval\.perplexity\.max_windows\)"
+    ):
+        aggregate([str(tmp_path)], tmp_path / "t")

@@ -9,6 +9,7 @@ and the peak allocated CUDA memory of one prefill (GPU).
 from __future__ import annotations
 
 import math
+import platform
 import resource
 import statistics
 import sys
@@ -120,7 +121,7 @@ def measure_cost(
     decode_tokens: int = 32,
     repeats: int = 3,
     vocab: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     x = _inputs(model, seq_len, batch_size, vocab)
     device = x.device
     timed = _timer(device)
@@ -142,4 +143,22 @@ def measure_cost(
     }
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    # Speed depends on where and when it was measured: say so, so that a cached dense number
+    # is never read as a paired comparison with a pruned one measured later (prunelab-bench
+    # interleaves both in one process for that).
+    out["measured_on"] = hardware(device)
+    out["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return out
+
+
+def hardware(device: torch.device) -> str:
+    """``cuda:0 NVIDIA H200`` / ``cpu <processor>, <n> threads``."""
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{device.type} {name}, {torch.get_num_threads()} threads"
