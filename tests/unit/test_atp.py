@@ -211,3 +211,21 @@ def test_without_the_lasso_removal_costs_more(tmp_path, tok):
 def test_bad_atp_values_name_their_key(kw, message):
     with pytest.raises(ConfigError, match=message):
         _atp(**kw)
+
+
+def test_meet_budget_skips_a_structure_too_large_for_the_gap():
+    """Mixed sizes: 4 heads of 100 parameters, 50 channels of 3. Kept 550, target 520: the least
+    confident kept structure is a head, but removing it would land 50 below, farther than the
+    30 above. The search must skip it (not stop there, which left ATP half a head off its
+    budget) and take the ten least confident channels: exactly 520."""
+    keep = {"0.attn": torch.ones(4, dtype=torch.bool), "0.mlp": torch.ones(50, dtype=torch.bool)}
+    margins = {"0.attn": torch.tensor([0.0, 5, 5, 5]), "0.mlp": torch.linspace(1, 2, 50)}
+    w = {"0.attn": 100, "0.mlp": 3}
+    out, flips = meet_budget(keep, margins, w, target=520)
+    assert sum(int(out[k].sum()) * w[k] for k in w) == 520 and flips == 10 and bool(out["0.attn"].all())
+    assert torch.equal(~out["0.mlp"], torch.arange(50) < 10)
+    # upwards: kept 203, target 230 — a head would overshoot by 73; nine channels hit 230
+    down = {"0.attn": torch.tensor([True, True, False, False]), "0.mlp": torch.arange(50) == 0}
+    out, flips = meet_budget(down, margins, w, target=230)
+    assert sum(int(out[k].sum()) * w[k] for k in w) == 230 and flips == 9
+    assert torch.equal(out["0.mlp"], (torch.arange(50) == 0) | (torch.arange(50) >= 41))  # most confident

@@ -110,8 +110,10 @@ def kept_fraction(decisions: dict[str, torch.Tensor], weights: dict[str, int], t
 def meet_budget(
     keep: dict[str, torch.Tensor], margins: dict[str, torch.Tensor], weights: dict[str, int], target: float
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Flip the fewest decisions, least confident first, until the kept parameters are within
-    half a structure of ``target`` (at least one structure per unit stays); returns (keep, flips)."""
+    """Flip decisions, least confident first, while a flip brings the kept parameters closer to
+    ``target``: a structure too large for the remaining gap is skipped, not the end of the
+    search, so the result is within half of the *smallest* structure of the target wherever
+    enough of them can flip (at least one structure per unit stays); returns (keep, flips)."""
     keep = {k: v.clone() for k, v in keep.items()}
     flips = 0
     for k, v in keep.items():  # a unit left empty keeps its most confident structure
@@ -124,8 +126,8 @@ def meet_budget(
             (float(margins[k][i]), k, i) for k in keep for i in torch.nonzero(keep[k]).flatten().tolist()
         )
         for _, k, i in cand:
-            if kept - weights[k] / 2 <= target:
-                break
+            if weights[k] >= 2 * (kept - target):  # would land as far or farther on the other side
+                continue
             if int(keep[k].sum()) > 1:
                 keep[k][i] = False
                 kept -= weights[k]
@@ -135,8 +137,8 @@ def meet_budget(
             (-float(margins[k][i]), k, i) for k in keep for i in torch.nonzero(~keep[k]).flatten().tolist()
         )
         for _, k, i in cand:
-            if kept + weights[k] / 2 >= target:
-                break
+            if weights[k] >= 2 * (target - kept):
+                continue
             keep[k][i] = True
             kept += weights[k]
             flips += 1
@@ -441,6 +443,12 @@ class ATP(PruningMethod):
             plan.prunable_layers,
             remove,
         )
+        if abs(self.final_plan.achieved - plan.requested) > ctx.ratio_tolerance * plan.requested:
+            raise RuntimeError(
+                f"atp achieved ratio {self.final_plan.achieved:.4f} for ratio={plan.requested}, outside "
+                f"ratio_tolerance={ctx.ratio_tolerance}: the decisions frozen at step {state['frozen_at']} "
+                "could not meet the budget with the structures left to flip"
+            )
         history = {
             "target_kept_fraction": target,
             "frozen_at": state["frozen_at"],
