@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # would pull a multi-GB CUDA build). GPU users: make setup TORCH_SPEC='torch>=2.6'
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 TORCH_INDEX ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=40
 
 .PHONY: setup run test test-fast lint format embedded smollm2 bench clean
 
