@@ -24,6 +24,18 @@ from prunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 LOCAL_PREFIXES = ("embedded:", "synthetic:", "packaged:")
+# The hub datasets lm-eval 0.4's own task configs read for the papers' seven tasks
+# (`dataset_path`, `dataset_name`; tests/integration/test_hub_models_tasks.py checks them
+# against lm-eval's task registry). Other lm-eval tasks are listed as not checked.
+PAPER_TASK_DATA = {
+    "boolq": ("aps/super_glue", "boolq"),
+    "piqa": ("baber/piqa", None),
+    "hellaswag": ("Rowan/hellaswag", None),
+    "winogrande": ("allenai/winogrande", "winogrande_xl"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+    "openbookqa": ("allenai/openbookqa", "main"),
+}
 SCRIPT_OK_REVISIONS = ("refs/convert/parquet",)  # the hub's parquet export of a script repository
 
 
@@ -92,7 +104,22 @@ def _hub_ids(cfg: Any) -> list[tuple[str, str, str, str | None]]:
         node = cfg.data if name == cfg.data.name else load_source_config(name)
         if node.get("path") and not node.get("local_files"):
             out.append((key, "dataset", str(node.path), node.get("revision")))
+    zs = cfg.eval.get("zeroshot")
+    if zs is not None and zs.get("include_defaults"):
+        for task in zs.tasks:
+            if str(task) in PAPER_TASK_DATA:
+                out.append((f"eval.zeroshot.tasks ({task})", "dataset", PAPER_TASK_DATA[str(task)][0], None))
     return out
+
+
+def unchecked_tasks(cfg: Any) -> list[str]:
+    """lm-eval tasks whose hub data preflight does not know (any task beyond the papers')."""
+    zs = cfg.eval.get("zeroshot")
+    if zs is None or not zs.get("include_defaults"):
+        return []
+    from prunelab.evaluation.zeroshot import embedded_task_names
+
+    return [str(t) for t in zs.tasks if str(t) not in PAPER_TASK_DATA and str(t) not in embedded_task_names()]
 
 
 def check_hub(cfg: Any) -> list[str]:
@@ -170,6 +197,11 @@ def preflight(cfg: Any) -> list[str]:
             )
     else:
         problems += check_hub(cfg)
+    other = unchecked_tasks(cfg)
+    if other:
+        not_checked.append(
+            f"the hub data of lm-eval tasks {', '.join(other)} (lm-eval resolves it when the evaluation runs)"
+        )
     if problems:
         raise ConfigError("preflight:\n  - " + "\n  - ".join(problems))
     for note in not_checked:

@@ -71,3 +71,19 @@ def test_preflight_problems_are_raised_together(tmp_path, monkeypatch):
     assert text.startswith("preflight:") and "output_root=" in text and "cache_dir=" in text
     if not torch.cuda.is_available():
         assert "device='cuda:3'" in text
+
+
+def test_paper_task_data_is_listed_and_other_lm_eval_tasks_are_named_as_unchecked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose(
+        [
+            "model=llama_7b",
+            "eval=paper",
+            "eval.zeroshot.tasks=[boolq,hellaswag,rte]",
+            f"output_root={tmp_path}",
+        ]
+    )
+    notes = preflight(cfg)
+    assert "eval.zeroshot.tasks (boolq)='aps/super_glue'" in notes[0]
+    assert "eval.zeroshot.tasks (hellaswag)='Rowan/hellaswag'" in notes[0]
+    assert notes[1] == "the hub data of lm-eval tasks rte (lm-eval resolves it when the evaluation runs)"
