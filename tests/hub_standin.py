@@ -13,7 +13,10 @@ a revision's commit sha is a hash of its files. Endpoints (those the pinned clie
     POST /api/{datasets|models}/{repo}/paths-info/{revision}   info about given paths
 
 Anything else is a 404 with the hub's ``X-Error-Code`` header (RepoNotFound, RevisionNotFound,
-EntryNotFound), which the clients turn into their own errors. ``requests`` records every
+EntryNotFound), which the clients turn into their own errors. A repository holding a ``.gated``
+file reports ``gated`` in its info; with ``HubStandIn(root, gate_tokens={...})`` its files are
+also refused as the hub refuses them: 401 GatedRepo without a token, 403 GatedRepo with a token
+not in ``gate_tokens`` (the default, ``None``, serves them to anyone). ``requests`` records every
 request (method, path) for tests that check what was fetched.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
@@ -44,8 +48,9 @@ def tree_sha(folder: Path) -> str:
 class HubStandIn:
     """``with HubStandIn(root) as hub: …`` serves ``root`` on ``hub.endpoint``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, gate_tokens: Iterable[str] | None = None) -> None:
         self.root = Path(root)
+        self.gate_tokens = None if gate_tokens is None else frozenset(gate_tokens)
         self.requests: list[tuple[str, str]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -103,8 +108,33 @@ class HubStandIn:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
-            def error(self, code: str) -> None:
-                self.send(404, {"error": code}, {"X-Error-Code": code, "X-Error-Message": code})
+            def error(self, code: str, status: int = 404, message: str | None = None) -> None:
+                message = message or code
+                self.send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
+
+            def gate(self, kind: str, repo: str, folder: Path) -> bool:
+                """Refuse a gated repository's file as the hub does; True when refused."""
+                if hub.gate_tokens is None or not (folder / ".gated").exists():
+                    return False
+                auth = self.headers.get("Authorization") or ""
+                token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+                if token in hub.gate_tokens:
+                    return False
+                what = f"{kind[:-1]} {repo}"
+                if token:
+                    message = (
+                        f"Access to {what} is restricted and you are not in the authorized list. "
+                        f"Visit https://huggingface.co/{'datasets/' if kind == 'datasets' else ''}{repo} "
+                        "to ask for access."
+                    )
+                    self.error("GatedRepo", 403, message)
+                else:
+                    message = (
+                        f"Access to {what} is restricted. You must have access to it and be "
+                        "authenticated to access it. Please log in."
+                    )
+                    self.error("GatedRepo", 401, message)
+                return True
 
             def do_GET(self) -> None:
                 self.route()
@@ -135,6 +165,8 @@ class HubStandIn:
                 folder, sha, err = hub.repo(kind, repo, revision)
                 if err:
                     return self.error(err)
+                if self.gate(kind, repo, folder):
+                    return None
                 f = folder / file
                 if not f.is_file():
                     return self.error("EntryNotFound")
