@@ -100,6 +100,12 @@ def _hub_ids(cfg: Any) -> list[tuple[str, str, str, str | None]]:
     train = cfg.method.get("train")
     if train is not None and train.get("data"):
         names.add(("method.train.data", str(train.data)))
+    recovery = cfg.method.get("recovery")  # LoRAShear's own staged recovery: each stage's sources
+    stages = recovery.get("stages") if recovery is not None and hasattr(recovery, "get") else None
+    for i, stage in enumerate(stages or []):
+        for source in stage.get("sources") or []:
+            if ":" not in str(source):  # data config names; "embedded:<source>" is local
+                names.add((f"method.recovery.stages[{i}].sources", str(source)))
     for key, name in sorted(names):
         node = cfg.data if name == cfg.data.name else load_source_config(name)
         if node.get("path") and not node.get("local_files"):

@@ -554,3 +554,91 @@ def test_a_wrong_task_dataset_fails_to_load(hub, tmp_path):
     assert "allenai/ai2-arc" in out["arc_easy_wrong_path"]["error"], out
     assert "ARC-Eazy" in out["arc_easy_wrong_name"]["error"], out
     assert "piqa.py" in out["piqa_script_repo"]["error"], out
+
+
+# ------------------------------------------------------------------ every paper table's preflight
+# One stand-in with everything a paper table reads: the models above, the task data above and
+# the data repositories of tests/integration/test_hub_data.py. Each table's jobs (its sweep's
+# model / data / method values) preflight with nothing unresolved and nothing left unchecked.
+PAPER_TABLE_JOBS = {
+    "llm_pruner_table1": [["recovery=none"], ["recovery=lora"]],
+    "loraprune_table": [["method=llm_pruner"], ["method=loraprune_paper"]],
+    "lorashear_table1": [["method=wanda"], ["method=loraprune_paper"], ["method=lorashear_paper"]],
+    "admm_table": [["method=admm"]],
+    "admm_nm": [["method=sparsegpt"]],
+    "atp_table": [
+        ["method=atp_paper", "data=legal_billsum"],
+        ["method=llm_pruner", "data=health_pubmedqa", "model=llama3_8b"],
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def full_hub(tmp_path_factory):
+    from tests.integration import test_hub_data as data_tests
+
+    root = tmp_path_factory.mktemp("full_hub")
+    for repo, (family, overrides, dtype, gated) in MODEL_REPOS.items():
+        dest = root / "models" / repo / "main"
+        _save_tiny_model(dest, family, dict(overrides), dtype)
+        if gated:
+            (dest / ".gated").write_text("manual")
+    for (repo, revision), files in TASK_REPOS.items():
+        base = root / "datasets" / repo / revision_dir_name(revision)
+        for rel, src in files.items():
+            dest = base / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src(dest) if callable(src) else dest.write_text(src)
+    for key, files in data_tests.REPOS.items():
+        kind, repo, revision = key if len(key) == 3 else ("datasets", *key)
+        base = root / kind / repo / revision_dir_name(revision)
+        if kind == "models" or base.exists():
+            continue  # the models above stand in for every model id
+        for rel, src in files.items():
+            dest = base / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if callable(src):
+                src(dest)
+            elif src.endswith((".parquet", ".gz", ".json", ".txt")):
+                shutil.copy(data_tests.FIXTURES / src, dest)
+            else:
+                dest.write_text(src)
+    with HubStandIn(root, gate_tokens={TOKEN}) as server:
+        yield server
+
+
+PREFLIGHT_TABLES = """
+import json, sys
+from prunelab.api import compose
+from prunelab.errors import ConfigError
+from prunelab.preflight import _hub_ids, preflight
+out = {}
+for job in json.loads(sys.argv[1]):
+    cfg = compose(job)
+    try:
+        out[" ".join(job)] = {"ok": True, "notes": preflight(cfg), "ids": [r for _, _, r, _ in _hub_ids(cfg)]}
+    except ConfigError as e:
+        out[" ".join(job)] = {"ok": False, "error": str(e)}
+print(json.dumps(out))
+"""
+
+
+def test_every_paper_table_preflights_against_the_hub(full_hub, tmp_path):
+    """`prunelab -m experiment=<table> dry_run=true` with the hub reachable: every id of every
+    table's jobs resolves (model, data, eval sets, task data, recovery and method data; the gated
+    LLaMA-2 with a token), nothing is left unchecked, and the papers' task ids are the ones
+    preflight knows."""
+    from prunelab.preflight import PAPER_TASK_DATA as KNOWN
+
+    assert {t: (repo, config) for t, (repo, config, _) in PAPER_TASK_DATA.items()} == KNOWN
+    jobs = [
+        [f"experiment={table}", *extra, f"output_root={tmp_path}"]
+        for table, variants in PAPER_TABLE_JOBS.items()
+        for extra in variants
+    ]
+    out = run_client(full_hub, tmp_path, PREFLIGHT_TABLES, json.dumps(jobs), token=TOKEN)
+    for job, res in out.items():
+        assert res == {"ok": True, "notes": [], "ids": res.get("ids")}, (job, res)
+    ids = {i for res in out.values() for i in res["ids"]}
+    assert {"aps/super_glue", "Rowan/hellaswag", "meta-llama/Llama-2-7b-hf", "allenai/c4"} <= ids
+    assert "yahma/alpaca-cleaned" in ids and "FiscalNote/billsum" in ids
