@@ -226,6 +226,24 @@ def model_fingerprint(cfg: DictConfig) -> str:
     return f"{cfg.path}@{commit}"
 
 
+def data_fingerprints(cfg: DictConfig) -> dict[str, str]:
+    """``{eval set: <hub id>@<commit>}`` for the hub texts the evaluation reads (not local files,
+    not the embedded corpus): a dataset branch that moves keys new dense numbers, as the model's
+    does. Unknown commit (offline, never downloaded): ``<id>@<revision>``."""
+    from prunelab.evaluation.suite import source_for
+    from prunelab.models.loading import hub_commit
+
+    out = {}
+    for name, _split in perplexity_sets(cfg.eval, cfg.data):
+        src = source_for(name, cfg.data)
+        path, revision = getattr(src, "path", None), getattr(src, "revision", None)
+        if path is None or _split in (getattr(src, "local_files", None) or {}):
+            continue
+        commit = hub_commit(str(path), revision, "dataset")
+        out[name] = f"{path}@{commit or revision}"
+    return out
+
+
 def _load_kwargs(cfg: DictConfig) -> dict:
     """Pruned and recovered models load like the dense one (dtype, attention kernel)."""
     from prunelab.models.loading import DTYPES
@@ -507,6 +525,9 @@ def dense_eval(job: Job) -> None:
             "data": resolved["data"]
             if any(n == cfg.data.name for n, _ in perplexity_sets(cfg.eval, cfg.data))
             else None,
+            # hub eval texts at the commit their revision resolves to (absent: none from the hub,
+            # so keys made before this existed stay valid)
+            **({"data_commits": commits} if (commits := data_fingerprints(cfg)) else {}),
         }
     )
     path = job.cache / "dense" / f"{cfg.model.name}-{key}.json"

@@ -236,3 +236,24 @@ def test_a_pinned_commit_is_its_own_fingerprint():
 
     sha = "0123456789abcdef0123456789abcdef01234567"
     assert model_fingerprint(OmegaConf.create({"path": "org/model", "revision": sha})) == f"org/model@{sha}"
+
+
+def test_hub_eval_texts_fingerprint_by_commit_and_local_or_embedded_texts_do_not(tmp_path, monkeypatch):
+    """The dense cache's data part: each hub eval text at its commit (offline and never fetched:
+    its revision), a pinned sha as is; texts read from local files or the embedded corpus add
+    nothing (so cache keys made before this existed stay valid)."""
+    from prunelab.api import compose
+    from prunelab.runner import data_fingerprints
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    cfg = compose(["model=llama_7b", "eval=paper", "data=wikitext2", f"data.revision={sha}"])
+    assert data_fingerprints(cfg) == {
+        "wikitext2": f"Salesforce/wikitext@{sha}",  # the run's own data node, pinned
+        "ptb": "ptb-text-only/ptb_text_only@refs/convert/parquet",
+    }
+    local = str(FIXTURES / "wikitext2-test-00000-of-00001.parquet")
+    cfg = compose(["model=llama_7b", "eval=paper", "data=wikitext2", f"data.local_files={{test: {local}}}"])
+    assert set(data_fingerprints(cfg)) == {"ptb"}
+    assert data_fingerprints(compose([])) == {}  # the embedded corpus
