@@ -144,6 +144,7 @@ BAD = [
         r"ratio=0\.5 contradicts method\.sparsity_pattern=1:4.*use ratio=0\.75",
     ),
     (["method=wanda", "method.scope=column"], r"method\.scope='column' is not allowed.*layer, row"),
+    (["method.vector=rows"], r"method\.vector=.rows. is not allowed"),
     (["method=admm", "method.schedule=linear"], r"method\.schedule='linear' is not allowed.*cubic, none"),
     (["method=admm", "method.mask_iterations=30"], r"mask_iterations=30 exceeds method\.iterations=20"),
     (["method=sparsegpt", "method.damping=0"], r"method\.damping=0 must be > 0"),

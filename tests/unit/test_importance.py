@@ -95,6 +95,30 @@ def test_vector_takes_abs_after_the_sum_element_before(gqa_model):
     assert (vec <= el + 1e-6).all() and not torch.allclose(vec, el)  # |Σx| ≤ Σ|x|, strictly somewhere
 
 
+def test_vector_head_score_is_per_channel_as_the_official_code(gqa_model):
+    """A KV group's `vector` score, as LLM-Pruner's code computes it: |Σ_in w·g| for every output
+    row of q/k/v, |Σ_out w·g| for every input column of o, summed over the group's channels;
+    `method.vector=slice` (prunelab's earlier reading) is one |Σ| over each member's whole slice."""
+    g, _ = manual_grads(gqa_model, CALIB)
+    arch = arch_info(gqa_model.config)
+    unit = [Unit(0, "attn", 2)]
+    got = TaylorImportance("vector").scores(gqa_model, arch, unit, CALIB)["0.attn"]
+    old = TaylorImportance("vector", vector="slice").scores(gqa_model, arch, unit, CALIB)["0.attn"]
+    params = dict(gqa_model.named_parameters())
+
+    def wg(name):
+        key = f"model.layers.0.self_attn.{name}.weight"
+        return params[key].detach() * g[key]
+
+    # KV head 1: q rows 16..31, k/v rows 8..15, o columns 16..31
+    rows = [wg("q_proj")[16:32], wg("k_proj")[8:16], wg("v_proj")[8:16]]
+    cols = wg("o_proj")[:, 16:32]
+    official = sum(r.sum(1).abs().sum() for r in rows) + cols.sum(0).abs().sum()
+    sliced = sum(r.sum().abs() for r in rows) + cols.sum().abs()
+    assert torch.isclose(got[1], official, rtol=1e-4) and torch.isclose(old[1], sliced, rtol=1e-4)
+    assert not torch.isclose(official, sliced, rtol=1e-3)  # the two readings differ here
+
+
 def test_fisher_is_nonzero_and_matches_per_sample_gradients(gqa_model):
     _, f_ref = manual_grads(gqa_model, CALIB)
     w = gqa_model.model.layers[0].mlp.up_proj.weight

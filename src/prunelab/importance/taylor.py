@@ -71,13 +71,38 @@ def gradient_stats(
     return g, f
 
 
+# `vector` scores: null = |Σ w·g| per channel (a row of q/k/v/gate/up, a column of o/down),
+# then summed over the structure's channels — the official LLM-Pruner code; "slice" = one
+# |Σ w·g| over the structure's whole slice of each member (prunelab before issue 18).
+VECTOR_REDUCTIONS = (None, "slice")
+
+
+def channel_sums(x: torch.Tensor, m) -> torch.Tensor:
+    """[n groups, width]: Σ of ``x`` over each channel of each group of member ``m`` (a row's
+    inputs for dim 0, a column's outputs for dim 1; a bias entry is its own channel)."""
+    if x.dim() == 1:
+        return x.view(-1, m.width)
+    if m.dim == 0:
+        return x.view(-1, m.width, x.shape[1]).sum(2)
+    return x.view(x.shape[0], -1, m.width).sum(0)
+
+
 class TaylorImportance:
     needs_calibration = True
 
-    def __init__(self, kind: str = "element1", aggregation: str = "sum", micro_batch: int = 8) -> None:
+    def __init__(
+        self,
+        kind: str = "element1",
+        aggregation: str = "sum",
+        micro_batch: int = 8,
+        vector: str | None = None,
+    ) -> None:
         if kind not in TAYLOR_KINDS:
             raise ValueError(f"kind={kind!r} not in {TAYLOR_KINDS}")
+        if vector not in VECTOR_REDUCTIONS:
+            raise ValueError(f"vector={vector!r} not in {VECTOR_REDUCTIONS}")
         self.kind = kind
+        self.vector = vector
         self.aggregation = aggregation
         self.micro_batch = micro_batch
 
@@ -106,7 +131,11 @@ class TaylorImportance:
         for unit in units:
             per_member = []
             for m, t in iter_unit_members(model, arch, unit):
-                s = grouped(self.salience(t, g[id(t)], f[id(t)] if f else None), m).sum(1)
-                per_member.append(s.abs() if self.kind == "vector" else s)
+                sal = self.salience(t, g[id(t)], f[id(t)] if f else None)
+                if self.kind == "vector" and self.vector is None:
+                    per_member.append(channel_sums(sal, m).abs().sum(1))
+                else:
+                    s = grouped(sal, m).sum(1)
+                    per_member.append(s.abs() if self.kind == "vector" else s)
             out[unit.key] = aggregate(per_member, self.aggregation).cpu()
         return out

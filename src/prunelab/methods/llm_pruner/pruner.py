@@ -24,7 +24,7 @@ from torch import nn
 from prunelab.errors import ConfigError, bad_value
 from prunelab.importance.magnitude import MagnitudeImportance
 from prunelab.importance.random import RandomImportance
-from prunelab.importance.taylor import TAYLOR_KINDS, TaylorImportance
+from prunelab.importance.taylor import TAYLOR_KINDS, VECTOR_REDUCTIONS, TaylorImportance
 from prunelab.methods import PruneContext
 from prunelab.methods.structured.pruner import StructuredPruner
 from prunelab.structure import apply_masks, arch_info, prune_physically
@@ -45,8 +45,11 @@ class LLMPruner(StructuredPruner):
     calibration_samples: int = 10  # paper: 10 sequences ...
     calibration_seq_len: int = 64  # ... of 64 tokens
     micro_batch: int = 8  # sequences per backward pass for first-order gradients (memory vs speed)
+    vector: str | None = None  # importance=vector: null = per channel, then summed (official) | slice
 
     def __post_init__(self) -> None:
+        if self.vector not in VECTOR_REDUCTIONS:
+            raise bad_value("method.vector", self.vector, VECTOR_REDUCTIONS)
         if self.mode not in MODES:
             raise bad_value("method.mode", self.mode, MODES)
         if self.mode != "block":  # the mode decides the structure
@@ -62,7 +65,7 @@ class LLMPruner(StructuredPruner):
 
     def estimator(self):
         if self.importance in TAYLOR_KINDS:
-            return TaylorImportance(self.importance, self.aggregation, self.micro_batch)
+            return TaylorImportance(self.importance, self.aggregation, self.micro_batch, self.vector)
         if self.importance == "random":
             return RandomImportance(self.seed)
         # "magnitude" is the structured baseline's name for l1 (Σ|w|), so one sweep spans both
