@@ -144,6 +144,9 @@ def test_generator_step_gradient_is_lm_loss_under_soft_gates_plus_weighted_budge
     lora = [p for p in pm.parameters() if p.requires_grad]
     joint.before_step(pm, 1, 10, [batch])
     assert seen and all(p.requires_grad for p in lora)  # LoRA frozen for the step, then back
+    # the LoRA step that follows: hard, noise-free decisions of the updated generator
+    assert joint.gates.mode == "hard"
+    assert all(torch.equal(joint.gates.values[k], v.float()) for k, v in joint.gen.decisions().items())
 
     # the reference, by hand
     joint.gates.mode = None

@@ -166,9 +166,11 @@ def test_merge_folds_s_b_a_into_the_base_and_restarts_b_at_zero():
     assert float(mod.lora_B["default"].weight.abs().max()) == 0.0
 
 
-def test_lhspg_schedule_steps_left_count_down_each_period_and_select_before_the_merge(monkeypatch):
-    """λ_g = ‖x_g‖/k with k = P_steps, …, 2, 1 over each period (zero at its last step); the
-    selection at a period's start comes before the merge that ends the previous period."""
+@pytest.mark.parametrize("scope", ["unit", "global"])
+def test_lhspg_schedule_steps_left_count_down_each_period_and_select_before_the_merge(monkeypatch, scope):
+    """λ_g = ‖x_g‖/k with k = period_steps, …, 2, 1 over each period (zero at its last step);
+    period p selects up to round(p/P · count) groups (per unit, or per kind over all units),
+    and the selection at a period's start comes before the merge that ends the previous one."""
     from prunelab.methods.lorashear.pruner import LHSPGSchedule
 
     calls = []
@@ -176,20 +178,24 @@ def test_lhspg_schedule_steps_left_count_down_each_period_and_select_before_the_
         lhspg, "lhspg_step", lambda m, a, r, left, *x, **k: calls.append(("step", left)) or {}
     )
     monkeypatch.setattr(lhspg, "merge_lora_into_base", lambda m: calls.append(("merge",)))
-    method = _method(lhspg={"warmup_steps": 2, "periods": 3, "period_steps": 3, "scope": "unit"})
-    method._select = lambda *a: calls.append(("select",))
+    method = _method(lhspg={"warmup_steps": 2, "periods": 3, "period_steps": 3, "scope": scope})
+    record = lambda model, arch, todo, red, want: calls.append(("select", dict(want)))  # noqa: E731
+    method._select, method._select_global = record, record
     method._residual = lambda *a, **k: 0.0
-    todo = [Unit(1, "mlp", 96)]
-    sch = LHSPGSchedule(method, None, todo, SimpleNamespace(remove={"1.mlp": 9}))
+    todo = [Unit(1, "mlp", 96), Unit(2, "mlp", 96)]
+    sch = LHSPGSchedule(method, None, todo, SimpleNamespace(remove={"1.mlp": 4, "2.mlp": 5}))
     for step in range(1, 12):
         calls.append(("at", step))
         sch.after_step(None, step, 11)
-    lefts = [c[1] for c in calls if c[0] == "step"]
-    assert lefts == [3, 2, 1] * 3
-    order = [c[0] for c in calls if c[0] != "at"]
-    assert order[:2] == ["select", "step"]  # step 2 selects; step 3 starts the first period
+    assert [c[1] for c in calls if c[0] == "step"] == [3, 2, 1] * 3
+    wants = [c[1] for c in calls if c[0] == "select"]
+    if scope == "unit":
+        assert wants == [{"1.mlp": 1, "2.mlp": 2}, {"1.mlp": 3, "2.mlp": 3}, {"1.mlp": 4, "2.mlp": 5}]
+    else:
+        assert wants == [{"mlp": 3}, {"mlp": 6}, {"mlp": 9}]
+    assert [c[0] for c in calls if c[0] != "at"][:2] == ["select", "step"]  # step 3 starts period 1
     at5 = calls[calls.index(("at", 5)) + 1 : calls.index(("at", 6))]
-    assert at5 == [("step", 1), ("select",), ("merge",)]
+    assert [c[0] for c in at5] == ["step", "select", "merge"] and at5[0] == ("step", 1)
 
 
 # ------------------------------------------------------------------ saliency and selection
