@@ -456,3 +456,30 @@ def test_val_only_features_skip_the_training_split_and_keep_the_same_validation(
     train, val, _ = rec.features_for(tok)
     none, same, _ = rec.features_for(tok, val_only=True)
     assert train and none == [] and same == val
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_max_grad_norm_clips_the_lora_gradients_after_the_scoring_hook(tok, tmp_path, clip):
+    """The optimizer sees gradients of global norm ≤ max_grad_norm; hooks that score from
+    gradients (LoRAPrune's after_backward) see them unclipped."""
+    from prunelab.recovery.lora import TrainHooks
+
+    seen = {"raw": [], "stepped": []}
+
+    def norm(model):
+        return torch.norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+        ).item()
+
+    rec = quick(lr=1e-2, max_steps=2, r=4, alpha=8, max_grad_norm=clip)
+    train, _, _ = rec._tokenize(tok, EXAMPLES, [])
+    hooks = TrainHooks(
+        after_backward=lambda m, s, n: seen["raw"].append(norm(m)),
+        after_step=lambda m, s, n: seen["stepped"].append(norm(m)),
+    )
+    rec.fit_features(tiny(), tok, train, train[:2], tmp_path, hooks=hooks)
+    assert all(r > 1e-2 for r in seen["raw"])  # far above the clip
+    if clip is None:
+        assert seen["stepped"] == pytest.approx(seen["raw"])
+    else:
+        assert all(s == pytest.approx(clip, rel=1e-3) for s in seen["stepped"])

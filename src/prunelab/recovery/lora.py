@@ -295,6 +295,9 @@ class LoraRecovery:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     patience: int | None = None  # stop after this many validations without a new best (null: never)
+    max_grad_norm: float | None = (
+        1.0  # clip the LoRA gradients' global norm (the HF Trainer's default); None: none
+    )
     # recompute each decoder layer's activations during the backward: one layer's activations
     # held instead of all of them (the big term at 7B+), for about one more forward per step
     gradient_checkpointing: bool = False
@@ -369,6 +372,11 @@ class LoraRecovery:
         )
         need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "must be an integer >= 0")
         need(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(
+            self.max_grad_norm is None or (_is_num(self.max_grad_norm) and self.max_grad_norm > 0),
+            "max_grad_norm",
+            "must be null (no clipping) or > 0",
+        )
         need(
             self.patience is None or (_is_int(self.patience) and self.patience > 0),
             "patience",
@@ -712,8 +720,12 @@ class LoraRecovery:
                 loss.backward()
                 total += float(loss.detach())
                 tokens += int(b["attention_mask"].sum())
-            if hooks.after_backward is not None:
+            if hooks.after_backward is not None:  # (LoRAPrune's scores see the unclipped gradients)
                 hooks.after_backward(model, step, steps)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm
+                )
             opt.step()
             if hooks.after_step is not None:
                 hooks.after_step(model, step, steps)
