@@ -4,9 +4,11 @@ pruning-decision generator and LoRA trained together on (domain) data, one stage
     prunelab method=atp ratio=0.4 data=embedded_domain
     prunelab -m method=atp,llm_pruner ratio=0.4 data=embedded_domain recovery.data=embedded_domain
 
-Every training step, on the same batch:
+Every training step (``method.schedule`` says for how long the generator trains):
 
-1. **generator step** — soft decisions s on the merged path of every structure's output
+1. **generator step** — on held-out batches (``generator_data: heldout``: a ``heldout_fraction``
+   of the training data the LoRA step never sees; ``shared``: the LoRA step's own batch) with
+   the model in eval mode (``generator_mode: eval``: no dropout), soft decisions s on the merged path of every structure's output
    rows, y = (W·x + B·A·x) ⊙ s (q/k/v rows of a KV group, gate/up rows of an MLP channel);
    loss = LM loss + ``budget_weight`` · log(max(r, p) / min(r, p)), where r is the kept
    fraction of the prunable *parameters* under the straight-through hard decisions and p the
@@ -20,7 +22,13 @@ Every training step, on the same batch:
    its subgradient under Adam only oscillates around zero at the learning rate's scale.
 
 Once the budget loss stays below ``freeze_tolerance`` for ``freeze_patience`` generator steps
-(or at ``freeze_by`` of the run at the latest), the decisions are frozen: the fewest
+(or at ``freeze_by`` of the run at the latest), the decisions are frozen. ``schedule: official``
+follows the official code (train_llm.py, main_llm_atp.py): the generator trains for the first
+40% of the run (4 of 10 epochs) in 4 periods with a cosine step-down of its learning rate to
+0.1× (×0.2 for the last fifth of the last period), gradients clipped at norm 3, and stops early
+only once the budget loss of the step's sampled decisions stays ≤ 0.005 for 4000 generator
+steps within one period; ``fast`` (prunelab's variant) watches the deterministic decisions,
+≤ 0.02 for 10 steps, by 50% of the run. Then the fewest
 decisions are flipped (by the generator's margins) to meet the budget to within one
 structure, the generator stops, and LoRA keeps training on the frozen structure. At the end
 the final adapter is merged, and the runner removes the pruned
@@ -34,6 +42,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,12 +62,67 @@ from prunelab.methods import (
     sub_config,
 )
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
-from prunelab.recovery.lora import TrainHooks, loss_sum, target_count
+from prunelab.recovery.lora import Feature, TrainHooks, collate, loss_sum, pad_id_of, target_count
 from prunelab.structure import ArchInfo, Unit, arch_info, units
 from prunelab.structure.groups import Masks, Member, decoder_layers, grouped, lora_slices, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
 
 _log = logging.getLogger(__name__)
+
+# The generator's training and freeze schedules. Each sets the defaults of method.freeze_*
+# (an explicit value overrides them).
+# official — train_llm.py / main_llm_atp.py of the official code: the generator trains during
+#   epochs [start_epoch_control, start_epoch_control + control_epochs) = [0, 4) of --epochs 10,
+#   i.e. the first 40% of the run, one generator step per LoRA step (--control-step 1); it stops
+#   early only when the ratio loss of the step's *sampled* hard mask stays ≤ 0.005 for 4000
+#   consecutive generator steps (the counter restarts every epoch); its AdamW lr 1e-3 follows
+#   CosineAnnealingLR(T_max=control_epochs, eta_min=1e-4) stepped per epoch, is cut to 1/5
+#   after 4/5 of the last control epoch, and its gradients are clipped at norm 3.
+# fast — prunelab's variant for short runs: the deterministic decisions' budget loss < 0.02 for
+#   10 generator steps, by 50% of the run at the latest; constant lr, no clipping.
+SCHEDULES = {
+    "official": {"freeze_tolerance": 0.005, "freeze_patience": 4000, "freeze_by": 0.4},
+    "fast": {"freeze_tolerance": 0.02, "freeze_patience": 10, "freeze_by": 0.5},
+}
+OFFICIAL_PERIODS = 4  # control_epochs: the generator phase's lr periods (the official epochs)
+OFFICIAL_LR_FLOOR = 0.1  # eta_min / lr = 1e-4 / 1e-3
+OFFICIAL_LR_CUT = 0.2  # ... × 1/5 after 4/5 of the last period
+OFFICIAL_CUT_AT = 0.8
+OFFICIAL_CLIP = 3.0  # clip_grad_norm_(hyper_net.parameters(), 3.0)
+GENERATOR_DATA = ("heldout", "shared")
+GENERATOR_MODES = ("eval", "train")
+
+
+def period_starts(gen_steps: int, periods: int = OFFICIAL_PERIODS) -> list[int]:
+    """First generator step (1-based) of each of ``periods`` near-equal periods of ``gen_steps``."""
+    return [math.ceil(e * gen_steps / periods) + 1 for e in range(periods)]
+
+
+def official_generator_lr(step: int, gen_steps: int, lr: float) -> float:
+    """The official generator learning rate at generator step ``step`` of ``gen_steps``: a
+    per-period cosine from lr to 0.1·lr over the 4 periods (CosineAnnealingLR's value at epoch
+    e of T_max = 4), and ×0.2 for the steps after 4/5 of the last period."""
+    starts = period_starts(gen_steps)
+    e = max(i for i, s0 in enumerate(starts) if s0 <= step) if step >= starts[0] else 0
+    floor = OFFICIAL_LR_FLOOR * lr
+    value = floor + (lr - floor) * (1 + math.cos(math.pi * e / OFFICIAL_PERIODS)) / 2
+    if e == OFFICIAL_PERIODS - 1:
+        length = gen_steps - starts[-1] + 1
+        if step - starts[-1] + 1 > int(OFFICIAL_CUT_AT * length):
+            value *= OFFICIAL_LR_CUT
+    return value
+
+
+def heldout_split(features: list[Feature], fraction: float, seed: int) -> tuple[list[Feature], list[Feature]]:
+    """(LoRA step's features, generator's held-out features): a seeded random ``fraction`` of
+    the training features (at least one, and at least one left for LoRA)."""
+    n = len(features)
+    if n < 2:
+        raise ConfigError(f"method.generator_data=heldout needs at least 2 training examples, got {n}")
+    k = min(n - 1, max(1, round(fraction * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held = set(perm[:k])
+    return [f for i, f in enumerate(features) if i not in held], [features[i] for i in sorted(held)]
 
 
 @dataclass
@@ -231,9 +295,20 @@ class JointTraining:
         steps: int,
         device: torch.device,
         tracker: Any = None,
+        heldout: list[Feature] | None = None,
+        pad_id: int = 0,
     ) -> None:
         g = method.generator
         self.method, self.arch, self.todo, self.weights = method, arch, todo, weights
+        self.schedule = getattr(method, "schedule", "fast")
+        self.mode = getattr(method, "generator_mode", "train")
+        # the generator step's batches: held-out features (None: the LoRA step's own batch)
+        self.heldout, self.pad_id = heldout, pad_id
+        trainer = getattr(method, "trainer", None)
+        self.batch_size = getattr(trainer, "batch_size", 1)
+        self.micro_batch_size = getattr(trainer, "micro_batch_size", self.batch_size)
+        self._order: list[int] = []
+        self._heldout_rng = torch.Generator().manual_seed(getattr(method, "seed", 0) + 104729)
         self.prunable = sum(u.n * weights[u.key] for u in todo)
         self.target, self.steps, self.tracker = target, steps, tracker
         self.gen = DecisionGenerator(
@@ -247,9 +322,11 @@ class JointTraining:
             "frozen_at": None,
             "forced": False,
             "flips": 0,
+            "period": 0,
         }
         self.log: list[dict] = []
-        self.freeze_limit = max(1, math.floor(method.freeze_by * steps))
+        self.freeze_limit = max(1, math.floor(method.freeze_by * steps))  # the generator's steps
+        self.starts = period_starts(self.freeze_limit)
 
     def hooks(self, select_from: int) -> TrainHooks:
         return TrainHooks(
@@ -275,9 +352,55 @@ class JointTraining:
             "atp: decisions frozen at step %d/%d (%s; %d flipped to meet the budget)",
             step,
             self.steps,
-            "forced at method.freeze_by" if forced else "budget loss below method.freeze_tolerance",
+            "forced at method.freeze_by" if forced else "budget loss within method.freeze_tolerance",
             flips,
         )
+
+    def generator_batches(self, batches: list) -> list:
+        """The generator step's micro-batches: ``batch_size`` held-out features (epoch-wise
+        permutations of the held-out pool, similar lengths together), or the LoRA step's own
+        ``batches`` without a held-out pool."""
+        if self.heldout is None:
+            return batches
+        while len(self._order) < self.batch_size:
+            self._order += torch.randperm(len(self.heldout), generator=self._heldout_rng).tolist()
+        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        idx.sort(key=lambda i: len(self.heldout[i]["input_ids"]))
+        mb = self.micro_batch_size
+        return [
+            collate([self.heldout[i] for i in idx[j : j + mb]], self.pad_id) for j in range(0, len(idx), mb)
+        ]
+
+    @contextmanager
+    def model_mode(self, peft_model: nn.Module) -> Iterator[None]:
+        """The model's mode for the generator step: ``eval`` turns dropout off (LoRA's and the
+        attention's), as the official hypernet_step's ``llm_model.eval()``; activation
+        checkpointing, which transformers gates on each decoder layer's own ``training``
+        flag, stays as it was."""
+        if self.mode != "eval":
+            yield
+            return
+        was = peft_model.training
+        peft_model.eval()
+        layers = decoder_layers(peft_model)
+        if was and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+            for layer in layers:  # the layer itself only: its dropout submodules stay off
+                layer.training = True
+        try:
+            yield
+        finally:
+            peft_model.train(was)
+
+    def generator_lr(self, step: int) -> float:
+        """The generator's learning rate at generator step ``step``."""
+        lr = self.method.generator.lr
+        return official_generator_lr(step, self.freeze_limit, lr) if self.schedule == "official" else lr
+
+    def lm_loss(self, peft_model: nn.Module, batches: list) -> torch.Tensor:
+        """Token-weighted mean LM loss of ``batches`` in the generator step's model mode."""
+        count = max(1, sum(target_count(b) for b in batches))  # as the LoRA step counts
+        with self.model_mode(peft_model):
+            return sum(loss_sum(peft_model, b) for b in batches) / count
 
     def before_step(self, peft_model: nn.Module, step: int, steps: int, batches: list) -> None:
         m, state = self.method, self.state
@@ -286,24 +409,39 @@ class JointTraining:
             for p in lora:
                 p.requires_grad_(False)
             self.gen.train()
+            lr = self.generator_lr(step)
+            for group in self.gen_opt.param_groups:
+                group["lr"] = lr
             self.gen_opt.zero_grad(set_to_none=True)
             soft, hard = self.gen(noise=True)
             self.gates.mode, self.gates.values = "soft", soft
-            count = max(1, sum(target_count(b) for b in batches))  # as the LoRA step counts
-            lm = sum(loss_sum(peft_model, b) for b in batches) / count
+            lm = self.lm_loss(peft_model, self.generator_batches(batches))
             bl = budget_loss(kept_fraction(hard, self.weights, self.prunable), self.target)
             (lm + m.budget_weight * bl).backward()
+            if self.schedule == "official":
+                torch.nn.utils.clip_grad_norm_(self.gen.parameters(), OFFICIAL_CLIP)
             self.gen_opt.step()
             for p in lora:
                 p.requires_grad_(True)
             det = self.deterministic()
             r = float(kept_fraction({k: v.float() for k, v in det.items()}, self.weights, self.prunable))
             det_loss = float(budget_loss(torch.tensor(r), self.target))
-            state["below"] = state["below"] + 1 if det_loss < m.freeze_tolerance else 0
+            sampled = float(bl.detach())
+            if self.schedule == "official":
+                # the official rule: the step's sampled-mask ratio loss <= 0.005, counted
+                # within one epoch (here: one of the 4 periods of the generator phase)
+                period = sum(1 for s0 in self.starts if s0 <= step) - 1
+                if period != state["period"]:
+                    state["period"], state["below"] = period, 0
+                state["below"] = state["below"] + 1 if sampled <= m.freeze_tolerance else 0
+            else:
+                state["below"] = state["below"] + 1 if det_loss < m.freeze_tolerance else 0
             entry = {
                 "step": step,
                 "lm_loss": float(lm.detach()),
                 "budget_loss": det_loss,
+                "sampled_budget_loss": sampled,
+                "generator_lr": lr,
                 "kept_params": r,
                 "kept": {k: float(v.float().mean()) for k, v in det.items()},
             }
@@ -344,9 +482,13 @@ class ATP(PruningMethod):
     generator: Any = field(default_factory=dict)
     budget_weight: float = 5.0  # the reference's weight on the log-ratio budget loss
     lasso: float = 1.0  # λ of the group lasso on pruned structures' LoRA slices (√p_g-weighted)
-    freeze_tolerance: float = 0.02  # budget loss below this ...
-    freeze_patience: int = 10  # ... for this many generator steps freezes the decisions
-    freeze_by: float = 0.5  # at the latest at this fraction of the run
+    schedule: str = "fast"  # the generator's training and freeze schedule: official | fast (SCHEDULES)
+    freeze_tolerance: float | None = None  # budget loss within this ... (None: the schedule's)
+    freeze_patience: int | None = None  # ... for this many generator steps freezes the decisions
+    freeze_by: float | None = None  # at the latest at this fraction of the run
+    generator_data: str = "heldout"  # the generator step's batches: heldout | shared (the LoRA step's)
+    generator_mode: str = "eval"  # the model's mode in the generator step: eval (no dropout) | train
+    heldout_fraction: float = 0.1  # of the training data, held out of the LoRA step for the generator
     train: dict[str, Any] = field(default_factory=dict)  # the joint LoRA training: keys of recovery=lora
     seed: int = 0
 
@@ -362,6 +504,17 @@ class ATP(PruningMethod):
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ConfigError(f"method.{key}={v!r} must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise bad_value("method.schedule", self.schedule, tuple(SCHEDULES))
+        for key, default in SCHEDULES[self.schedule].items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        if self.generator_data not in GENERATOR_DATA:
+            raise bad_value("method.generator_data", self.generator_data, GENERATOR_DATA)
+        if self.generator_mode not in GENERATOR_MODES:
+            raise bad_value("method.generator_mode", self.generator_mode, GENERATOR_MODES)
+        if not (isinstance(self.heldout_fraction, (int, float)) and 0 < self.heldout_fraction < 1):
+            raise ConfigError(f"method.heldout_fraction={self.heldout_fraction!r} must be in (0, 1)")
         if not (isinstance(self.freeze_tolerance, (int, float)) and self.freeze_tolerance > 0):
             raise ConfigError(f"method.freeze_tolerance={self.freeze_tolerance!r} must be positive")
         if not (isinstance(self.freeze_patience, int) and self.freeze_patience > 0):
@@ -403,9 +556,21 @@ class ATP(PruningMethod):
             )
         tr = self.trainer
         train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
+        heldout = None
+        if self.generator_data == "heldout":  # the generator's batches: never seen by the LoRA step
+            train, heldout = heldout_split(train, self.heldout_fraction, self.seed)
         steps = tr.num_steps(len(train))
         joint = JointTraining(
-            self, arch, todo, weights, target, steps, next(model.parameters()).device, ctx.tracker
+            self,
+            arch,
+            todo,
+            weights,
+            target,
+            steps,
+            next(model.parameters()).device,
+            ctx.tracker,
+            heldout=heldout,
+            pad_id=pad_id_of(ctx.tokenizer),
         )
         try:
             # the final adapter: the lasso has had the whole post-freeze run to zero the pruned
@@ -450,6 +615,11 @@ class ATP(PruningMethod):
                 "could not meet the budget with the structures left to flip"
             )
         history = {
+            "schedule": self.schedule,
+            "generator_steps": joint.freeze_limit,
+            "generator_data": self.generator_data,
+            "generator_mode": self.generator_mode,
+            "heldout_examples": len(heldout) if heldout is not None else 0,
             "target_kept_fraction": target,
             "frozen_at": state["frozen_at"],
             "freeze_forced": state["forced"],
