@@ -288,16 +288,15 @@ class LoraRecovery:
     micro_batch_size: int = 8  # gradient accumulation = batch_size / micro_batch_size
     cutoff_len: int = 256
     train_on_inputs: bool = False  # False: prompt tokens are masked out of the loss
-    val_size: int = 200
-    eval_every: int = 50
+    val_size: int = 2000  # the official LLM-Pruner run's val_set_size ...
+    eval_every: int = 100  # ... and evaluation interval
     max_steps: int | None = None
     max_train_examples: int | None = None
-    warmup_steps: int = 10
+    warmup_steps: int = 100  # the official run's
     weight_decay: float = 0.0
     patience: int | None = None  # stop after this many validations without a new best (null: never)
-    max_grad_norm: float | None = (
-        1.0  # clip the LoRA gradients' global norm (the HF Trainer's default); None: none
-    )
+    # clip the LoRA gradients' global norm (the HF Trainer's default); None: no clipping
+    max_grad_norm: float | None = 1.0
     # recompute each decoder layer's activations during the backward: one layer's activations
     # held instead of all of them (the big term at 7B+), for about one more forward per step
     gradient_checkpointing: bool = False
