@@ -391,6 +391,21 @@ class JointTraining:
         finally:
             peft_model.train(was)
 
+    def count_quiet(self, step: int, det_loss: float, sampled: float) -> bool:
+        """Count generator step ``step`` as quiet or not; whether the decisions freeze now.
+        official: the step's sampled-decision budget loss ≤ tolerance, the count restarting
+        with each of the 4 periods (the official counter is local to an epoch); fast: the
+        deterministic decisions' budget loss < tolerance. Either way at ``freeze_limit``."""
+        m, state = self.method, self.state
+        if self.schedule == "official":
+            period = sum(1 for s0 in self.starts if s0 <= step) - 1
+            if period != state["period"]:
+                state["period"], state["below"] = period, 0
+            state["below"] = state["below"] + 1 if sampled <= m.freeze_tolerance else 0
+        else:
+            state["below"] = state["below"] + 1 if det_loss < m.freeze_tolerance else 0
+        return state["below"] >= m.freeze_patience or step >= self.freeze_limit
+
     def generator_lr(self, step: int) -> float:
         """The generator's learning rate at generator step ``step``."""
         lr = self.method.generator.lr
@@ -427,15 +442,7 @@ class JointTraining:
             r = float(kept_fraction({k: v.float() for k, v in det.items()}, self.weights, self.prunable))
             det_loss = float(budget_loss(torch.tensor(r), self.target))
             sampled = float(bl.detach())
-            if self.schedule == "official":
-                # the official rule: the step's sampled-mask ratio loss <= 0.005, counted
-                # within one epoch (here: one of the 4 periods of the generator phase)
-                period = sum(1 for s0 in self.starts if s0 <= step) - 1
-                if period != state["period"]:
-                    state["period"], state["below"] = period, 0
-                state["below"] = state["below"] + 1 if sampled <= m.freeze_tolerance else 0
-            else:
-                state["below"] = state["below"] + 1 if det_loss < m.freeze_tolerance else 0
+            freeze = self.count_quiet(step, det_loss, sampled)
             entry = {
                 "step": step,
                 "lm_loss": float(lm.detach()),
@@ -456,7 +463,7 @@ class JointTraining:
                     },
                     step=step,
                 )
-            if state["below"] >= m.freeze_patience or step >= self.freeze_limit:
+            if freeze:
                 self.freeze(step, forced=state["below"] < m.freeze_patience)
         self.gates.mode, self.gates.values = "hard", {k: v.float() for k, v in self.deterministic().items()}
 
