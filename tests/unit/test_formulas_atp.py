@@ -71,16 +71,17 @@ def test_decisions_are_the_gumbel_sigmoid_of_logits_offset_and_temperature():
 def test_generator_inputs_are_fixed_orthogonal_tokens_and_features_layer_normed():
     arch = arch_info(make_model("llama", 2, layers=3).config)
     us = units(arch, ("attn", "mlp"))
-    gen = DecisionGenerator(us, 3, dim=16, heads=2, layers=1)
-    torch.testing.assert_close(gen.tokens @ gen.tokens.T, torch.eye(3), atol=1e-5, rtol=0)
-    assert "tokens" not in dict(gen.named_parameters())
-    seen = []
-    for head in gen.heads.values():
-        head.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    gen.logits()
-    h = seen[0]
-    assert h.shape == (16,)
-    assert abs(float(h.mean())) < 1e-5 and float(h.var(unbiased=False)) == pytest.approx(1, rel=1e-3)
+    for encoder in ("gru", "transformer"):  # the GRU's projection is not normalised by itself
+        gen = DecisionGenerator(us, 3, dim=16, heads=2, layers=1, encoder=encoder)
+        torch.testing.assert_close(gen.tokens @ gen.tokens.T, torch.eye(3), atol=1e-5, rtol=0)
+        assert "tokens" not in dict(gen.named_parameters())
+        seen = []
+        for head in gen.heads.values():
+            head.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].detach()))
+        gen.logits()
+        for h in seen:
+            assert h.shape == (16,)
+            assert abs(float(h.mean())) < 1e-5 and float(h.var(unbiased=False)) == pytest.approx(1, rel=1e-3)
 
 
 def _joint(pm, target=0.7, temperature=0.7, offset=2.0, budget_weight=5.0):
