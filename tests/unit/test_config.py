@@ -103,7 +103,7 @@ BAD = [
     (["method.targets=[attn,heads]"], r"method\.targets=\['attn', 'heads'\] is not allowed; allowed:"),
     (
         ["method.aggregation=median"],
-        r"method\.aggregation='median' is not allowed.*allowed: sum, mean, max, prod, last",
+        r"method\.aggregation=.median. is not allowed.*allowed: sum, mean, max, prod, first, last",
     ),
     (
         ["data=wikitext2", "data.local_files={train: /nonexistent/wiki.parquet}"],

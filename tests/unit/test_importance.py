@@ -163,6 +163,18 @@ def test_aggregations():
     assert aggregate([a, b], "max").tolist() == [3.0, 4.0]
     assert aggregate([a, b], "prod").tolist() == [3.0, 8.0]
     assert aggregate([a, b], "last").tolist() == [3.0, 2.0]
+    assert aggregate([a, b], "first").tolist() == [1.0, 4.0]
+
+
+def test_first_aggregation_is_the_official_root_q_proj(gqa_model):
+    """LLM-Pruner's code roots attention groups at q_proj and MLP groups at gate_proj; its
+    `first` reduction is the root's score: a KV group's element1 score over its q rows alone."""
+    g, _ = manual_grads(gqa_model, CALIB)
+    arch = arch_info(gqa_model.config)
+    got = TaylorImportance("element1", "first").scores(gqa_model, arch, [Unit(0, "attn", 2)], CALIB)["0.attn"]
+    key = "model.layers.0.self_attn.q_proj.weight"
+    wg = (dict(gqa_model.named_parameters())[key].detach() * g[key]).abs()
+    assert torch.allclose(got, torch.stack([wg[:16].sum(), wg[16:].sum()]), rtol=1e-4)
 
 
 def test_global_ranking_keeps_totals_and_one_group_per_unit():

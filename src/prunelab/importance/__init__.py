@@ -16,7 +16,7 @@ from prunelab.errors import bad_value
 from prunelab.structure import ArchInfo, Unit
 from prunelab.structure.groups import Masks
 
-AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
+AGGREGATIONS = ("sum", "mean", "max", "prod", "first", "last")
 
 
 class Importance(Protocol):
@@ -38,6 +38,8 @@ def aggregate(member_scores: list[torch.Tensor], how: str = "sum") -> torch.Tens
         return stacked.max(0).values
     if how == "prod":
         return stacked.prod(0)
+    if how == "first":  # the official code's `first`: its pruning root, q_proj / gate_proj (members[0])
+        return stacked[0]
     if how == "last":
         return stacked[-1]
     raise bad_value("method.aggregation", how, AGGREGATIONS)
