@@ -62,6 +62,43 @@ def test_select_masks_drops_the_lowest_scoring_groups_ties_by_index():
     assert masks["0.mlp"].tolist() == [True, False, True, True, True]  # the first of the tie
 
 
+def test_taylor_salience_formulas_on_scalars():
+    """w = 2, g = 1, F = 3: |wg| = 2, |wFw| = 12, |wg − ½wFw| = 4, vector keeps the sign (2)."""
+    from prunelab.importance.taylor import TaylorImportance
+
+    w, g, f = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 3.0]), torch.tensor([3.0, 0.5])
+    expected = {
+        "element1": [2.0, 3.0],
+        "second": [12.0, 0.5],
+        "element2": [4.0, 3.25],  # |2 − 6|, |−3 − 0.25|
+        "vector": [2.0, -3.0],
+    }
+    for kind, values in expected.items():
+        assert TaylorImportance(kind).salience(w, g, f).tolist() == values, kind
+
+
+def test_vector_scores_every_channel_with_the_abs_of_each_members_sum():
+    """|Σ_slice w·g| per member, summed over gate/up/down — for every channel, with members
+    whose sums are negative (so an absolute value left out or moved inside shows)."""
+    from prunelab.importance.taylor import TaylorImportance, gradient_stats
+
+    model = make_model("llama", 2, layers=2)
+    arch = arch_info(model.config)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(7))
+    layer = model.model.layers[1].mlp
+    mods = [layer.gate_proj, layer.up_proj, layer.down_proj]
+    g, _ = gradient_stats(model, {id(m.weight): m.weight for m in mods}, calib, fisher=False)
+    sums = torch.stack(
+        [
+            (m.weight.detach() * g[id(m.weight)]).sum(1 if i < 2 else 0)  # rows of gate/up, columns of down
+            for i, m in enumerate(mods)
+        ]
+    )
+    assert bool((sums < 0).any()) and bool((sums > 0).any())
+    got = TaylorImportance("vector").scores(model, arch, [Unit(1, "mlp", 96)], calib)["1.mlp"]
+    torch.testing.assert_close(got, sums.abs().sum(0), rtol=1e-4, atol=1e-9)
+
+
 # ------------------------------------------------------------------ LoRAPrune's scores
 def _peft(seed=0):
     from peft import LoraConfig, get_peft_model

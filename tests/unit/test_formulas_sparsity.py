@@ -148,20 +148,22 @@ def _sparsegpt_reference(w, gram, s, blocksize, damping=0.01, nm=None, scope="la
 
 
 @pytest.mark.parametrize(
-    "inp, blocksize, pattern, scope",
+    "inp, blocksize, pattern, scope, s",
     [
-        (48, 16, "unstructured", "layer"),  # three blocks
-        (48, 16, "unstructured", "row"),
-        (160, 128, "unstructured", "layer"),  # the default block size, two blocks
-        (48, 16, "2:4", "layer"),
-        (48, 8, "4:8", "layer"),
+        (48, 16, "unstructured", "layer", 0.5),  # three blocks
+        (48, 16, "unstructured", "row", 0.5),
+        (160, 128, "unstructured", "layer", 0.5),  # the default block size, two blocks
+        (40, 16, "unstructured", "layer", 0.55),  # block shares 105.6, 105.6, 52.8: rounded
+        (40, 16, "unstructured", "row", 0.55),
+        (48, 16, "2:4", "layer", None),
+        (48, 8, "4:8", "layer", None),
     ],
 )
-def test_sparsegpt_equals_the_obs_reference_over_several_blocks(inp, blocksize, pattern, scope):
+def test_sparsegpt_equals_the_obs_reference_over_several_blocks(inp, blocksize, pattern, scope, s):
     w, _, stats = _layer(inp=inp)
     nm = None if pattern == "unstructured" else tuple(int(v) for v in pattern.split(":"))
     p = Pattern() if nm is None else Pattern(*nm)
-    s = 0.5 if nm is None else p.sparsity
+    s = s if nm is None else p.sparsity
     new, keep, info = solvers.sparsegpt(w, stats, s, p, scope, blocksize=blocksize)
     ref, ref_keep = _sparsegpt_reference(w, stats.gram, s, blocksize, nm=nm, scope=scope)
     assert info == {"damping": 0.01}
