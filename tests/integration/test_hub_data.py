@@ -109,11 +109,13 @@ REPOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
+def write_repos(root: Path, skip_models: bool = False) -> None:
+    """The repositories of ``REPOS`` under ``root`` in the stand-in's layout (``skip_models``:
+    data only, for a stand-in that serves its own models)."""
     for key, files in REPOS.items():
         kind, repo, revision = key if len(key) == 3 else ("datasets", *key)
+        if skip_models and kind == "models":
+            continue
         base = root / kind / repo / revision_dir_name(revision)
         for rel, src in files.items():
             dest = base / rel
@@ -124,6 +126,12 @@ def hub(tmp_path_factory):
                 shutil.copy(FIXTURES / src, dest)
             else:
                 dest.write_text(src)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    write_repos(root)
     with HubStandIn(root) as server:
         yield server
 

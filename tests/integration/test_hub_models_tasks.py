@@ -259,9 +259,8 @@ PAPER_TASK_DATA = {
 
 
 # ------------------------------------------------------------------------------- the stand-in
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
+def write_models_and_tasks(root: Path) -> None:
+    """Every hub model config's repository (a tiny model of its family) and the task data."""
     for repo, (family, overrides, dtype, gated) in MODEL_REPOS.items():
         dest = root / "models" / repo / "main"
         _save_tiny_model(dest, family, dict(overrides), dtype)
@@ -273,6 +272,12 @@ def hub(tmp_path_factory):
             dest = base / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             src(dest) if callable(src) else dest.write_text(src)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    write_models_and_tasks(root)
     with HubStandIn(root, gate_tokens={TOKEN}) as server:
         yield server
 
@@ -575,34 +580,11 @@ PAPER_TABLE_JOBS = {
 
 @pytest.fixture(scope="module")
 def full_hub(tmp_path_factory):
-    from tests.integration import test_hub_data as data_tests
+    from tests.integration.test_hub_data import write_repos
 
     root = tmp_path_factory.mktemp("full_hub")
-    for repo, (family, overrides, dtype, gated) in MODEL_REPOS.items():
-        dest = root / "models" / repo / "main"
-        _save_tiny_model(dest, family, dict(overrides), dtype)
-        if gated:
-            (dest / ".gated").write_text("manual")
-    for (repo, revision), files in TASK_REPOS.items():
-        base = root / "datasets" / repo / revision_dir_name(revision)
-        for rel, src in files.items():
-            dest = base / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src(dest) if callable(src) else dest.write_text(src)
-    for key, files in data_tests.REPOS.items():
-        kind, repo, revision = key if len(key) == 3 else ("datasets", *key)
-        base = root / kind / repo / revision_dir_name(revision)
-        if kind == "models" or base.exists():
-            continue  # the models above stand in for every model id
-        for rel, src in files.items():
-            dest = base / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if callable(src):
-                src(dest)
-            elif src.endswith((".parquet", ".gz", ".json", ".txt")):
-                shutil.copy(data_tests.FIXTURES / src, dest)
-            else:
-                dest.write_text(src)
+    write_models_and_tasks(root)
+    write_repos(root, skip_models=True)  # the models above stand in for every model id
     with HubStandIn(root, gate_tokens={TOKEN}) as server:
         yield server
 
