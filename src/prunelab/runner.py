@@ -246,12 +246,12 @@ def data_fingerprints(cfg: DictConfig) -> dict[str, str]:
 
 def _load_kwargs(cfg: DictConfig) -> dict:
     """Pruned and recovered models load like the dense one (dtype, attention kernel)."""
-    from prunelab.models.loading import DTYPES
+    from prunelab.models.loading import DTYPES, trusts_remote_code
 
     return {
         "dtype": DTYPES[cfg.model.dtype],
         "attn_implementation": cfg.model.attn_implementation,
-        "trust_remote_code": bool(cfg.model.trust_remote_code),
+        "trust_remote_code": trusts_remote_code(cfg.model),
     }
 
 

@@ -117,6 +117,13 @@ BAD = [
     ),
     (["model.path=/nonexistent/model"], r"model\.path='/nonexistent/model' does not exist"),
     (["model.dtype=fp8"], r"model\.dtype='fp8' is not allowed; allowed: float32, float16, bfloat16"),
+    # security: never coerced — bool("no") is True, and it decides whether a folder's code runs
+    (
+        ["model.trust_remote_code=no"],
+        r"model\.trust_remote_code='no' \(str\) is not allowed; allowed: true or false",
+    ),
+    (["model.trust_remote_code='false'"], r"model\.trust_remote_code='false' \(str\) is not allowed"),
+    (["model.trust_remote_code=1"], r"model\.trust_remote_code=1 \(int\) is not allowed"),
     (["device=tpu"], r"device='tpu' is not allowed"),
     # the layer-wise family's sparsity patterns
     (
@@ -160,7 +167,10 @@ BAD = [
     ),
     # the papers' protocols
     (["ratio_convention=per-layer"], r"ratio_convention='per-layer' is not allowed; allowed: null or params"),
-    (["method=wanda", "ratio_convention=linear"], r"ratio_convention='linear' does not apply to method=wanda"),
+    (
+        ["method=wanda", "ratio_convention=linear"],
+        r"ratio_convention='linear' does not apply to method=wanda",
+    ),
     (["eval.perplexity.joiner={wikitext2: x}"], r"eval\.perplexity\.joiner names \['wikitext2'\]"),
     (["eval.zeroshot.metric={boolq: acc_norm}"], r"eval\.zeroshot\.metric names \['boolq'\]"),
 ]
@@ -272,3 +282,16 @@ def test_run_identity_ignores_keys_that_only_move_work():
     assert run_identity(moved) == run_identity(base) == {k: v for k, v in base.items() if k != "device"}
     assert moved["method"]["train"]["gradient_checkpointing"] is True  # the input is left alone
     assert run_identity({**base, "seed": 1}) != run_identity(base)
+
+
+def test_the_loader_itself_refuses_a_non_boolean_trust_remote_code():
+    """Even a config that skipped validation (the API, a hand-built node) cannot reach
+    from_pretrained with a truthy string."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"path": "embedded:tiny_llama", "revision": None, "trust_remote_code": "no", "dtype": "float32"}
+    )
+    with pytest.raises(ConfigError, match=r"model\.trust_remote_code='no' \(str\)"):
+        loading.load_config(cfg)
+    assert loading.trusts_remote_code(OmegaConf.create({"trust_remote_code": False})) is False

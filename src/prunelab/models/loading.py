@@ -61,8 +61,25 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def trusts_remote_code(cfg: Any) -> bool:
+    """``model.trust_remote_code`` as a real boolean: anything else is refused, never coerced —
+    ``bool("no")`` is True, and the value decides whether a model folder's Python code runs."""
+    value = (
+        cfg.get("trust_remote_code", False)
+        if hasattr(cfg, "get")
+        else getattr(cfg, "trust_remote_code", False)
+    )
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"model.trust_remote_code={value!r} ({type(value).__name__}) is not allowed; allowed: true or false "
+            "(a boolean, never a string: it decides whether the model folder's Python code runs)"
+        )
+    return value
+
+
 def check_model_config(cfg: Any) -> None:
     """Cheap checks on a model config node (no download, no weights)."""
+    trusts_remote_code(cfg)
     if cfg.dtype not in DTYPES:
         raise bad_value("model.dtype", cfg.dtype, DTYPES)
     path = str(cfg.path)
@@ -206,7 +223,7 @@ def load_config(cfg: Any):
 
     with hub_errors(cfg):
         return AutoConfig.from_pretrained(
-            resolve_path(str(cfg.path)), revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code)
+            resolve_path(str(cfg.path)), revision=cfg.revision, trust_remote_code=trusts_remote_code(cfg)
         )
 
 
@@ -232,7 +249,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **kwar
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(
-        str(path), revision=kwargs.get("revision"), trust_remote_code=kwargs.get("trust_remote_code", False)
+        str(path),
+        revision=kwargs.get("revision"),
+        trust_remote_code=kwargs.get("trust_remote_code", False) is True,
     )
     if getattr(config, LAYER_SHAPES_KEY, None):
         cls = pruned_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
@@ -250,12 +269,12 @@ def load_model(cfg: Any, device: str | torch.device = "cpu"):
             path,
             dtype=DTYPES[cfg.dtype],
             revision=cfg.revision,
-            trust_remote_code=bool(cfg.trust_remote_code),
+            trust_remote_code=trusts_remote_code(cfg),
             attn_implementation=cfg.attn_implementation,
         ).to(device)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code)
+            path, revision=cfg.revision, trust_remote_code=trusts_remote_code(cfg)
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
