@@ -563,10 +563,12 @@ class ATP(PruningMethod):
             )
         tr = self.trainer
         train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
+        # the LoRA steps of the whole training split: held-out batches or not, ATP trains as
+        # many steps (and tokens) as the two-stage baseline's recovery on the same data
+        steps = tr.num_steps(len(train))
         heldout = None
         if self.generator_data == "heldout":  # the generator's batches: never seen by the LoRA step
             train, heldout = heldout_split(train, self.heldout_fraction, self.seed)
-        steps = tr.num_steps(len(train))
         joint = JointTraining(
             self,
             arch,
