@@ -123,13 +123,16 @@ def test_linear_convention_counts_only_the_linear_layers():
     assert plan.achieved == pytest.approx(removed / 6_738_415_616) and plan.achieved < 0.4
 
 
-def test_per_layer_convention_on_gqa_rounds_each_unit():
+def test_per_layer_convention_on_gqa_counts_each_unit_as_the_official_scripts():
     from prunelab.structure.plan import plan_convention
 
     arch = arch_info(make_model("llama", 2, heads=4, layers=3, inter=10).config)
-    plan = plan_convention(arch, 0.3, "per_layer", ("attn", "mlp"), [1, 2])
-    assert plan.remove == {"1.attn": 1, "1.mlp": 3, "2.attn": 1, "2.mlp": 3}  # round(0.6)=1, round(3.0)=3
-    assert plan.convention["achieved"] == pytest.approx(1 - (1 + 7 + 1 + 7) / 24)
+    plan = plan_convention(arch, 0.35, "per_layer", ("attn", "mlp"), [1, 2])
+    # int(n · ratio) as the official scripts: int(0.7) = 0 KV groups, int(3.5) = 3 channels
+    assert plan.remove == {"1.attn": 0, "1.mlp": 3, "2.attn": 0, "2.mlp": 3}
+    assert plan.convention["achieved"] == pytest.approx(1 - (2 + 7 + 2 + 7) / 24)
+    plan = plan_convention(arch, 0.3, "per_layer", ("attn", "mlp"), [1])
+    assert plan.remove["1.mlp"] == 3  # 0.3 · 10 is 3 exactly, not 2.9999… rounded down
 
 
 def test_bad_conventions_are_refused_with_the_allowed_values():

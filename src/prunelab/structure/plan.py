@@ -335,7 +335,8 @@ def plan_convention(
                 ("mlp", arch.layers[i].intermediate_size),
             ):
                 if kind in kinds:
-                    remove[f"{i}.{kind}"] = min(n - 1, round(ratio * n))
+                    # int(n · ratio), as the official scripts (LLM-Pruner, LoRAPrune) count
+                    remove[f"{i}.{kind}"] = min(n - 1, math.floor(ratio * n + 1e-9))
                     groups, kept = groups + n, kept + n - remove[f"{i}.{kind}"]
         removed = _achieved(arch, remove, tuple(kinds))
         plan = PrunePlan(
