@@ -294,12 +294,19 @@ def test_eval_mode_keeps_activation_checkpointing_and_turns_dropout_off():
 
 
 def test_heldout_split_is_disjoint_seeded_and_sized():
-    feats = [{"input_ids": [i], "labels": [i]} for i in range(50)]
-    train, held = atp.heldout_split(feats, 0.1, seed=0)
-    assert len(held) == 5 and len(train) == 45
-    assert {f["input_ids"][0] for f in train}.isdisjoint({f["input_ids"][0] for f in held})
-    assert held == atp.heldout_split(feats, 0.1, seed=0)[1]
-    assert held != atp.heldout_split(feats, 0.1, seed=1)[1]
-    assert len(atp.heldout_split(feats[:3], 0.01, seed=0)[1]) == 1  # at least one
+    lora, held = atp.heldout_split(50, 0.1, seed=0)
+    assert len(held) == 5 and len(lora) == 45 and sorted(lora + held) == list(range(50))
+    assert held == atp.heldout_split(50, 0.1, seed=0)[1]
+    assert held != atp.heldout_split(50, 0.1, seed=1)[1]
+    assert len(atp.heldout_split(3, 0.01, seed=0)[1]) == 1  # at least one
     with pytest.raises(ConfigError, match="at least 2"):
-        atp.heldout_split(feats[:1], 0.5, seed=0)
+        atp.heldout_split(1, 0.5, seed=0)
+
+
+def test_lora_sampler_draws_epochs_of_the_remaining_indices():
+    joint = _joint("fast")
+    joint.lora_indices = [0, 2, 3, 5, 8]
+    draws = [joint.sample(s, 3) for s in range(1, 6)]  # 15 draws = 3 epochs of 5
+    flat = [i for d in draws for i in d]
+    assert all(sorted(flat[e * 5 : e * 5 + 5]) == [0, 2, 3, 5, 8] for e in range(3))
+    assert joint.hooks(0).sample is not None and _joint("fast").hooks(0).sample is None

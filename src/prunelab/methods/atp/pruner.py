@@ -113,16 +113,15 @@ def official_generator_lr(step: int, gen_steps: int, lr: float) -> float:
     return value
 
 
-def heldout_split(features: list[Feature], fraction: float, seed: int) -> tuple[list[Feature], list[Feature]]:
-    """(LoRA step's features, generator's held-out features): a seeded random ``fraction`` of
-    the training features (at least one, and at least one left for LoRA)."""
-    n = len(features)
+def heldout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(the LoRA step's indices, the generator's held-out indices) of ``n`` training features:
+    a seeded random ``fraction`` held out (at least one, and at least one left for LoRA)."""
     if n < 2:
         raise ConfigError(f"method.generator_data=heldout needs at least 2 training examples, got {n}")
     k = min(n - 1, max(1, round(fraction * n)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     held = set(perm[:k])
-    return [f for i, f in enumerate(features) if i not in held], [features[i] for i in sorted(held)]
+    return [i for i in range(n) if i not in held], sorted(held)
 
 
 @dataclass
@@ -297,6 +296,7 @@ class JointTraining:
         tracker: Any = None,
         heldout: list[Feature] | None = None,
         pad_id: int = 0,
+        lora_indices: list[int] | None = None,
     ) -> None:
         g = method.generator
         self.method, self.arch, self.todo, self.weights = method, arch, todo, weights
@@ -304,6 +304,10 @@ class JointTraining:
         self.mode = getattr(method, "generator_mode", "train")
         # the generator step's batches: held-out features (None: the LoRA step's own batch)
         self.heldout, self.pad_id = heldout, pad_id
+        # the training indices the LoRA step may draw (None: all, the trainer's own sampler)
+        self.lora_indices = lora_indices
+        self._lora_order: list[int] = []
+        self._lora_rng = torch.Generator().manual_seed(getattr(method, "seed", 0))
         trainer = getattr(method, "trainer", None)
         self.batch_size = getattr(trainer, "batch_size", 1)
         self.micro_batch_size = getattr(trainer, "micro_batch_size", self.batch_size)
@@ -333,8 +337,18 @@ class JointTraining:
             setup=self.gates.install,
             before_step=self.before_step,
             after_step=self.after_step,
+            sample=self.sample if self.lora_indices is not None else None,
             select_from=select_from,
         )
+
+    def sample(self, step: int, n: int) -> list[int]:
+        """The LoRA step's training indices: epoch-wise permutations of the indices not held out
+        (the trainer's own sampler, restricted)."""
+        while len(self._lora_order) < n:
+            perm = torch.randperm(len(self.lora_indices), generator=self._lora_rng).tolist()
+            self._lora_order += [self.lora_indices[i] for i in perm]
+        idx, self._lora_order = self._lora_order[:n], self._lora_order[n:]
+        return idx
 
     def deterministic(self) -> dict[str, torch.Tensor]:
         """The decisions now: frozen ones once frozen, else the generator's noise-free ones."""
@@ -566,9 +580,10 @@ class ATP(PruningMethod):
         # the LoRA steps of the whole training split: held-out batches or not, ATP trains as
         # many steps (and tokens) as the two-stage baseline's recovery on the same data
         steps = tr.num_steps(len(train))
-        heldout = None
+        heldout = lora_indices = None
         if self.generator_data == "heldout":  # the generator's batches: never seen by the LoRA step
-            train, heldout = heldout_split(train, self.heldout_fraction, self.seed)
+            lora_indices, held = heldout_split(len(train), self.heldout_fraction, self.seed)
+            heldout = [train[i] for i in held]
         joint = JointTraining(
             self,
             arch,
@@ -580,6 +595,7 @@ class ATP(PruningMethod):
             ctx.tracker,
             heldout=heldout,
             pad_id=pad_id_of(ctx.tokenizer),
+            lora_indices=lora_indices,
         )
         try:
             # the final adapter: the lasso has had the whole post-freeze run to zero the pruned
