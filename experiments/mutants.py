@@ -9,6 +9,8 @@ working tree itself is never written.
     python experiments/mutants.py --module ATP        # one module
     python experiments/mutants.py --check             # every snippet still matches, no tests
     python experiments/mutants.py --json mutants.json # results as JSON too
+    python experiments/mutants.py --only "most salient" --tests tests/unit/test_lorashear.py
+                                                      # which tests kill a given mutant
 
 Modules: importance (Taylor, magnitude, aggregation, selection), sparsity solvers (magnitude,
 Wanda, SparseGPT, ADMM), LHSPG/knowledge/mixer (LoRAShear), ATP generator and pruner, and
@@ -1031,6 +1033,10 @@ def _run_fork(copy: Path, tests: tuple[str, ...], log: Path, timeout: float) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--module", action="append", help="run only this module's mutants (repeatable)")
+    ap.add_argument("--only", help="run only mutants whose description contains this text")
+    ap.add_argument(
+        "--tests", nargs="+", help="run these tests (files or node ids) instead of each mutant's own"
+    )
     ap.add_argument("--check", action="store_true", help="only check that every snippet matches once")
     ap.add_argument("--spawn", action="store_true", help="a fresh interpreter per mutant (no fork)")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -1038,7 +1044,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy and the logs")
     args = ap.parse_args(argv)
 
-    mutants = [m for m in MUTANTS if not args.module or m.module in args.module]
+    mutants = [
+        m if not args.tests else Mutant(**{**m.__dict__, "tests": tuple(args.tests)})
+        for m in MUTANTS
+        if (not args.module or m.module in args.module) and (not args.only or args.only in m.what)
+    ]
     bad = []
     for m in mutants:
         n = (ROOT / m.file).read_text().count(m.old)
