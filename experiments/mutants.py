@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,7 +114,15 @@ MUTANTS: list[Mutant] = [
         TAYLOR,
         'per_member.append(s.abs() if self.kind == "vector" else s)',
         "per_member.append(s)",
-        "vector: no |·| after the group sum",
+        "vector=slice: no |·| after the group sum",
+        T_IMP,
+    ),
+    M(
+        IMP,
+        TAYLOR,
+        "per_member.append(channel_sums(sal, m).abs().sum(1))",
+        "per_member.append(channel_sums(sal, m).sum(1).abs())",
+        "vector (official): |·| after the head's sum, not per channel",
         T_IMP,
     ),
     M(IMP, TAYLOR, "g[k] += gr * (x.shape[0] / n)", "g[k] += gr / n", "mean gradient mis-weighted", T_IMP),
@@ -1001,6 +1010,7 @@ def _run_spawn(copy: Path, tests: tuple[str, ...], log: Path, timeout: float) ->
 def _run_fork(copy: Path, tests: tuple[str, ...], log: Path, timeout: float) -> int:
     pid = os.fork()
     if pid == 0:  # the child: import prunelab from the copy, run pytest, exit
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
@@ -1024,10 +1034,15 @@ def _run_fork(copy: Path, tests: tuple[str, ...], log: Path, timeout: float) -> 
         if done:
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() - start > timeout:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return -9
-        time.sleep(0.05)
+        try:
+            time.sleep(0.05)
+        except BaseException:  # stopped (SIGTERM / ^C): the running child goes too
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1062,6 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ["OMP_NUM_THREADS"] = "1"
+    # a kill (SIGTERM) unwinds like ^C: the temporary copy is removed, the tree never touched
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.spawn:
         assert not any(k == "prunelab" or k.startswith(("prunelab.", "tests")) for k in sys.modules)
         import importlib

@@ -77,9 +77,12 @@ def test_taylor_salience_formulas_on_scalars():
         assert TaylorImportance(kind).salience(w, g, f).tolist() == values, kind
 
 
-def test_vector_scores_every_channel_with_the_abs_of_each_members_sum():
+@pytest.mark.parametrize("vector", [None, "slice"])
+def test_vector_scores_every_channel_with_the_abs_of_each_members_sum(vector):
     """|Σ_slice w·g| per member, summed over gate/up/down — for every channel, with members
-    whose sums are negative (so an absolute value left out or moved inside shows)."""
+    whose sums are negative (so an absolute value left out or moved inside shows). An MLP
+    channel is one row / column per member, so the per-channel (official) and the whole-slice
+    reading agree here."""
     from prunelab.importance.taylor import TaylorImportance, gradient_stats
 
     model = make_model("llama", 2, layers=2)
@@ -95,7 +98,7 @@ def test_vector_scores_every_channel_with_the_abs_of_each_members_sum():
         ]
     )
     assert bool((sums < 0).any()) and bool((sums > 0).any())
-    got = TaylorImportance("vector").scores(model, arch, [Unit(1, "mlp", 96)], calib)["1.mlp"]
+    got = TaylorImportance("vector", vector=vector).scores(model, arch, [Unit(1, "mlp", 96)], calib)["1.mlp"]
     torch.testing.assert_close(got, sums.abs().sum(0), rtol=1e-4, atol=1e-9)
 
 
