@@ -132,6 +132,7 @@ def test_lhspg_step_with_one_step_left_is_exactly_zero_and_epsilon_projects():
     r = sorted(ratio.values())
     eps = (r[5] + r[6]) / 2  # exactly six groups fall under it
     before = {j: _vec(layer, "mlp", j) for j in range(12)}
+    w0 = {j: _vec(layer, "mlp", j, "base") for j in range(12)}
     out = lhspg.lhspg_step(pm, arch, {"0.mlp": sel}, steps_left=3, epsilon=eps)
     assert out == {"0.mlp": 6}
     for j in range(12):
@@ -139,8 +140,10 @@ def test_lhspg_step_with_one_step_left_is_exactly_zero_and_epsilon_projects():
         if ratio[j] < eps:
             assert float(got.abs().max()) == 0.0
         else:
-            x, w = before[j], _vec(layer, "mlp", j, "base")  # base now holds x̃
-            assert float(got.norm()) > 0 and torch.allclose(got, w)
+            x, w = before[j], _vec(layer, "mlp", j, "base")
+            expected = x - x.norm() / 3 * w0[j] / w0[j].norm()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(got, w)  # held in the base weights: the LoRA slices are zero
     lhspg.lhspg_step(pm, arch, {"0.mlp": sel}, steps_left=1)
     assert all(float(_vec(layer, "mlp", j).abs().max()) == 0.0 for j in range(12))
 
