@@ -161,7 +161,7 @@ def test_official_schedule_end_to_end_freezes_at_its_share_with_its_lr(tmp_path,
     assert [e["generator_lr"] for e in gen] == pytest.approx(expected)
     # an explicit key overrides the schedule's default
     assert _atp(schedule="official", freeze_patience=7).freeze_patience == 7
-    assert _atp().freeze_by == 0.5 and _atp().schedule == "fast"
+    assert _atp().schedule == "official" and _atp(schedule="fast").freeze_by == 0.5
 
 
 def test_bad_schedule_and_generator_step_keys_name_themselves():
@@ -184,9 +184,10 @@ def test_atp_paper_config_uses_the_official_schedule():
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         paper = compose(config_name="config", overrides=["method=atp_paper"])
         small = compose(config_name="config", overrides=["method=atp"])
-        picked = compose(config_name="config", overrides=["method=atp", "method.schedule=official"])
-    assert paper.method.schedule == "official" and small.method.schedule == "fast"
-    assert picked.method.schedule == "official"
+        real = compose(config_name="config", overrides=["method=atp_smollm2"])
+        picked = compose(config_name="config", overrides=["method=atp", "method.schedule=fast"])
+    assert paper.method.schedule == "official" and small.method.schedule == "official"
+    assert real.method.schedule == "fast" and picked.method.schedule == "fast"
     assert paper.method.generator_data == "heldout" and paper.method.generator_mode == "eval"
 
 
@@ -217,7 +218,7 @@ def test_generator_batches_are_held_out_and_never_reach_the_lora_step(tmp_path, 
 
     monkeypatch.setattr(atp.JointTraining, "generator_batches", spy_gen)
     monkeypatch.setattr(atp.JointTraining, "before_step", spy_before)
-    method = _atp()  # fast: generator steps 1..10 of 20
+    method = _atp(schedule="fast")  # generator steps 1..10 of 20
     # the training windows, read independently of ATP: 60 distinct windows of 32 tokens
     feats, _, _ = method.trainer.features_for(tok, load_source_config("embedded"))
     windows = [tuple(f["input_ids"]) for f in feats]

@@ -503,7 +503,7 @@ class ATP(PruningMethod):
     generator: Any = field(default_factory=dict)
     budget_weight: float = 5.0  # the reference's weight on the log-ratio budget loss
     lasso: float = 1.0  # λ of the group lasso on pruned structures' LoRA slices (√p_g-weighted)
-    schedule: str = "fast"  # the generator's training and freeze schedule: official | fast (SCHEDULES)
+    schedule: str = "official"  # the generator's training and freeze schedule: official | fast (SCHEDULES)
     freeze_tolerance: float | None = None  # budget loss within this ... (None: the schedule's)
     freeze_patience: int | None = None  # ... for this many generator steps freezes the decisions
     freeze_by: float | None = None  # at the latest at this fraction of the run
