@@ -185,7 +185,7 @@ MUTANTS: list[Mutant] = [
         "pass",
         "gradients in training mode",
         T_IMP,
-        equivalent="the LLaMA-family models have no dropout (attention_dropout 0): train/eval forwards agree",
+        equivalent="no dropout in the supported families at attention_dropout 0: train/eval forwards agree",
     ),
     M(
         IMP,
