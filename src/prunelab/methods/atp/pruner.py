@@ -28,7 +28,7 @@ follows the official code (train_llm.py, main_llm_atp.py): the generator trains 
 0.1× (×0.2 for the last fifth of the last period), gradients clipped at norm 3, and stops early
 only once the budget loss of the step's sampled decisions stays ≤ 0.005 for 4000 generator
 steps within one period; ``fast`` (prunelab's variant) watches the deterministic decisions,
-≤ 0.02 for 10 steps, by 50% of the run. Then the fewest
+< 0.02 for 10 steps, by 50% of the run. Then the fewest
 decisions are flipped (by the generator's margins) to meet the budget to within one
 structure, the generator stops, and LoRA keeps training on the frozen structure. At the end
 the final adapter is merged, and the runner removes the pruned
