@@ -139,7 +139,9 @@ def test_bad_conventions_are_refused_with_the_allowed_values():
     from prunelab.structure.plan import check_convention, plan_convention
 
     assert check_convention(None) == "params"
-    with pytest.raises(ConfigError, match=r"ratio_convention='per-layer' is not allowed; allowed: null or params"):
+    with pytest.raises(
+        ConfigError, match=r"ratio_convention='per-layer' is not allowed; allowed: null or params"
+    ):
         check_convention("per-layer")
     arch = arch_info(make_model().config)
     with pytest.raises(ConfigError, match=r"ratio_convention='linear' needs head/channel pruning"):

@@ -426,10 +426,9 @@ class JointTraining:
         return official_generator_lr(step, self.freeze_limit, lr) if self.schedule == "official" else lr
 
     def lm_loss(self, peft_model: nn.Module, batches: list) -> torch.Tensor:
-        """Token-weighted mean LM loss of ``batches`` in the generator step's model mode."""
+        """Token-weighted mean LM loss of ``batches`` (called inside ``model_mode``)."""
         count = max(1, sum(target_count(b) for b in batches))  # as the LoRA step counts
-        with self.model_mode(peft_model):
-            return sum(loss_sum(peft_model, b) for b in batches) / count
+        return sum(loss_sum(peft_model, b) for b in batches) / count
 
     def before_step(self, peft_model: nn.Module, step: int, steps: int, batches: list) -> None:
         m, state = self.method, self.state
@@ -444,9 +443,12 @@ class JointTraining:
             self.gen_opt.zero_grad(set_to_none=True)
             soft, hard = self.gen(noise=True)
             self.gates.mode, self.gates.values = "soft", soft
-            lm = self.lm_loss(peft_model, self.generator_batches(batches))
-            bl = budget_loss(kept_fraction(hard, self.weights, self.prunable), self.target)
-            (lm + m.budget_weight * bl).backward()
+            # the backward inside the same mode: activation checkpointing recomputes the forward
+            # there, and a recomputation in train mode (dropout on) would not match the first pass
+            with self.model_mode(peft_model):
+                lm = self.lm_loss(peft_model, self.generator_batches(batches))
+                bl = budget_loss(kept_fraction(hard, self.weights, self.prunable), self.target)
+                (lm + m.budget_weight * bl).backward()
             if self.schedule == "official":
                 torch.nn.utils.clip_grad_norm_(self.gen.parameters(), OFFICIAL_CLIP)
             self.gen_opt.step()
