@@ -142,3 +142,24 @@ class LiveTensors:
 
     def __exit__(self, *exc) -> None:
         self._mode.__exit__(*exc)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft(layers: int = 2, seed: int = 0, b_scale: float = 0.1, eval_mode: bool = True):
+    """A tiny GQA LLaMA (make_model("llama", 2)) with a rank-4 LoRA on every linear and random
+    (non-zero) B, so s·B·A ≠ 0 from the start: the formula tests' shared fixture model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(
+        make_model("llama", 2, layers=layers, seed=seed),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS),
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(b_scale * torch.randn(p.shape, generator=g))
+    return pm.eval() if eval_mode else pm

@@ -17,7 +17,7 @@ from prunelab.importance.magnitude import MagnitudeImportance
 from prunelab.methods.loraprune import pruner as lp
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Unit
-from tests.conftest import make_model
+from tests.conftest import make_model, make_peft
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HD, G = 16, 2  # head_dim, query heads per KV group of make_model("llama", 2)
@@ -104,18 +104,7 @@ def test_vector_scores_every_channel_with_the_abs_of_each_members_sum(vector):
 
 # ------------------------------------------------------------------ LoRAPrune's scores
 def _peft(seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    pm = get_peft_model(
-        make_model("llama", 2, layers=2, seed=seed),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS),
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return pm
+    return make_peft(2, seed, 0.1, eval_mode=False)
 
 
 def _backward(pm, base_grads=False):

@@ -19,25 +19,14 @@ from prunelab.methods import build_method
 from prunelab.methods.lorashear import lhspg
 from prunelab.structure import arch_info
 from prunelab.structure.groups import Unit
-from tests.conftest import make_model
+from tests.conftest import make_model, make_peft
 
 HD, G = 16, 2  # head_dim, query heads per KV group of make_model("llama", 2) (hidden 64, 4 heads)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _peft(seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    pm = get_peft_model(
-        make_model("llama", 2, layers=3, seed=seed),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS),
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return pm.eval()
+    return make_peft(3, seed, 0.05)
 
 
 def _layer(pm, i):
