@@ -1064,6 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
         for m in MUTANTS
         if (not args.module or m.module in args.module) and (not args.only or args.only in m.what)
     ]
+    if not mutants:  # an empty selection would run only the baseline suite and report nothing
+        known = sorted({m.module for m in MUTANTS})
+        print(f"no mutant matches --module {args.module} --only {args.only!r}; modules: {', '.join(known)}")
+        return 2
     bad = []
     for m in mutants:
         n = (ROOT / m.file).read_text().count(m.old)

@@ -163,3 +163,20 @@ def make_peft(layers: int = 2, seed: int = 0, b_scale: float = 0.1, eval_mode: b
             if "lora_B" in n:
                 p.copy_(b_scale * torch.randn(p.shape, generator=g))
     return pm.eval() if eval_mode else pm
+
+
+def structure_slices(
+    kind: str, j: int, head_dim: int = 16, group: int = 2
+) -> list[tuple[str, int, list[int]]]:
+    """(module path, dim, indices) of structure j of make_model("llama", 2): an MLP channel, or
+    KV group j (its ``group`` query heads); dim 0 = output rows, 1 = input columns."""
+    if kind == "mlp":
+        return [("mlp.gate_proj", 0, [j]), ("mlp.up_proj", 0, [j]), ("mlp.down_proj", 1, [j])]
+    q = list(range(j * group * head_dim, (j + 1) * group * head_dim))
+    kv = list(range(j * head_dim, (j + 1) * head_dim))
+    return [
+        ("self_attn.q_proj", 0, q),
+        ("self_attn.k_proj", 0, kv),
+        ("self_attn.v_proj", 0, kv),
+        ("self_attn.o_proj", 1, q),
+    ]

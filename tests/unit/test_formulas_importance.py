@@ -17,22 +17,14 @@ from prunelab.importance.magnitude import MagnitudeImportance
 from prunelab.methods.loraprune import pruner as lp
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Unit
-from tests.conftest import make_model, make_peft
+from tests.conftest import make_model, make_peft, structure_slices
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HD, G = 16, 2  # head_dim, query heads per KV group of make_model("llama", 2)
 
 
 def _slices(kind: str, j: int):
-    if kind == "mlp":
-        return [("mlp.gate_proj", 0, [j]), ("mlp.up_proj", 0, [j]), ("mlp.down_proj", 1, [j])]
-    q, kv = list(range(j * G * HD, (j + 1) * G * HD)), list(range(j * HD, (j + 1) * HD))
-    return [
-        ("self_attn.q_proj", 0, q),
-        ("self_attn.k_proj", 0, kv),
-        ("self_attn.v_proj", 0, kv),
-        ("self_attn.o_proj", 1, q),
-    ]
+    return structure_slices(kind, j, HD, G)
 
 
 def _cut(t, dim, idx):

@@ -15,18 +15,12 @@ import torch
 
 from prunelab.sparsity import solvers
 from prunelab.sparsity.patterns import Pattern, prune_count
+from tests.unit.test_sparsity import _layer as sparsity_layer
 
 
 def _layer(out=12, inp=48, tokens=256, seed=0):
-    """A weight and correlated inputs with uneven channel scales (as LLM activations have)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(inp, inp, generator=g) / inp**0.5 + torch.eye(inp)
-    scales = torch.exp(torch.randn(inp, generator=g))
-    x = (torch.randn(tokens, inp, generator=g) @ mix) * scales
-    w = torch.randn(out, inp, generator=g) / inp**0.5
-    stats = solvers.InputStats(inp, gram=True)
-    stats.add(x)
-    return w, x, stats
+    """test_sparsity's correlated, unevenly scaled layer, at this file's default size."""
+    return sparsity_layer(out, inp, tokens, seed)
 
 
 def _drop_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
