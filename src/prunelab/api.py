@@ -217,8 +217,14 @@ def prune(
     import torch
 
     from prunelab.methods import PruneContext, build_method
-    from prunelab.runner import apply_method, build_calibration, check_ratio, make_plan, ratio_record
-    from prunelab.structure import arch_info
+    from prunelab.runner import (
+        apply_method,
+        build_calibration,
+        check_ratio,
+        make_plan,
+        plan_arch,
+        ratio_record,
+    )
     from prunelab.tracking.wandb_logger import NullTracker
 
     _check_choice("method", method)
@@ -238,7 +244,7 @@ def prune(
         if tokenizer is None:
             raise ConfigError(f"method={method} fine-tunes while it prunes: pass the model's tokenizer")
         m.check(cfg.data)
-    plan = make_plan(m, arch_info(model.config), ratio, ratio_tolerance, ratio_convention)
+    plan = make_plan(m, plan_arch(m, model.config, model), ratio, ratio_tolerance, ratio_convention)
     calib = None
     if m.needs_calibration:
         if isinstance(calibration, torch.Tensor):

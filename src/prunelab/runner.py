@@ -50,7 +50,6 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     from prunelab.evaluation.suite import check_eval_config
     from prunelab.methods import build_dataclass, build_method
     from prunelab.models.loading import check_model_config, load_config
-    from prunelab.structure import arch_info
 
     problems: list[str] = []
     method = None
@@ -100,12 +99,22 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         recovery,
         make_plan(
             method,
-            arch_info(load_config(cfg.model)),
+            plan_arch(method, load_config(cfg.model)),
             cfg.ratio,
             cfg.ratio_tolerance,
             cfg.get("ratio_convention"),
         ),
     )
+
+
+def plan_arch(method: PruningMethod, config: Any, model: Any = None) -> Any:
+    """The architecture a plan reads: the layer-wise methods need only the blocks' linear
+    layers (any decoder-only family), the structured ones prunelab's coupled structures
+    (``arch_info`` refuses a family it does not know, naming the ones it does)."""
+    from prunelab.sparsity.blocks import sparse_arch
+    from prunelab.structure import arch_info
+
+    return sparse_arch(config, model) if method.sparse else arch_info(config)
 
 
 def make_plan(
@@ -328,14 +337,14 @@ class Pruned:
 
     masks: dict[str, torch.Tensor]
     plan: Any  # PrunePlan | SparsityPlan: the method's final plan where it re-planned
-    arch: Any  # ArchInfo of the pruned model
+    arch: Any  # ArchInfo of the pruned model (LinearArch for a family prunelab has no structure for)
     record: dict[str, Any]
 
 
 def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Pruned:
     """Prune ``model`` in place with ``method`` (the CLI's prune stage and ``prunelab.prune``
     both run exactly this): structured methods are removed physically, sparse ones zeroed."""
-    from prunelab.structure import apply_masks, arch_info, prune_physically
+    from prunelab.structure import apply_masks, prune_physically
 
     masks = method.prune(model, plan, ctx)
     record = method.record()
@@ -344,7 +353,7 @@ def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Prun
 
         record["sparsity"] = _sparsity_record(model, masks, plan, method)
         mark_config(model, {k: record["sparsity"][k] for k in ("method", "pattern", "scope", "sparsity")})
-        new_arch = arch_info(model.config)
+        new_arch = plan_arch(method, model.config, model)
     else:
         apply_masks(model, masks)
         new_arch = prune_physically(model, masks)

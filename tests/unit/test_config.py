@@ -155,7 +155,10 @@ BAD = [
     (["method=admm", "method.schedule=linear"], r"method\.schedule='linear' is not allowed.*cubic, none"),
     (["method=admm", "method.mask_iterations=30"], r"mask_iterations=30 exceeds method\.iterations=20"),
     (["method=sparsegpt", "method.damping=0"], r"method\.damping=0 must be > 0"),
-    (["method=wanda", "method.modules=[q_proj,lm_head]"], r"method\.modules=.*allowed: a non-empty subset"),
+    (
+        ["method=wanda", "method.modules=[q_proj,lm_head]"],
+        r"method\.modules: 'lm_head' is not a linear layer.*allowed: all",
+    ),
     (["method=wanda", "ratio=1.0"], r"ratio=1\.0 is outside the allowed range"),
     (
         ["method=structured", "eval.semi_structured=true"],

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from prunelab.structure import arch_info
+from prunelab.structure.arch import SUPPORTED_MODEL_TYPES
 from prunelab.structure.groups import base_model
 
 
@@ -29,9 +30,18 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def macs(model: nn.Module, seq_len: int) -> int:
-    arch = arch_info(base_model(model).config)
+    """Linear-layer MACs plus the attention products (QKᵀ and AV, full causal-free count) of
+    a forward over ``seq_len`` tokens. Families without prunelab structure: the config's
+    uniform head count (sliding-window layers counted as full ones)."""
+    config = base_model(model).config
+    if getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+        arch = arch_info(config)
+        heads, head_dim = [s.num_attention_heads for s in arch.layers], arch.head_dim
+    else:
+        heads = [config.num_attention_heads] * config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    attention = sum(2 * s.num_attention_heads * arch.head_dim * seq_len * seq_len for s in arch.layers)
+    attention = sum(2 * h * head_dim * seq_len * seq_len for h in heads)
     return linear * seq_len + attention
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from prunelab.errors import bad_value
 from prunelab.progress import bar
+from prunelab.sparsity.blocks import block_linears, decoder_layers, leaf, resolve_modules
 from prunelab.sparsity.solvers import InputStats, reconstruction_error
 
 # LLaMA-family linear layers by the input they read: layers reading one input share its stats.
@@ -157,30 +158,48 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class BlockInputs:
-    """Block 0's inputs: hidden states in a store plus the keyword arguments (positions,
-    rotary embeddings, mask) of each batch. Unpadded calibration windows of one shape get
-    identical keyword arguments, so they are kept once per batch shape, not once per batch;
-    a batch whose arguments differ (or cannot be compared: flex attention builds a new mask
-    object per forward) keeps its own."""
+    """Block 0's inputs (hidden states in a store) and every block's keyword arguments
+    (positions, rotary embeddings, attention mask) for every batch: layers of different
+    types get different ones — a sliding-window layer its banded mask, Gemma's local layers
+    their own rotary base. Identical arguments are kept once: within a batch, the layers of
+    one type receive the very same objects; across batches, unpadded windows of one shape
+    get equal ones (compared by value; arguments that cannot be compared — flex attention
+    builds a new mask object per forward — are kept per batch)."""
 
-    def __init__(self, store: ActivationStore) -> None:
+    def __init__(self, store: ActivationStore, num_blocks: int = 1) -> None:
         self.store = store
-        self._kwargs: dict[tuple[int, ...], dict[str, Any]] = {}
-        self._own: dict[int, dict[str, Any]] = {}
-        self._shapes: list[tuple[int, ...]] = []
+        self._pool: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        self._index: list[list[dict[str, Any]]] = [[] for _ in range(num_blocks)]
+        self._batch: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (received, kept) this batch
 
     def add(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        shape = tuple(hidden.shape)
-        known = self._kwargs.get(shape)
-        if known is None:
-            self._kwargs[shape] = kwargs
-        elif not _same(known, kwargs):
-            self._own[len(self._shapes)] = kwargs
-        self._shapes.append(shape)
+        """Block 0's input of one batch and its keyword arguments."""
         self.store.append(hidden)
+        self.add_kwargs(0, tuple(hidden.shape), kwargs)
 
-    def kwargs(self) -> list[dict[str, Any]]:
-        return [self._own.get(i, self._kwargs[s]) for i, s in enumerate(self._shapes)]
+    def add_kwargs(self, block: int, shape: tuple[int, ...], kwargs: dict[str, Any]) -> None:
+        """One block's keyword arguments for the batch being captured (block 0 starts a batch)."""
+        if block == 0:
+            self._batch = []
+        # the very objects an earlier block of this batch got (the usual case: every layer of a type)
+        for raw, kept in self._batch:
+            if _identical(raw, kwargs):
+                self._index[block].append(kept)
+                return
+        kept = next((known for known in self._pool.setdefault(shape, []) if _same(known, kwargs)), None)
+        if kept is None:
+            self._pool[shape].append(kwargs)
+            kept = kwargs
+        self._batch.append((kwargs, kept))
+        self._index[block].append(kept)
+
+    def kwargs(self, block: int = 0) -> list[dict[str, Any]]:
+        """``block``'s keyword arguments, one per stored batch."""
+        return self._index[block]
+
+
+def _identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
 
 
 @torch.no_grad()
@@ -191,25 +210,49 @@ def capture_inputs(
     batch_size: int = 8,
     store: ActivationStore | None = None,
 ) -> BlockInputs:
-    """Block 0's hidden states (into ``store``, default in memory) and keyword arguments."""
-    inner = model.model
-    captured = BlockInputs(store if store is not None else ActivationStore("memory", device))
+    """Block 0's hidden states (into ``store``, default in memory) and every block's keyword
+    arguments, as the model's own forward builds them for each layer. The blocks do not run:
+    each is replaced for the duration by a recorder that passes its input through."""
+    name, blocks = decoder_layers(model)
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    captured = BlockInputs(store if store is not None else ActivationStore("memory", device), len(blocks))
+    last = len(blocks) - 1
 
-    def hook(module, args, kw):
-        hs = args[0] if args else kw["hidden_states"]
-        captured.add(hs.detach(), {k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Captured
+    def recorder(i: int):
+        def forward(*args, **kw):
+            if len(args) > 1:
+                raise TypeError(
+                    f"{type(blocks[i]).__name__} takes positional arguments besides the hidden states; the "
+                    "layer-wise engine needs them by keyword (transformers ≥ 5 decoder layers do)"
+                )
+            hs = args[0] if args else kw["hidden_states"]
+            rest = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if i == 0:
+                captured.add(hs.detach(), rest)
+            else:
+                captured.add_kwargs(i, tuple(hs.shape), rest)
+            if i == last:
+                raise _Captured
+            return hs
 
-    first = inner.layers[0]
-    stem = [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return forward
+
+    # A forward set on the instance (accelerate's hooks set one) is put back afterwards.
+    own = [b.__dict__.get("forward") for b in blocks]
+    stem = [m for m in parent.children() if m is not blocks]
     try:
+        for i, b in enumerate(blocks):
+            b.forward = recorder(i)
         with on_device(stem, device):
             for batch in _batches(calibration, batch_size):
                 with contextlib.suppress(_Captured):
                     model(input_ids=batch.to(device), use_cache=False)
     finally:
-        handle.remove()
+        for b, f in zip(blocks, own, strict=True):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
     return captured
 
 
@@ -234,13 +277,74 @@ def propagate(
 ) -> list[torch.Tensor]:
     """The last block's outputs, block by block as the engine computes them (for checks)."""
     captured = capture_inputs(model, calibration, device, batch_size)
-    inputs, kwargs = captured.store, captured.kwargs()
-    for block in model.model.layers:
+    inputs = captured.store
+    for i, block in enumerate(decoder_layers(model)[1]):
         with on_device([block], device):
             outputs = ActivationStore("memory", device)
-            run_block(block, inputs, kwargs, outputs)
+            run_block(block, inputs, captured.kwargs(i), outputs)
             inputs = outputs
     return list(inputs)
+
+
+class SharedInputs:
+    """Input statistics of a block's target linears, one per distinct input: linears that
+    read the very same tensor (q/k/v reading the normed hidden states, gate/up reading the
+    MLP input; nothing in a fused projection) share one Σx² / XᵀX. Which linears share is
+    read from the model's own forward — the first batch's inputs, compared by identity —
+    not from a family's names, and every later batch must share the same way."""
+
+    def __init__(self, linears: dict[str, nn.Linear], targets: list[str], gram: bool, device: torch.device):
+        self.linears, self.targets, self.gram, self.device = linears, targets, gram, device
+        self.site: dict[str, int] = {}
+        self.stats: dict[int, InputStats] = {}
+        self._batch: list[tuple[torch.Tensor, int]] = []  # this batch's inputs (held: ids stay unique)
+        self._seen: set[str] = set()
+
+    def _hook(self, path: str):
+        def fn(module, args, output):
+            x = args[0]
+            site = next((s for t, s in self._batch if t is x), None)
+            if site is None:
+                site = self.site.get(path, len(self.stats))
+                if site not in self.stats:
+                    self.stats[site] = InputStats(module.in_features, self.gram, self.device)
+                self.stats[site].add(x)
+                self._batch.append((x, site))
+            if self.site.setdefault(path, site) != site:
+                raise RuntimeError(
+                    f"{path} read a different tensor than in the first batch; cannot share statistics"
+                )
+            self._seen.add(path)
+
+        return fn
+
+    @contextlib.contextmanager
+    def hooked(self, block: nn.Module) -> Iterator[None]:
+        """Hooks on the target linears while the block runs its batches."""
+
+        def new_batch(module, args, kwargs):
+            self._batch = []
+
+        hooks = [block.register_forward_pre_hook(new_batch, with_kwargs=True)]
+        hooks += [self.linears[p].register_forward_hook(self._hook(p)) for p in self.targets]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            self._batch = []
+        unseen = [p for p in self.targets if p not in self._seen]
+        if unseen:
+            raise RuntimeError(f"the block's forward never called {unseen}; their inputs are unknown")
+
+    def stats_of(self, path: str) -> InputStats:
+        return self.stats[self.site[path]]
+
+    def release(self, path: str, later: list[str]) -> None:
+        """Free ``path``'s statistics when no later target reads the same input."""
+        site = self.site[path]
+        if not any(self.site.get(p) == site for p in later):
+            self.stats.pop(site, None)
 
 
 @contextlib.contextmanager
@@ -287,58 +391,48 @@ def prune_layerwise(
         def store(name: str) -> ActivationStore:
             return ActivationStore(activations, device, None if root is None else root / name)
 
-        blocks = model.model.layers
+        prefix, blocks = decoder_layers(model)
+        where = str(getattr(model.config, "model_type", type(model).__name__))
         masks: dict[str, torch.Tensor] = {}
         report: dict[str, dict] = {}
-        inputs = kwargs = None
+        inputs = captured = None
         if calibration is not None:
             captured = capture_inputs(model, calibration, device, batch_size, store("a"))
-            inputs, kwargs = captured.store, captured.kwargs()
+            inputs = captured.store
             spare = store("b")
         last = max(layers)
         todo = set(layers)
         for i in bar(range(last + 1), desc=desc, unit="block", leave=False):
             block = blocks[i]
+            kwargs = captured.kwargs(i) if captured is not None else None
             with on_device([block], device):
                 if i in todo:
-                    stats: dict[str, InputStats] = {}
-                    hooks = []
-                    if inputs is not None:
-                        for name in modules:
-                            path, site = SITES[name]
-                            if site in stats:
-                                continue
-                            lin = block.get_submodule(path)
-                            stats[site] = InputStats(lin.in_features, gram or errors, device)
-                            hooks.append(
-                                lin.register_forward_hook(lambda m, a, o, s=stats[site]: s.add(a[0]))
-                            )
-                        try:
+                    linears = block_linears(block)
+                    targets = resolve_modules(modules, list(linears), where)
+                    shared = (
+                        SharedInputs(linears, targets, gram or errors, device) if inputs is not None else None
+                    )
+                    if shared is not None:
+                        with shared.hooked(block):
                             run_block(block, inputs, kwargs)
-                        finally:
-                            for h in hooks:
-                                h.remove()
-                    for name in modules:
-                        path, site = SITES[name]
-                        lin = block.get_submodule(path)
-                        st = stats.get(site)
+                    for n, path in enumerate(targets):
+                        lin = linears[path]
+                        st = shared.stats_of(path) if shared is not None else None
                         w = lin.weight.detach().float()
                         if errors:
                             w = w.clone()  # .float() of an fp32 weight is the weight itself
-                        new, keep, info = solve(name, w, st)
+                        new, keep, info = solve(leaf(path), w, st)
                         lin.weight.copy_(new.to(lin.weight.dtype))
-                        key = f"model.layers.{i}.{path}.weight"
+                        key = f"{prefix}.{i}.{path}.weight"
                         masks[key] = keep.cpu()
                         entry = {"sparsity": 1.0 - keep.sum().item() / keep.numel(), **info}
                         if errors and st is not None:
                             entry["rel_error"] = reconstruction_error(w, lin.weight.detach().float(), st)
                         report[key] = entry
                         del w, new, st
-                        if site in stats and not any(
-                            SITES[m][1] == site for m in modules[modules.index(name) + 1 :]
-                        ):
-                            del stats[site]  # its last reader is solved: free XᵀX and its factorisations
-                    del stats
+                        if shared is not None:
+                            shared.release(path, targets[n + 1 :])  # its last reader is solved: free XᵀX
+                    del shared
                 if inputs is not None and i < last:  # the pruned block feeds the next one
                     run_block(block, inputs, kwargs, spare)
                     inputs.clear()

@@ -102,8 +102,10 @@ def arch_info(config) -> ArchInfo:
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"model_type={mt!r} is not supported; allowed: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(LLaMA 1/2/3, Vicuna, Mistral, Qwen2)"
+            f"model_type={mt!r} is not supported by the structured methods: prunelab does not know its "
+            f"coupled structures (heads, KV groups, MLP channels); allowed: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(LLaMA 1/2/3, Vicuna, Mistral, Qwen2). The layer-wise methods (magnitude, wanda, sparsegpt, "
+            "admm) run on it: they need only its blocks' linear layers"
         )
     h = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads

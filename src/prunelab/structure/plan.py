@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from prunelab.errors import ConfigError
 from prunelab.structure.arch import ArchInfo
@@ -221,14 +222,16 @@ class SparsityPlan:
 
 
 def plan_sparsity(
-    arch: ArchInfo,
+    arch: Any,
     ratio: float,
     pattern,
     scope: str,
     modules: list[str] | tuple[str, ...],
     layers: list[int],
 ) -> SparsityPlan:
-    """Check a sparsity target against the architecture (from config alone) and count it."""
+    """Check a sparsity target against the architecture (from config alone) and count it.
+    ``arch``: an ArchInfo, or for a family prunelab has no structure for, the LinearArch of
+    its meta-device model (``prunelab.sparsity.blocks``)."""
     from prunelab.sparsity.patterns import prune_count
 
     if not 0.0 < ratio < 1.0:
@@ -241,10 +244,12 @@ def plan_sparsity(
             f"every {pattern.m} weights, i.e. sparsity {pattern.sparsity:g}; use ratio={pattern.sparsity:g} "
             f"or sparsity_pattern=unstructured"
         )
+    from prunelab.sparsity.blocks import resolve_modules
+
     targeted = zeroed = 0
     for i in layers:
         shapes = arch.linear_shapes(i)
-        for name in modules:
+        for name in resolve_modules(modules, list(shapes), f"model_type={arch.model_type}"):
             rows, cols = shapes[name]
             if pattern.m is not None and cols % pattern.m:
                 raise ConfigError(

@@ -57,15 +57,15 @@ class LayerwisePruner(PruningMethod):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.modules = tuple(self.modules)
+        self.modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
         self.pattern: Pattern = parse_pattern(self.sparsity_pattern)
         if self.scope not in SCOPES:
             raise bad_value("method.scope", self.scope, SCOPES)
-        bad = [m for m in self.modules if m not in LINEARS]
-        if bad or not self.modules:
+        if not self.modules or not all(isinstance(m, str) and m for m in self.modules):
             raise ConfigError(
-                f"method.modules={list(self.modules)} is not allowed; allowed: a non-empty subset of "
-                f"{list(LINEARS)}"
+                f"method.modules={list(self.modules)} is not allowed; allowed: [all] or a non-empty list of the "
+                f"blocks' linear layer names (LLaMA family: {list(LINEARS)}; fused ones such as qkv_proj are "
+                "taken when all their parts are named)"
             )
         _positive_int("batch_size", self.batch_size)
         if self.activations not in ACTIVATION_STORES:

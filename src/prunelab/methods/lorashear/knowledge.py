@@ -66,7 +66,8 @@ class PrefixCache:
         device = next(model.parameters()).device
         self.windows = ids[: n * seq_len].view(n, seq_len)
         captured = capture_inputs(model, self.windows, device, batch_size)
-        self.kwargs = captured.kwargs()
+        # each block's own keyword arguments (a sliding-window layer gets its own mask)
+        self.kwargs = [captured.kwargs(i) for i in range(len(layers))]
         current = captured.store
         self.inputs: dict[int, list[torch.Tensor]] = {}
         for i in range(max(starts) + 1):
@@ -74,7 +75,7 @@ class PrefixCache:
                 self.inputs[i] = [x.to("cpu") for x in current]
             if i < max(starts):
                 out = ActivationStore("memory", device)
-                run_block(layers[i], current, self.kwargs, out)
+                run_block(layers[i], current, self.kwargs[i], out)
                 current = out
         self.batch_size = batch_size
 
@@ -84,10 +85,10 @@ class PrefixCache:
         inner = self.model.model
         device = next(self.model.parameters()).device
         total, count = 0.0, 0
-        for b, (x, kw) in enumerate(zip(self.inputs[start], self.kwargs, strict=True)):
+        for b, x in enumerate(self.inputs[start]):
             x = x.to(device)
-            for block in inner.layers[start:]:
-                out = block(x, **kw)
+            for i in range(start, len(inner.layers)):
+                out = inner.layers[i](x, **self.kwargs[i][b])
                 x = out[0] if isinstance(out, tuple) else out
             window = self.windows[b * self.batch_size : (b + 1) * self.batch_size]
             total += next_token_nll_sum(self.model.lm_head(inner.norm(x)), window)
