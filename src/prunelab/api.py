@@ -287,11 +287,10 @@ def prune(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    params_after = done.arch.total_params()
     return PruneResult(
         model=model,
         masks=done.masks,
-        ratio=ratio_record(plan, params_after, done.record.get("sparsity")),
+        ratio=ratio_record(plan, done.params_after, done.record.get("sparsity"), done.masked_params),
         plan=done.plan.to_dict(),
         layer_shapes=[s.to_dict() for s in done.arch.layers],
         sparsity=done.record.get("sparsity"),

@@ -339,12 +339,20 @@ class Pruned:
     plan: Any  # PrunePlan | SparsityPlan: the method's final plan where it re-planned
     arch: Any  # ArchInfo of the pruned model (LinearArch for a family prunelab has no structure for)
     record: dict[str, Any]
+    # parameters of masked-only groups (ATP's shared head-dimension channels): zeroed in place,
+    # still stored in the model, counted as removed by the ratio
+    masked_params: int = 0
+
+    @property
+    def params_after(self) -> int:
+        """Parameters left: those stored minus the masked-only ones (zeros by construction)."""
+        return self.arch.total_params() - self.masked_params
 
 
 def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Pruned:
     """Prune ``model`` in place with ``method`` (the CLI's prune stage and ``prunelab.prune``
     both run exactly this): structured methods are removed physically, sparse ones zeroed."""
-    from prunelab.structure import apply_masks, prune_physically
+    from prunelab.structure import apply_masks, arch_info, masked_params, prune_physically
 
     masks = method.prune(model, plan, ctx)
     record = method.record()
@@ -354,14 +362,18 @@ def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Prun
         record["sparsity"] = _sparsity_record(model, masks, plan, method)
         mark_config(model, {k: record["sparsity"][k] for k in ("method", "pattern", "scope", "sparsity")})
         new_arch = plan_arch(method, model.config, model)
+        masked = 0
     else:
+        masked = masked_params(arch_info(model.config), masks)
         apply_masks(model, masks)
         new_arch = prune_physically(model, masks)
-    return Pruned(masks, method.final_plan or plan, new_arch, record)
+    return Pruned(masks, method.final_plan or plan, new_arch, record, masked)
 
 
-def ratio_record(plan: Any, params_after: int, sparsity: dict | None) -> dict:
-    """results.json → ratio: requested and achieved, in the meaning of the method's family."""
+def ratio_record(plan: Any, params_after: int, sparsity: dict | None, params_masked: int = 0) -> dict:
+    """results.json → ratio: requested and achieved, in the meaning of the method's family.
+    ``params_masked``: parameters of masked-only groups (zeroed in place, still stored), which
+    ``params_after`` already leaves out; recorded beside the stored count when there are any."""
     if sparsity is not None:
         return {
             "meaning": "sparsity of the pruned linear layers",
@@ -378,8 +390,19 @@ def ratio_record(plan: Any, params_after: int, sparsity: dict | None) -> dict:
         "params_before": plan.params_before,
         "params_after": params_after,
     }
+    if params_masked:  # part of the removal is a mask: both counts, and what the stored model holds
+        record.update(
+            params_masked=params_masked,
+            params_stored=params_after + params_masked,
+            achieved_physically=1 - (params_after + params_masked) / plan.params_before,
+            masked_note="params_after and achieved count masked-only groups (zeroed in place, still stored) "
+            "as removed; params_stored / achieved_physically are the stored model's",
+        )
     if getattr(plan, "convention", None):  # a paper's convention: its numbers beside prunelab's
-        record["convention"] = plan.convention
+        record["convention"] = dict(plan.convention)
+        base = plan.convention.get("params_base")
+        if base:  # linear: what the method achieved (it may have re-planned), not the first plan
+            record["convention"]["achieved"] = (plan.params_before - params_after) / base
     return record
 
 
@@ -612,7 +635,8 @@ def prune(job: Job) -> None:
             "prune",
             {
                 "plan": done.plan.to_dict(),
-                "params_after": done.arch.total_params(),
+                "params_after": done.params_after,
+                **({"params_masked": done.masked_params} if done.masked_params else {}),
                 "layer_shapes": [s.to_dict() for s in done.arch.layers],
                 "time_s": time.perf_counter() - t,
                 "method_time_s": method_time,
@@ -751,7 +775,9 @@ def collect(job: Job) -> dict:
         "run_dir": str(job.rd.root),
         "model_dir": str(job.final_dir),
         "model_weights": model_fingerprint(cfg.model),  # hub id@commit sha, or a local folder's fingerprint
-        "ratio": ratio_record(job.plan, rec["params_after"], rec.get("sparsity")),
+        "ratio": ratio_record(
+            job.plan, rec["params_after"], rec.get("sparsity"), rec.get("params_masked", 0)
+        ),
         "sparsity": sparsity,
         "plan": rec["plan"],
         "layer_shapes": rec["layer_shapes"],

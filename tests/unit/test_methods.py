@@ -1,6 +1,6 @@
 """The shared method table: every method through the same checks (peft's test-table habit).
 
-Adding a method = one row here. Checks: the requested ratio is met, outputs stay finite,
+Adding a method = one row here. Checks: the requested ratio is met (masked-only groups — ATP head_dim — counted as removed), outputs stay finite,
 masked == physically pruned, save → load round-trips, LoRA merge == unmerged.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from prunelab.methods import PruneContext, build_method
 from prunelab.models.loading import load_pretrained, save_model
-from prunelab.structure import arch_info
+from prunelab.structure import arch_info, masked_params
 from prunelab.structure.plan import plan_ratio
 from tests.checks import LINEARS, lora_merge_matches, masked_vs_physical, sparse_masks_hold
 from tests.conftest import make_model
@@ -75,6 +75,7 @@ METHODS = [
     ("lorashear", LS_CFG, 0.1, 0.05),
     ("atp", ATP_CFG, 0.1, 0.01),
     ("atp-gru", {**ATP_CFG, "generator": {**ATP_CFG["generator"], "encoder": "gru"}}, 0.1, 0.01),
+    ("atp-head_dim", {**ATP_CFG, "attention_space": "head_dim"}, 0.1, 0.01),
     ("lorashear-ablated", {**LS_CFG, "lora_aware": False, "knowledge": {"enabled": False},
                            "lhspg": {"enabled": False}}, 0.1, 0.05),
 ]
@@ -111,10 +112,12 @@ def _pruned(method_cfg, ratio, tol, family=("llama", 2), out_dir=None):
 @pytest.mark.parametrize("name,method_cfg,ratio,tol", METHODS, ids=[m[0] for m in METHODS])
 def test_method_shared_checks(name, method_cfg, ratio, tol, inputs, tmp_path):
     model, plan, masks = _pruned(method_cfg, ratio, tol, out_dir=tmp_path / "train")
+    masked = masked_params(arch_info(model.config), masks)  # ATP head_dim: zeroed in place
+    assert masked > 0 if name == "atp-head_dim" else masked == 0
     ref, out, new_arch = masked_vs_physical(model, masks, inputs)
 
     n_params = sum(p.numel() for p in model.parameters())
-    achieved = 1 - n_params / plan.params_before
+    achieved = 1 - (n_params - masked) / plan.params_before
     assert abs(achieved - ratio) <= tol * ratio, f"achieved {achieved:.4f} vs requested {ratio}"
     assert new_arch.total_params() == n_params
     assert torch.isfinite(out).all()

@@ -7,10 +7,12 @@ over those groups, and the member slices that move together.
 from prunelab.structure.arch import ArchInfo, LayerShape, arch_info
 from prunelab.structure.groups import (
     KINDS,
+    MASKED_ONLY,
     Member,
     Unit,
     apply_masks,
     full_masks,
+    masked_params,
     members,
     prune_physically,
     set_layer_shapes,
@@ -19,6 +21,7 @@ from prunelab.structure.groups import (
 
 __all__ = [
     "KINDS",
+    "MASKED_ONLY",
     "ArchInfo",
     "LayerShape",
     "Member",
@@ -26,6 +29,7 @@ __all__ = [
     "apply_masks",
     "arch_info",
     "full_masks",
+    "masked_params",
     "members",
     "prune_physically",
     "set_layer_shapes",

@@ -55,6 +55,20 @@ class ArchInfo:
     def mlp_channel_params(self) -> int:
         return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
 
+    def qk_channel_params(self, layer: int) -> int:
+        """Parameters of one head-dimension channel of q/k shared by every head of a layer (ATP's
+        search space): its q row in every query head and its k row in every KV head."""
+        s = self.layers[layer]
+        rows = s.num_attention_heads + s.num_key_value_heads
+        return rows * self.hidden_size + (rows if self.attention_bias else 0)
+
+    def vo_channel_params(self, layer: int) -> int:
+        """Parameters of one head-dimension channel of v/o shared by every head of a layer: its v
+        row in every KV head and its o column in every query head (o's bias is not per channel)."""
+        s = self.layers[layer]
+        v = s.num_key_value_heads * (self.hidden_size + (1 if self.attention_bias else 0))
+        return v + s.num_attention_heads * self.hidden_size
+
     def hidden_channel_params(self) -> int:
         """Parameters removed with one hidden (residual-stream) channel: its embedding and
         lm_head columns, every RMSNorm entry, q/k/v/gate/up input columns, o/down output rows."""

@@ -6,6 +6,14 @@ group is one head), the MLP channels of one layer (``kind="mlp"``), or the decod
 themselves (``kind="layer"``, ``layer=None``). A *mask* maps a unit's key to a bool vector
 over its groups (True = keep). Masking zeroes every member of a pruned group; physical
 pruning slices them out. The two give the same outputs (tested to 1e-5).
+
+ATP's attention space (``kind="qk"`` / ``"vo"``): one head-dimension channel shared by every
+head of a layer — channel j is row h·head_dim + j of q and k (every head h), or of v with
+column h·head_dim + j of o. These are *masked only* (``MASKED_ONLY``): zeroed in place, never
+sliced, because transformers' LLaMA attention cannot run them removed — q/k channels are
+masked before RoPE, which pairs channel c with c + head_dim/2 (a masked channel whose partner
+is kept still contributes), and q, k, v share one head_dim (RoPE's and the view's); removing v
+rows and o columns would be exact but leaves a value head_dim the attention cannot express.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from torch import nn
 
 from prunelab.structure.arch import LAYER_SHAPES_KEY, ArchInfo, LayerShape, arch_info
 
-KINDS = ("attn", "mlp", "layer", "hidden")
+KINDS = ("attn", "mlp", "layer", "hidden", "qk", "vo")
+MASKED_ONLY = ("qk", "vo")  # kinds zeroed in place by prune_physically, never sliced (see above)
 Masks = dict[str, torch.Tensor]
 
 
@@ -38,12 +47,15 @@ class Unit:
 @dataclass(frozen=True)
 class Member:
     """A parameter slice that belongs to a group: ``param`` of module ``path`` (relative to
-    the decoder layer) split along ``dim`` into consecutive blocks of ``width``."""
+    the decoder layer) split along ``dim`` into consecutive blocks of ``width`` — or, with
+    ``period`` > 0, strided: group j holds indices j, j + period, j + 2·period, … (one
+    head-dimension channel of every head; ``width`` is then 1)."""
 
     path: str
     param: str
     dim: int
     width: int
+    period: int = 0
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -60,6 +72,10 @@ def units(arch: ArchInfo, kinds: tuple[str, ...] = ("attn", "mlp")) -> list[Unit
     for i, s in enumerate(arch.layers):
         if "attn" in kinds:
             out.append(Unit(i, "attn", s.num_key_value_heads))
+        if "qk" in kinds:
+            out.append(Unit(i, "qk", arch.head_dim))
+        if "vo" in kinds:
+            out.append(Unit(i, "vo", arch.head_dim))
         if "mlp" in kinds:
             out.append(Unit(i, "mlp", s.intermediate_size))
     if "layer" in kinds:
@@ -85,6 +101,23 @@ def members(arch: ArchInfo, unit: Unit) -> list[Member]:
                 Member("self_attn.k_proj", "bias", 0, d),
                 Member("self_attn.v_proj", "bias", 0, d),
             ]
+        return out
+    if unit.kind in MASKED_ONLY:  # one channel of every head: strided by head_dim
+        d = arch.head_dim
+        if unit.kind == "qk":
+            out = [
+                Member("self_attn.q_proj", "weight", 0, 1, d),
+                Member("self_attn.k_proj", "weight", 0, 1, d),
+            ]
+            if arch.attention_bias:
+                out += [
+                    Member("self_attn.q_proj", "bias", 0, 1, d),
+                    Member("self_attn.k_proj", "bias", 0, 1, d),
+                ]
+            return out
+        out = [Member("self_attn.v_proj", "weight", 0, 1, d), Member("self_attn.o_proj", "weight", 1, 1, d)]
+        if arch.attention_bias:
+            out.append(Member("self_attn.v_proj", "bias", 0, 1, d))
         return out
     if unit.kind == "mlp":
         out = [
@@ -133,6 +166,11 @@ def member_tensor(model: nn.Module, layer: int | None, m: Member) -> torch.Tenso
 
 def grouped(t: torch.Tensor, m: Member) -> torch.Tensor:
     """View a member tensor as [n_groups, elements_per_group]."""
+    if m.period:  # group j: index j of every period (every head)
+        d = m.period
+        if m.dim == 0:  # [reps·d, …] -> [d, reps·…]
+            return t.reshape(t.shape[0] // d, d, -1).transpose(0, 1).reshape(d, -1)
+        return t.reshape(t.shape[0], t.shape[1] // d, d).permute(2, 0, 1).reshape(d, -1)
     if m.dim == 0:
         return t.reshape(t.shape[0] // m.width, -1)
     # dim 1: [out, n*width] -> [n, out*width]
@@ -151,6 +189,24 @@ def full_masks(arch: ArchInfo, kinds: tuple[str, ...] = ("attn", "mlp")) -> Mask
 
 def _expand(keep: torch.Tensor, width: int) -> torch.Tensor:
     return keep.repeat_interleave(width)
+
+
+def expand_groups(values: torch.Tensor, m: Member, size: int) -> torch.Tensor:
+    """A per-group vector spread over the ``size`` indices of member ``m`` along ``m.dim``:
+    each value repeated over its block, or tiled over the heads for a strided member."""
+    return values.repeat(size // m.period) if m.period else values.repeat_interleave(m.width)
+
+
+def masked_params(arch: ArchInfo, masks: Masks) -> int:
+    """Parameters of the masked-only groups (``MASKED_ONLY``) that ``masks`` prune: zeroed in
+    place, still stored; what a ratio counts as removed beside the physically removed ones."""
+    per = {"qk": arch.qk_channel_params, "vo": arch.vo_channel_params}
+    total = 0
+    for key, keep in masks.items():
+        layer, _, kind = key.partition(".")
+        if kind in MASKED_ONLY:
+            total += int((~keep).sum()) * per[kind](int(layer))
+    return total
 
 
 @torch.no_grad()
@@ -175,7 +231,7 @@ def apply_masks(model: nn.Module, masks: Masks, arch: ArchInfo | None = None) ->
             unit = Unit(int(layer), kind, keep.numel())
         root = base_model(model) if unit.layer is None else layers[unit.layer]
         for m, t in iter_unit_members(model, arch, unit):
-            drop = ~_expand(keep.to(t.device), m.width)
+            drop = ~expand_groups(keep.to(t.device), m, t.shape[m.dim])
             if m.dim == 0:
                 t[drop] = 0
             else:
@@ -285,7 +341,9 @@ def _record_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) ->
 
 @torch.no_grad()
 def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
-    """Remove masked groups (and masked layers) for real. Returns the new ArchInfo."""
+    """Remove masked groups (and masked layers) for real; masked-only groups (``MASKED_ONLY``:
+    ATP's shared head-dimension channels) are zeroed in place instead. Returns the new
+    ArchInfo (whose parameter count still holds the masked-only groups: ``masked_params``)."""
     arch = arch_info(base_model(model).config)
     layers = decoder_layers(model)
     shapes = list(arch.layers)
@@ -293,6 +351,9 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
         if key in ("layers", "hidden") or bool(keep.all()):
             continue
         layer, kind = int(key.split(".")[0]), key.split(".")[1]
+        if kind in MASKED_ONLY:  # zeroed, shapes unchanged: what is exact and runnable here
+            apply_masks(model, {key: keep}, arch)
+            continue
         if not bool(keep.any()):
             raise ValueError(
                 f"mask {key!r} removes every {kind} group of layer {layer}; "

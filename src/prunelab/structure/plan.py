@@ -360,4 +360,6 @@ def plan_convention(
         "requested": ratio,
         "achieved": achieved,
     }
+    if convention == "linear":  # the denominator: a method that re-plans is re-read against it
+        plan.convention["params_base"] = base
     return plan

@@ -34,6 +34,13 @@ structure, the generator stops, and LoRA keeps training on the frozen structure.
 the final adapter is merged, and the runner removes the pruned
 structures physically; ``training.removal_max_abs_logit_change`` is what that removal costs
 (the LoRA slices the lasso did not zero).
+
+``attention_space: head_dim`` is the paper's attention space (the official
+``layer_uniform_attn``): per layer one mask over the head dimension for q/k and one for v/o,
+shared by every head, gated on the q/k/v output rows h·head_dim + j before RoPE as the official
+code masks them; a channel weighs (n_heads + n_kv)·hidden parameters as the official accounting
+counts it. Those channels are zeroed in place, not removed (the runner counts them as removed
+and records the stored count beside it); MLP channels are removed as under ``heads``.
 """
 
 from __future__ import annotations
@@ -63,8 +70,16 @@ from prunelab.methods import (
 )
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
 from prunelab.recovery.lora import Feature, TrainHooks, collate, loss_sum, pad_id_of, target_count
-from prunelab.structure import ArchInfo, Unit, arch_info, units
-from prunelab.structure.groups import Masks, Member, decoder_layers, grouped, lora_slices, weight_members
+from prunelab.structure import ArchInfo, Unit, arch_info, masked_params, units
+from prunelab.structure.groups import (
+    Masks,
+    Member,
+    decoder_layers,
+    expand_groups,
+    grouped,
+    lora_slices,
+    weight_members,
+)
 from prunelab.structure.plan import PrunePlan, prunable_layers
 
 _log = logging.getLogger(__name__)
@@ -91,6 +106,11 @@ OFFICIAL_CUT_AT = 0.8
 OFFICIAL_CLIP = 3.0  # clip_grad_norm_(hyper_net.parameters(), 3.0)
 GENERATOR_DATA = ("heldout", "shared")
 GENERATOR_MODES = ("eval", "train")
+# The attention search space: heads — whole KV groups (whole heads under MHA), removed
+# physically; head_dim — the paper's (the official --pruning-method layer_uniform_attn): per
+# layer one head-dimension mask for q/k and one for v/o, shared by every head, masked in place
+# (zeroed, shapes unchanged; prunelab.structure.groups says why it cannot be sliced)
+ATTENTION_SPACES = ("heads", "head_dim")
 
 
 def period_starts(gen_steps: int, periods: int = OFFICIAL_PERIODS) -> list[int]:
@@ -156,8 +176,16 @@ class GeneratorConfig:
 
 
 def structure_params(arch: ArchInfo, unit: Unit) -> int:
-    """Parameters one structure of ``unit`` holds (a KV group with its heads; an MLP channel)."""
-    return arch.attn_group_params(unit.layer) if unit.kind == "attn" else arch.mlp_channel_params()
+    """Parameters one structure of ``unit`` holds: a KV group with its heads; a shared q/k
+    channel — its q row in every query head, its k row in every KV head, as the official
+    accounting counts it ((n_heads + n_kv)·hidden, train_llm.py ``caculate_remaining_parmams``);
+    a shared v/o channel — v rows, o columns, likewise; an MLP channel (gate/up rows, down column)."""
+    per = {
+        "attn": arch.attn_group_params,
+        "qk": arch.qk_channel_params,
+        "vo": arch.vo_channel_params,
+    }
+    return per[unit.kind](unit.layer) if unit.kind in per else arch.mlp_channel_params()
 
 
 def budget_loss(kept: torch.Tensor, target: float) -> torch.Tensor:
@@ -240,7 +268,7 @@ def group_lasso_prox(
         factor = (1 - threshold * groups.shape[1] ** 0.5 / groups.norm(dim=1).clamp_min(1e-30)).clamp_min(0)
         factor = torch.where(pruned.to(factor.device), factor, torch.ones_like(factor))
         shape = (-1, 1) if m.dim == 0 else (1, -1)
-        t.mul_(factor.to(t.dtype).repeat_interleave(m.width).view(shape))
+        t.mul_(expand_groups(factor.to(t.dtype), m, t.shape[m.dim]).view(shape))
 
 
 class _Gates:
@@ -253,12 +281,13 @@ class _Gates:
         self.values: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
 
-    def _hook(self, key: str, width: int, mode: str):
+    def _hook(self, key: str, member: Member, mode: str):
         def hook(module, args, out):
             if self.mode != mode:
                 return None
-            g = self.values[key].to(out.device, out.dtype).repeat_interleave(width)
-            return out * g
+            # a block per structure (heads, channels), or a shared head-dimension channel tiled
+            # over the heads (q/k/v rows h·head_dim + j)
+            return out * expand_groups(self.values[key].to(out.device, out.dtype), member, out.shape[-1])
 
         return hook
 
@@ -269,8 +298,8 @@ class _Gates:
                 if m.dim != 0:  # the structure's output rows: q/k/v, gate/up
                     continue
                 mod = layers[u.layer].get_submodule(m.path)
-                self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, m.width, "hard")))
-                self.handles.append(mod.register_forward_hook(self._hook(u.key, m.width, "soft")))
+                self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, m, "hard")))
+                self.handles.append(mod.register_forward_hook(self._hook(u.key, m, "soft")))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -511,6 +540,7 @@ class ATP(PruningMethod):
     freeze_by: float | None = None  # at the latest at this fraction of the run
     generator_data: str = "heldout"  # the generator step's batches: heldout | shared (the LoRA step's)
     generator_mode: str = "eval"  # the model's mode in the generator step: eval (no dropout) | train
+    attention_space: str = "heads"  # heads (KV groups, removed) | head_dim (the paper's; masked in place)
     heldout_fraction: float = 0.1  # of the training data, held out of the LoRA step for the generator
     train: dict[str, Any] = field(default_factory=dict)  # the joint LoRA training: keys of recovery=lora
     seed: int = 0
@@ -536,6 +566,8 @@ class ATP(PruningMethod):
             raise bad_value("method.generator_data", self.generator_data, GENERATOR_DATA)
         if self.generator_mode not in GENERATOR_MODES:
             raise bad_value("method.generator_mode", self.generator_mode, GENERATOR_MODES)
+        if self.attention_space not in ATTENTION_SPACES:
+            raise bad_value("method.attention_space", self.attention_space, ATTENTION_SPACES)
         if not (isinstance(self.heldout_fraction, (int, float)) and 0 < self.heldout_fraction < 1):
             raise ConfigError(f"method.heldout_fraction={self.heldout_fraction!r} must be in (0, 1)")
         if not (isinstance(self.freeze_tolerance, (int, float)) and self.freeze_tolerance > 0):
@@ -560,6 +592,14 @@ class ATP(PruningMethod):
     def layers(self, num_layers: int) -> list[int]:
         return prunable_layers(num_layers, self.keep_first_layers, self.keep_last_layers)
 
+    @property
+    def search_kinds(self) -> tuple[str, ...]:
+        """The structure kinds the generator decides: ``attn`` is whole KV groups, or under
+        ``attention_space=head_dim`` the shared q/k and v/o channels (``qk``, ``vo``)."""
+        if self.attention_space == "heads":
+            return self.targets
+        return tuple(k for t in self.targets for k in (("qk", "vo") if t == "attn" else (t,)))
+
     def check(self, data_cfg: Any = None) -> None:
         check_trainer(self.trainer, data_cfg)
 
@@ -567,15 +607,16 @@ class ATP(PruningMethod):
         """Joint generator + LoRA training; returns the keep masks. The model comes back with
         LoRA merged (pruned structures still present, removed by the runner)."""
         arch = arch_info(model.config)
-        todo = [u for u in units(arch, self.targets) if u.layer in plan.prunable_layers]
+        todo = [u for u in units(arch, self.search_kinds) if u.layer in plan.prunable_layers]
         weights = {u.key: structure_params(arch, u) for u in todo}
         prunable = sum(u.n * weights[u.key] for u in todo)
         target = (prunable - plan.requested * plan.params_before) / prunable  # kept fraction p
         floor = sum(weights.values()) / prunable  # one structure per unit stays
         if not floor <= target < 1:
             raise ConfigError(
-                f"ratio={plan.requested} cannot be met by pruning heads and MLP channels of layers "
-                f"{plan.prunable_layers} (at most {1 - floor:.3f} of their parameters can go)"
+                f"ratio={plan.requested} cannot be met by pruning the {'/'.join(self.search_kinds)} structures "
+                f"of layers {plan.prunable_layers} (method.attention_space={self.attention_space}: at most "
+                f"{1 - floor:.3f} of their parameters can go)"
             )
         tr = self.trainer
         train, val, extra = tr.features_for(ctx.tokenizer, ctx.data_cfg)
@@ -625,13 +666,18 @@ class ATP(PruningMethod):
         removal = fit["merge_max_abs_diff"]
         remove = {k: int((~v).sum()) for k, v in masks.items()}
         removed = sum(n * weights[k] for k, n in remove.items())
+        # masked-only channels (head_dim) count as removed, as in the official accounting; the
+        # runner records the stored count beside it
+        masked = masked_params(arch, masks)
+        if masked != sum(n * weights[k] for k, n in remove.items() if k.split(".")[1] in ("qk", "vo")):
+            raise RuntimeError("atp: the masked-channel count disagrees with the generator's weights")
         after = plan.params_before - removed
         self.final_plan = PrunePlan(
             plan.requested,
             1 - after / plan.params_before,
             plan.params_before,
             after,
-            self.targets,
+            self.search_kinds,
             plan.prunable_layers,
             remove,
         )
@@ -642,6 +688,8 @@ class ATP(PruningMethod):
                 "could not meet the budget with the structures left to flip"
             )
         history = {
+            "attention_space": self.attention_space,
+            "params_masked": masked,  # in place (zeroed), still stored; 0 under heads
             "schedule": self.schedule,
             "generator_steps": joint.freeze_limit,
             "generator_data": self.generator_data,
@@ -673,9 +721,12 @@ def plot_decisions(log: list[dict], path: str | Path) -> Path:
 
     points = [e for e in log if "kept" in e]
     keys = sorted(points[0]["kept"], key=lambda k: (k.split(".")[1], int(k.split(".")[0]))) if points else []
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
-    for ax, kind in zip(axes, ("attn", "mlp"), strict=True):
-        for k in (k for k in keys if k.endswith(kind)):
+    order = ("attn", "qk", "vo", "mlp")
+    kinds = sorted({k.split(".")[1] for k in keys}, key=order.index) or ["attn", "mlp"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, kind in zip(axes, kinds, strict=True):
+        for k in (k for k in keys if k.split(".")[1] == kind):
             ax.plot(
                 [e["step"] for e in points], [e["kept"][k] for e in points], label=f"layer {k.split('.')[0]}"
             )
@@ -685,5 +736,5 @@ def plot_decisions(log: list[dict], path: str | Path) -> Path:
         ax.set_title(f"{kind}: kept fraction")
         ax.set_xlabel("step")
     axes[0].set_ylabel("kept")
-    axes[1].legend(fontsize=6, ncol=2)
+    axes[-1].legend(fontsize=6, ncol=2)
     return save_figure(fig, path)
