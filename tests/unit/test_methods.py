@@ -1,7 +1,8 @@
 """The shared method table: every method through the same checks (peft's test-table habit).
 
-Adding a method = one row here. Checks: the requested ratio is met (masked-only groups — ATP head_dim — counted as removed), outputs stay finite,
-masked == physically pruned, save → load round-trips, LoRA merge == unmerged.
+Adding a method = one row here. Checks: the requested ratio is met (masked-only groups — ATP
+head_dim — counted as removed), outputs stay finite, masked == physically pruned, save → load
+round-trips, LoRA merge == unmerged.
 """
 
 from __future__ import annotations
