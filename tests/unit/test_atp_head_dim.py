@@ -330,3 +330,26 @@ def test_head_dim_run_meets_the_ratio_counting_masked_channels_and_reports_both(
     save_model(model, None, tmp_path / "m")
     reloaded = load_pretrained(tmp_path / "m").eval()
     assert torch.equal(reloaded(input_ids=inputs).logits, model(input_ids=inputs).logits)
+
+
+def test_ratio_record_rereads_the_linear_convention_from_the_parameters_left():
+    """ATP re-plans (its own decisions, maybe masked channels): the paper's linear-layer ratio in
+    results.json must be what it left — (before − after) / the linear layers' parameters — not
+    the first plan's; the first plan's record stays as it was."""
+    from prunelab.runner import ratio_record
+    from prunelab.structure.plan import linear_params, plan_convention
+
+    arch = arch_info(make_model("llama", KV, layers=4).config)
+    plan = plan_convention(arch, 0.3, "linear", ("attn", "mlp"), [1, 2])
+    first = dict(plan.convention)
+    after = plan.params_after - 5000
+    rec = ratio_record(plan, after, None, params_masked=1234)
+    linear = linear_params(arch, [1, 2])
+    assert plan.convention["params_base"] == linear
+    assert rec["convention"]["achieved"] == pytest.approx((plan.params_before - after) / linear)
+    assert rec["convention"]["achieved"] != pytest.approx(first["achieved"])
+    assert plan.convention == first
+    assert rec["params_stored"] == after + 1234 and rec["achieved"] == pytest.approx(
+        1 - after / plan.params_before
+    )
+    assert "params_masked" not in ratio_record(plan, after, None)  # nothing masked: nothing added
