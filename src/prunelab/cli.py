@@ -79,10 +79,15 @@ FAILED: list[str] = []  # jobs of this multirun that failed (the sweep goes on w
 
 def _record_failure(run_dir: Path, cfg: DictConfig, e: BaseException) -> None:
     """error.json in the job's run directory (and its config, if the job failed before
-    writing one): what the aggregation reports for this job."""
+    writing one): what the aggregation reports for this job. Not when the runner handled it
+    already, nor when another process holds the directory (its run is not this one)."""
     import json
-    import traceback
 
+    from prunelab.runner import write_error
+    from prunelab.tracking.lock import RunDirLocked
+
+    if getattr(e, "prunelab_handled", False) or isinstance(e, RunDirLocked):
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.json").exists():
         try:
@@ -91,17 +96,7 @@ def _record_failure(run_dir: Path, cfg: DictConfig, e: BaseException) -> None:
             resolved = OmegaConf.to_container(cfg, resolve=False)
         config = run_identity(resolved)
         (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (run_dir / "error.json").write_text(
-        json.dumps(
-            {
-                "type": type(e).__name__,
-                "message": str(e),
-                "traceback": "".join(traceback.format_exception(e)),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    write_error(run_dir, "validate", e)  # before the run directory was opened
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")

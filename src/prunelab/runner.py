@@ -7,6 +7,7 @@ All config problems are collected and raised together before any model loads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from prunelab.errors import ConfigError, bad_value
 from prunelab.evaluation.suite import perplexity_sets
 from prunelab.methods.base import PruningMethod
 from prunelab.structure.plan import check_convention
-from prunelab.tracking.rundir import RunDir, write_json
+from prunelab.tracking.rundir import RunDir, read_json, write_json
 
 log = logging.getLogger(__name__)
 LOGGERS = ("wandb", "none")
@@ -39,6 +40,23 @@ def check_ratio(ratio: Any, tolerance: Any) -> list[str]:
         )
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 <= tolerance < 1.0:
         problems.append(f"ratio_tolerance={tolerance!r} must be in [0, 1) (relative to ratio)")
+    return problems
+
+
+def check_rundir(node: Any) -> list[str]:
+    """Problems with the ``rundir`` keys (how a run directory is resumed and shared)."""
+    from prunelab.tracking.rundir import VERIFY
+
+    if node is None:
+        return []
+    problems = []
+    verify = node.get("verify")
+    if verify not in VERIFY:
+        problems.append(str(bad_value("rundir.verify", verify, VERIFY)))
+    for key in ("lock_wait_s", "lock_stale_s"):
+        v = node.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            problems.append(f"rundir.{key}={v!r} must be a number of seconds >= 0")
     return problems
 
 
@@ -76,6 +94,12 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             attempt(recovery.check)
     if cfg.logger.name not in LOGGERS:
         problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
+    problems += check_rundir(cfg.get("rundir"))
+    timeout = cfg.logger.get("init_timeout_s")
+    if cfg.logger.name == "wandb" and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        problems.append(f"logger.init_timeout_s={timeout!r} must be a number of seconds > 0")
     if cfg.device != "auto" and not str(cfg.device).startswith(("cpu", "cuda", "mps")):
         problems.append(str(bad_value("device", cfg.device, ("auto", "cpu", "cuda", "cuda:N", "mps"))))
     sparse = method is not None and method.sparse
@@ -179,7 +203,7 @@ def _hash(obj: Any) -> str:
 
 
 # Keys that never change results: they neither name run directories nor block resuming.
-VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir", "dry_run")
+VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir", "dry_run", "rundir")
 # keys that change where or how work happens, never its result: not part of a run's identity
 VOLATILE_DOTTED = (
     "method.activations",  # calibration batches in memory or on disk
@@ -212,13 +236,20 @@ def model_fingerprint(cfg: DictConfig) -> str:
     the commit sha the revision resolves to (as ``from_pretrained`` resolves it), so a branch that moves
     keys new numbers. When the commit cannot be known (offline, never downloaded): ``<hub id>@<revision>``,
     with a warning."""
+    return weights_identity(cfg)[0]
+
+
+def weights_identity(cfg: DictConfig) -> tuple[str, list | None, bool]:
+    """(``model_fingerprint``, the local folder's ``[name, size, mtime_ns]`` rows or None for a hub
+    id, whether the fingerprint is exact: False for a hub revision whose commit is unknown here)."""
     from prunelab.models.loading import hub_commit, resolve_path
 
     path = Path(resolve_path(str(cfg.path)))
     if path.is_dir():
-        return _hash(
-            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
-        )
+        files = [
+            [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()
+        ]
+        return _hash([tuple(row) for row in files]), files, True
     revision = cfg.get("revision")
     commit = hub_commit(str(cfg.path), None if revision is None else str(revision))
     if commit is None:
@@ -231,8 +262,8 @@ def model_fingerprint(cfg: DictConfig) -> str:
             cfg.path,
             revision,
         )
-        return f"{cfg.path}@{revision}"
-    return f"{cfg.path}@{commit}"
+        return f"{cfg.path}@{revision}", None, False
+    return f"{cfg.path}@{commit}", None, True
 
 
 def data_fingerprints(cfg: DictConfig) -> dict[str, str]:
@@ -461,6 +492,8 @@ class Job:
     recover_rec: dict | None = None
     recovered: dict | None = None
     final_dir: Path | None = None
+    lock: Any = None  # RunLock of the run directory, released when the run ends
+    stage: str = "start"  # the stage under way: what error.json names
 
     @property
     def sparse(self) -> bool:
@@ -506,10 +539,30 @@ class Job:
         return self._masks
 
 
+# What each stage reads of the others' output in the run directory (dense_eval writes only the
+# shared cache): redoing a stage invalidates every stage downstream of it.
+DEPENDS = {"eval": ("prune",), "recover": ("prune",), "eval_recovered": ("recover",)}
+# The files a stage leaves for later stages and results.json: hashed when it finishes and
+# checked when a rerun resumes it (absent ones are not recorded: not every method writes all).
+STAGE_OUTPUTS = {
+    "prune": (
+        "pruned",
+        "masks.safetensors",
+        "prune_train/history.json",
+        "prune_train/reference_losses.json",
+    ),
+    "recover": ("recovered/model", "recovered/history.json"),
+}
+# Where a stage keeps partial work it resumes from (training checkpoints): not outputs, but
+# deleted with the stage's record when an upstream stage is redone (it was done on old inputs).
+STAGE_WORK = {"recover": ("recovered",)}
+
+
 def start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Job:
     """Validate (every problem at once, before any model loads), preflight (device, folders,
-    hub ids) and open the run directory."""
+    hub ids), take the run directory's lock and open it."""
     from prunelab.preflight import preflight
+    from prunelab.tracking.lock import RunLock
 
     validate(cfg, with_plan=False)  # config errors first: they need nothing from the hub
     preflight(cfg)
@@ -517,21 +570,48 @@ def start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Job:
     recovery, own, why = choose_recovery(cfg, method, recovery)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     identity = run_identity(resolved)
-    rd = RunDir(run_dir, identity)
-    torch.manual_seed(int(cfg.seed))
-    job = Job(
-        cfg=cfg,
-        method=method,
-        recovery=recovery,
-        own_recovery=own,
-        skipped_recovery=why,
-        plan=plan,
-        rd=rd,
-        resolved=resolved,
-        tracker=_tracker(cfg, rd.root, resolved, group, key=_hash(identity)),
-        device=pick_device(str(cfg.device)),
-        group=group,
-    )
+    weights, weights_files, exact = weights_identity(cfg.model)
+    rcfg = cfg.get("rundir") or {}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir, rcfg.get("lock_wait_s", 0), rcfg.get("lock_stale_s", 900)).acquire()
+    rd = None
+    try:
+        rd = RunDir(
+            run_dir,
+            identity,
+            weights=weights,
+            weights_files=weights_files,
+            weights_resolved=exact,
+            verify=rcfg.get("verify", "hash"),
+            depends=DEPENDS,
+            outputs=STAGE_OUTPUTS,
+            work=STAGE_WORK,
+        )
+        # this attempt's outcome is not known yet: an older results.json or error.json is not it
+        (rd.root / "results.json").unlink(missing_ok=True)
+        (rd.root / "error.json").unlink(missing_ok=True)
+        torch.manual_seed(int(cfg.seed))
+        job = Job(
+            cfg=cfg,
+            method=method,
+            recovery=recovery,
+            own_recovery=own,
+            skipped_recovery=why,
+            plan=plan,
+            rd=rd,
+            resolved=resolved,
+            tracker=_tracker(cfg, rd.root, resolved, group, key=_hash(identity)),
+            device=pick_device(str(cfg.device)),
+            group=group,
+            lock=lock,
+        )
+    except BaseException as e:
+        if rd is not None:
+            write_error(rd.root, "start", e)
+        else:  # refused to open (another config, other weights): its records are not this run's
+            _mark_handled(e)
+        lock.release()
+        raise
     log.info(
         "run dir %s | plan: %.4f of %d parameters (requested %.4f)",
         rd.root,
@@ -563,8 +643,8 @@ def dense_eval(job: Job) -> None:
         }
     )
     path = job.cache / "dense" / f"{cfg.model.name}-{key}.json"
-    if path.exists():
-        job.dense = json.loads(path.read_text())
+    job.dense = read_json(path)  # None: not cached, or a damaged file (recomputed)
+    if job.dense is not None:
         if job.dense.get("zeroshot"):  # the cache key leaves eval.zeroshot.metric out
             from prunelab.data.sources import plain
             from prunelab.evaluation.zeroshot import reported_average
@@ -744,16 +824,50 @@ def evaluate_recovered(job: Job) -> None:
 STAGES = (dense_eval, prune, evaluate_pruned, recover, evaluate_recovered)
 
 
+def _mark_handled(e: BaseException) -> None:
+    """The CLI's multirun handler writes error.json for failures the runner has not handled."""
+    with contextlib.suppress(AttributeError):
+        e.prunelab_handled = True  # type: ignore[attr-defined]
+
+
+def write_error(run_dir: Path, stage: str, e: BaseException) -> None:
+    """error.json: the stage that failed, the exception (type, message, traceback) and when."""
+    import traceback
+
+    _mark_handled(e)
+
+    write_json(
+        Path(run_dir) / "error.json",
+        {
+            "stage": stage,
+            "type": type(e).__name__,
+            "message": str(e),
+            "traceback": "".join(traceback.format_exception(e)),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
-    """The whole recipe: every stage in order, then results.json. Rerunning resumes."""
+    """The whole recipe: every stage in order, then results.json. Rerunning resumes. A failure
+    leaves error.json (and no results.json) in the run directory."""
     job = start(cfg, run_dir, group)
     try:
         for stage in STAGES:
+            job.stage = stage.__name__
             stage(job)
+        job.stage = "results"
         return finish(job)
-    except BaseException:
-        job.tracker.finish(exit_code=1)
+    except BaseException as e:
+        (job.rd.root / "results.json").unlink(missing_ok=True)
+        write_error(job.rd.root, job.stage, e)
+        try:
+            job.tracker.finish(exit_code=1)
+        except Exception:  # the original failure is the one to report
+            log.exception("W&B: finishing the failed run failed too")
         raise
+    finally:
+        job.lock.release()
 
 
 # ---------------------------------------------------------------- results
@@ -791,6 +905,9 @@ def collect(job: Job) -> dict:
         "training": _training_record(job.rd.root / "prune_train", rec),
         "timings_s": job.timings,
         "resumed_stages": job.resumed,
+        # the library versions of this process; and per resumed stage, those that differed when it ran
+        "environment": job.rd.env,
+        "environment_mismatch": job.rd.env_mismatch,
         "tracking": {
             "logger": cfg.logger.name,
             "group": job.group,
@@ -803,7 +920,6 @@ def collect(job: Job) -> dict:
 def finish(job: Job) -> dict:
     job.timings["total"] = time.perf_counter() - job.t_start
     results = collect(job)
-    write_json(job.rd.root / "results.json", results)
     rows = summary_rows(results)
     for line in summary_text(rows).splitlines():
         log.info("%s", line)
@@ -822,6 +938,9 @@ def finish(job: Job) -> dict:
         name = re.sub(r"[^\w.-]", "_", job.rd.root.name)[:100]  # W&B artifact names: [\w.-]
         job.tracker.artifact(f"{name}-model", job.final_dir)
     job.tracker.finish()
+    # last: results.json exists only for a run that got through everything
+    write_json(job.rd.root / "results.json", results)
+    (job.rd.root / "error.json").unlink(missing_ok=True)
     return results
 
 

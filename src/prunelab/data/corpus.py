@@ -147,7 +147,9 @@ def _stdlib_docs() -> list[Document]:
     docs = _parse_stdlib(files)
     with contextlib.suppress(OSError):  # a read-only home only costs the parse
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        from prunelab.tracking.rundir import unique_tmp
+
+        tmp = unique_tmp(cached)  # per process and thread
         tmp.write_text(json.dumps([{"id": d.id, "source": d.source, "text": d.text} for d in docs]))
         os.replace(tmp, cached)
     return docs

@@ -193,7 +193,9 @@ def embedded_task_names() -> tuple[str, ...]:
 
 def _write_atomic(path: Path, text: str) -> None:
     # Readers (a concurrent run, lm-eval) never see a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from prunelab.tracking.rundir import unique_tmp
+
+    tmp = unique_tmp(path)  # per process and thread
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

@@ -66,7 +66,9 @@ def build(name: str, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # concurrent builders do not collide
+    from prunelab.tracking.rundir import unique_tmp
+
+    tmp = unique_tmp(out)  # concurrent builders (processes, threads) do not collide
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(asset_dir("tiny_llama")).save_pretrained(tmp)

@@ -5,13 +5,20 @@ so a resumed job continues its W&B run instead of starting a second one, while a
 in a reused directory gets a run of its own. Stages log their own step counters as a
 ``stage_step`` field, never as W&B's step: a stage redone after a kill starts again at 0,
 and W&B would drop steps lower than ones it has already seen.
+
+W&B never holds a job up: ``wandb.init`` waits at most ``logger.init_timeout_s`` seconds (W&B's
+own ``init_timeout`` setting); when an online init fails (timeout, unreachable server, refused
+key), the run goes on logging offline, with a warning — ``wandb sync`` uploads it later.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class NullTracker:
@@ -64,10 +71,10 @@ class WandbTracker:
         # key: a hash of the config keys that change results (the runner's), not logger/device
         run_id = hashlib.sha1((str(Path(run_dir).resolve()) + key).encode()).hexdigest()[:16]
         self.run_id = run_id
-        self.run = wandb.init(
+        self.mode = str(cfg.mode)
+        kwargs = dict(
             project=cfg.project,
             entity=cfg.entity,
-            mode=cfg.mode,
             group=group,
             job_type=job_type,
             name=name,
@@ -78,6 +85,23 @@ class WandbTracker:
             resume="allow",
             reinit="finish_previous",
         )
+        timeout = float(cfg.get("init_timeout_s") or 90.0)
+        try:
+            self.run = wandb.init(mode=self.mode, settings=wandb.Settings(init_timeout=timeout), **kwargs)
+        except Exception as e:  # wandb.errors.CommError on a timeout; others for a refused key
+            if self.mode != "online":
+                raise
+            log.warning(
+                "W&B: wandb.init online failed (%s: %s; logger.init_timeout_s=%g); logging offline instead, "
+                "upload later with `wandb sync %s/wandb/offline-run-*`",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+                timeout,
+                run_dir,
+            )
+            self.mode = "offline"
+            wandb.teardown()  # the service still holds the run id of the attempt that timed out
+            self.run = wandb.init(mode="offline", settings=wandb.Settings(init_timeout=timeout), **kwargs)
 
     def log(self, data: dict, step: int | None = None) -> None:
         payload = flatten(data)
