@@ -11,6 +11,9 @@ a revision's commit sha is a hash of its files. Endpoints (those the pinned clie
     GET /api/{datasets|models}/{repo}[/revision/{revision}]    repo info (sha, siblings)
     GET /api/{datasets|models}/{repo}/tree/{revision}[/{path}] a folder listing
     POST /api/{datasets|models}/{repo}/paths-info/{revision}   info about given paths
+    POST /api/repos/create                                     a new, empty repository (a token needed)
+    POST /api/{datasets|models}/{repo}/preupload/{revision}    every file goes as a regular blob
+    POST /api/{datasets|models}/{repo}/commit/{revision}       an NDJSON commit: files added/deleted
 
 Anything else is a 404 with the hub's ``X-Error-Code`` header (RepoNotFound, RevisionNotFound,
 EntryNotFound), which the clients turn into their own errors. A repository holding a ``.gated``
@@ -22,8 +25,10 @@ request (method, path) for tests that check what was fetched.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +36,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 KINDS = ("datasets", "models")
-API_OPS = ("revision", "tree", "paths-info")
+API_OPS = ("revision", "tree", "paths-info", "preupload", "commit")
 
 
 def revision_dir_name(revision: str) -> str:
@@ -52,6 +57,7 @@ class HubStandIn:
         self.root = Path(root)
         self.gate_tokens = None if gate_tokens is None else frozenset(gate_tokens)
         self.requests: list[tuple[str, str]] = []
+        self.created: list[tuple[str, str, bool]] = []  # (kind, repo, private) made by create_repo
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -152,6 +158,10 @@ class HubStandIn:
                 size = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(size) if size else b""
                 parts = [p for p in path.split("/") if p]
+                if parts == ["api", "repos", "create"] and self.command == "POST":
+                    return self.create(json.loads(body or b"{}"))
+                if parts == ["api", "validate-yaml"] and self.command == "POST":
+                    return self.validate_yaml(json.loads(body or b"{}"))
                 if len(parts) >= 2 and parts[0] == "api" and parts[1] in KINDS:
                     return self.api(parts[1], parts[2:], parse_qs(url.query), body)
                 kind = "datasets" if parts[:1] == ["datasets"] else "models"
@@ -160,6 +170,66 @@ class HubStandIn:
                     repo, revision, rest = hub.split_repo_and_revision(parts[:2] + parts[3:], kind)
                     return self.resolve(kind, repo, revision, "/".join(rest))
                 return self.error("RepoNotFound")
+
+            def authorised(self) -> bool:
+                """Writes need a token (any token: the stand-in has no accounts); 401 otherwise."""
+                if (self.headers.get("Authorization") or "").startswith("Bearer "):
+                    return True
+                self.error("Unauthorized", 401, "Invalid credentials in Authorization header")
+                return False
+
+            def create(self, spec: dict) -> None:
+                if not self.authorised():
+                    return None
+                kind = (spec.get("type") or "model") + "s"
+                repo = f"{spec.get('organization') or 'user'}/{spec['name']}"
+                base = hub.root / kind / repo
+                if base.exists():
+                    return self.error("RepoExists", 409, "You already created this model repo")
+                (base / "main").mkdir(parents=True)
+                # huggingface_hub ≥1 sends visibility ("private"/"public"); older clients sent private
+                private = spec.get("visibility") == "private" or bool(spec.get("private"))
+                hub.created.append((kind, repo, private))
+                return self.send(200, {"url": f"{hub.endpoint}/{repo}", "name": repo})
+
+            def validate_yaml(self, spec: dict) -> None:
+                """A README's front matter must be a YAML mapping (400 with the errors otherwise),
+                as the hub checks before a commit that carries a model card."""
+                import yaml
+
+                text = spec.get("content") or ""
+                front = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)  # the README's front matter
+                try:
+                    meta = yaml.safe_load(front.group(1)) if front else None
+                except yaml.YAMLError as e:
+                    return self.send(400, {"errors": [{"message": f"invalid YAML: {e}"}]})
+                if meta is not None and not isinstance(meta, dict):
+                    return self.send(400, {"errors": [{"message": "metadata must be a mapping"}]})
+                return self.send(200, {"errors": [], "warnings": []})
+
+            def commit(self, folder: Path, body: bytes, url_path: str) -> None:
+                if not self.authorised():
+                    return None
+                for line in body.splitlines():
+                    item = json.loads(line)
+                    value = item["value"]
+                    if item["key"] == "file":
+                        target = folder / value["path"]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(base64.b64decode(value["content"]))
+                    elif item["key"] == "deletedFile":
+                        (folder / value["path"]).unlink(missing_ok=True)
+                    elif item["key"] != "header":
+                        return self.error("BadRequest", 400, f"the stand-in does not take {item['key']}")
+                sha = tree_sha(folder)
+                return self.send(
+                    200,
+                    {
+                        "commitUrl": f"{hub.endpoint}/{url_path}/commit/{sha}",
+                        "commitOid": sha,
+                        "pullRequestUrl": None,
+                    },
+                )
 
             def resolve(self, kind: str, repo: str, revision: str, file: str) -> None:
                 folder, sha, err = hub.repo(kind, repo, revision)
@@ -198,6 +268,19 @@ class HubStandIn:
                         "oid": hashlib.sha1(data).hexdigest(),
                     }
 
+                if op == "preupload":
+                    wanted = json.loads(body or b"{}").get("files", [])
+                    return self.send(
+                        200,
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                for f in wanted
+                            ]
+                        },
+                    )
+                if op == "commit":
+                    return self.commit(folder, body, ("" if kind == "models" else f"{kind}/") + repo)
                 files = sorted(p for p in folder.rglob("*") if p.is_file())
                 if op in (None, "revision"):
                     return self.send(

@@ -194,6 +194,16 @@ def preflight(cfg: Any) -> list[str]:
         p = check_writable(key, cfg[key])
         if p:
             problems.append(p)
+    repo = cfg.get("push_to_hub")
+    if repo:
+        if hub_offline():
+            problems.append(
+                f"push_to_hub={repo!r} needs the hub, but HF_HUB_OFFLINE=1 is set; unset it or push_to_hub=null"
+            )
+        elif not (os.environ.get("HF_TOKEN") or _saved_token()):
+            problems.append(
+                f"push_to_hub={repo!r} needs a hub token with write access: `hf auth login` or set HF_TOKEN"
+            )
     not_checked = []
     if hub_offline():
         ids = [f"{key}={repo!r}" for key, _, repo, _ in _hub_ids(cfg)]

@@ -92,6 +92,12 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         recovery = attempt(lambda: build_dataclass(cfg.recovery, "recovery"))
         if recovery is not None:
             attempt(recovery.check)
+    from prunelab.card import check_repo_id
+
+    if (bad := check_repo_id(cfg.get("push_to_hub"))) is not None:
+        problems.append(bad)
+    if not isinstance(cfg.get("push_private", True), bool):
+        problems.append(f"push_private={cfg.get('push_private')!r} is not allowed; allowed: true or false")
     if cfg.logger.name not in LOGGERS:
         problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
     problems += check_rundir(cfg.get("rundir"))
@@ -203,7 +209,18 @@ def _hash(obj: Any) -> str:
 
 
 # Keys that never change results: they neither name run directories nor block resuming.
-VOLATILE_KEYS = ("logger", "device", "tags", "sweep_name", "output_root", "cache_dir", "dry_run", "rundir")
+VOLATILE_KEYS = (
+    "logger",
+    "device",
+    "tags",
+    "sweep_name",
+    "output_root",
+    "cache_dir",
+    "dry_run",
+    "rundir",
+    "push_to_hub",
+    "push_private",
+)
 # keys that change where or how work happens, never its result: not part of a run's identity
 VOLATILE_DOTTED = (
     "method.activations",  # calibration batches in memory or on disk
@@ -920,6 +937,9 @@ def collect(job: Job) -> dict:
 def finish(job: Job) -> dict:
     job.timings["total"] = time.perf_counter() - job.t_start
     results = collect(job)
+    from prunelab.card import push, write_cards
+
+    write_cards(results, job.rd.root)  # a README.md model card in every saved checkpoint
     rows = summary_rows(results)
     for line in summary_text(rows).splitlines():
         log.info("%s", line)
@@ -938,6 +958,8 @@ def finish(job: Job) -> dict:
         name = re.sub(r"[^\w.-]", "_", job.rd.root.name)[:100]  # W&B artifact names: [\w.-]
         job.tracker.artifact(f"{name}-model", job.final_dir)
     job.tracker.finish()
+    if job.cfg.get("push_to_hub"):  # a failed upload loses nothing: a rerun resumes every stage and retries
+        results["pushed"] = push(job.final_dir, job.cfg.push_to_hub, bool(job.cfg.get("push_private", True)))
     # last: results.json exists only for a run that got through everything
     write_json(job.rd.root / "results.json", results)
     (job.rd.root / "error.json").unlink(missing_ok=True)
