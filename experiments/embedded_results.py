@@ -134,6 +134,8 @@ ATP_METHODS = [
         ["method=llm_pruner", "method.importance=element1", "recovery.data=embedded_domain"],
     ),
     ("ATP (one stage)", ["method=atp"]),
+    # the paper's attention space: shared head-dimension channels, masked in place (issue 18.3a)
+    ("ATP (one stage, head_dim attention)", ["method=atp", "method.attention_space=head_dim"]),
 ]
 
 
