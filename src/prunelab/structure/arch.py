@@ -3,14 +3,99 @@ config errors happen before any model loads."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from prunelab.errors import ConfigError
 
-# Families whose decoder layers share the LLaMA layout (q/k/v/o + gate/up/down, RMSNorm).
-# Vicuna checkpoints are model_type "llama".
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LAYER_SHAPES_KEY = "prunelab_layer_shapes"
+
+_QK_NORM_EPS = (
+    "its q_norm/k_norm read the same config.rms_norm_eps as the residual-stream norms, and the exact "
+    "narrowing rescales that eps (sqrt(S/H' + eps·H/H')), which would change the head norms on reload"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's decoder layer, declaratively: the only place that knows its layout.
+
+    Everything else (units, members, masks, physical removal, per-layer shapes on load,
+    parameter accounting) is derived from this description. Adding a family = one entry in
+    ``FAMILIES`` (docs/adding_a_family.md)."""
+
+    # hidden-sized norms of each decoder layer (attribute names); each holds one entry per
+    # hidden channel
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # norms over head_dim applied to every head alike (Qwen3, Gemma 3): shared by all heads, so
+    # removing heads keeps them whole
+    head_norms: tuple[str, ...] = ()
+    # norms over the whole q / k projection (OLMo-2): each head owns a slice of them
+    proj_norms: tuple[str, ...] = ()
+    # q/k/v (not o) biases always present whatever config.attention_bias says (Qwen2); else
+    # config.attention_bias gives q/k/v and o biases
+    qkv_bias_always: bool = False
+    # one linear holding the q, k and v rows in that order (Phi-3: self_attn.qkv_proj)
+    fused_qkv: str | None = None
+    # one linear holding the gate rows then the up rows (Phi-3: mlp.gate_up_proj)
+    fused_gate_up: str | None = None
+    # structure kinds this family cannot prune exactly, and why (named in the error)
+    refuse: dict[str, str] = field(default_factory=dict)
+
+    def q(self) -> str:
+        return self.fused_qkv or "self_attn.q_proj"
+
+    def linear_paths(self) -> dict[str, str]:
+        """Role (q, k, v, o, gate, up, down) -> module path relative to the decoder layer."""
+        qkv, gu = self.fused_qkv, self.fused_gate_up
+        return {
+            "q": qkv or "self_attn.q_proj",
+            "k": qkv or "self_attn.k_proj",
+            "v": qkv or "self_attn.v_proj",
+            "o": "self_attn.o_proj",
+            "gate": gu or "mlp.gate_proj",
+            "up": gu or "mlp.up_proj",
+            "down": "mlp.down_proj",
+        }
+
+
+# model_type -> layout. Vicuna checkpoints are model_type "llama"; Gemma 3's text model
+# (Gemma3ForCausalLM) is "gemma3_text" (the multimodal "gemma3" nests it under a vision tower).
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(qkv_bias_always=True),
+    "qwen3": Family(head_norms=("q_norm", "k_norm"), refuse={"hidden": _QK_NORM_EPS}),
+    "olmo2": Family(
+        norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        proj_norms=("q_norm", "k_norm"),
+        refuse={
+            "attn": "its q_norm/k_norm normalise the whole q/k projection, all heads together: a zeroed "
+            "(masked) head still counts in the RMS of the kept heads, a removed one does not, so masked and "
+            "physically pruned models would differ (by sqrt(kept/all) in every kept head's q and k)",
+            "hidden": _QK_NORM_EPS,
+        },
+    ),
+    "gemma2": Family(
+        norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+        refuse={
+            "hidden": "its embeddings are scaled by sqrt(config.hidden_size) (computed from the config on "
+            "load) and tied to lm_head, and its norms are (1 + w)·x/rms: narrowing the hidden size changes "
+            "the scale in a way a tied checkpoint cannot absorb"
+        },
+    ),
+}
+FAMILIES["gemma3_text"] = Family(
+    norms=FAMILIES["gemma2"].norms,
+    head_norms=("q_norm", "k_norm"),
+    refuse=FAMILIES["gemma2"].refuse,
+)
+# Families the structured methods know (the layer-wise ones need only the linears)
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -36,6 +121,10 @@ class ArchInfo:
     layers: tuple[LayerShape, ...]
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
@@ -50,7 +139,8 @@ class ArchInfo:
         q = g * d * h + (g * d if self.attention_bias else 0)
         kv = 2 * (d * h + (d if self.attention_bias else 0))
         o = g * d * h
-        return q + kv + o
+        norms = (g * d + d) if self.family.proj_norms else 0  # OLMo-2: the group's q_norm/k_norm slices
+        return q + kv + o + norms
 
     def mlp_channel_params(self) -> int:
         return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
@@ -73,7 +163,7 @@ class ArchInfo:
         """Parameters removed with one hidden (residual-stream) channel: its embedding and
         lm_head columns, every RMSNorm entry, q/k/v/gate/up input columns, o/down output rows."""
         embed = self.vocab_size * (1 if self.tie_word_embeddings else 2)
-        norms = 2 * self.num_layers + 1
+        norms = len(self.family.norms) * self.num_layers + 1
         per_layer = 0
         for s in self.layers:
             q, kv = s.num_attention_heads * self.head_dim, s.num_key_value_heads * self.head_dim
@@ -83,29 +173,42 @@ class ArchInfo:
 
     def layer_params(self, layer: int) -> int:
         s = self.layers[layer]
-        h = self.hidden_size
+        h, d, fam = self.hidden_size, self.head_dim, self.family
         attn = s.num_key_value_heads * self.attn_group_params(layer) + (h if self.o_bias else 0)
+        attn += len(fam.head_norms) * d  # shared by every head, never removed with one
         mlp = s.intermediate_size * self.mlp_channel_params() + (h if self.mlp_bias else 0)
-        return attn + mlp + 2 * h  # two RMSNorms
+        return attn + mlp + len(fam.norms) * h
 
     def total_params(self) -> int:
         embed = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else embed
         return embed + head + self.hidden_size + sum(self.layer_params(i) for i in range(self.num_layers))
 
-    def linear_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of each linear layer of a decoder layer."""
+    def norm_params(self, layer: int) -> int:
+        """Parameters of a decoder layer's norms (hidden-sized, per-head and per-projection)."""
+        s, d, fam = self.layers[layer], self.head_dim, self.family
+        proj = (s.num_attention_heads + s.num_key_value_heads) * d if fam.proj_norms else 0
+        return len(fam.norms) * self.hidden_size + len(fam.head_norms) * d + proj
+
+    def module_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each linear of a decoder layer by path relative to the
+        layer (``self_attn.q_proj``; Phi-3: ``self_attn.qkv_proj``, ``mlp.gate_up_proj``)."""
         s, d, h = self.layers[layer], self.head_dim, self.hidden_size
         q, kv, i = s.num_attention_heads * d, s.num_key_value_heads * d, s.intermediate_size
-        return {
-            "q_proj": (q, h),
-            "k_proj": (kv, h),
-            "v_proj": (kv, h),
-            "o_proj": (h, q),
-            "gate_proj": (i, h),
-            "up_proj": (i, h),
-            "down_proj": (h, i),
-        }
+        rows = {"q": q, "k": kv, "v": kv, "gate": i, "up": i}
+        out: dict[str, tuple[int, int]] = {}
+        for role, path in self.family.linear_paths().items():
+            if role == "o":
+                out[path] = (h, q)
+            elif role == "down":
+                out[path] = (h, i)
+            else:  # fused roles add up their rows
+                out[path] = (out.get(path, (0, h))[0] + rows[role], h)
+        return out
+
+    def linear_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each linear layer of a decoder layer, by leaf name."""
+        return {p.rsplit(".", 1)[-1]: v for p, v in self.module_shapes(layer).items()}
 
     def uniform(self) -> bool:
         return len(set(self.layers)) == 1
@@ -118,7 +221,8 @@ def arch_info(config) -> ArchInfo:
         raise ConfigError(
             f"model_type={mt!r} is not supported by the structured methods: prunelab does not know its "
             f"coupled structures (heads, KV groups, MLP channels); allowed: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(LLaMA 1/2/3, Vicuna, Mistral, Qwen2). The layer-wise methods (magnitude, wanda, sparsegpt, "
+            "(LLaMA 1/2/3, Vicuna, Mistral, Qwen2, Qwen3, OLMo-2, Gemma 2, Gemma 3's text model "
+            "Gemma3ForCausalLM). The layer-wise methods (magnitude, wanda, sparsegpt, "
             "admm) run on it: they need only its blocks' linear layers"
         )
     h = config.hidden_size
@@ -131,7 +235,7 @@ def arch_info(config) -> ArchInfo:
         layers = (
             LayerShape(config.num_attention_heads, kv, config.intermediate_size),
         ) * config.num_hidden_layers
-    if mt == "qwen2":
+    if FAMILIES[mt].qkv_bias_always:
         attn_bias, o_bias = True, False
     else:
         attn_bias = o_bias = bool(getattr(config, "attention_bias", False))

@@ -300,7 +300,7 @@ def check_convention(convention: object) -> str:
 
 def linear_params(arch: ArchInfo, layers: list[int]) -> int:
     """Parameters of the linear layers (q, k, v, o, gate, up, down, with biases) of ``layers``."""
-    return sum(arch.layer_params(i) - 2 * arch.hidden_size for i in layers)
+    return sum(arch.layer_params(i) - arch.norm_params(i) for i in layers)
 
 
 def plan_convention(
