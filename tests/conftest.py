@@ -25,8 +25,14 @@ def make_model(
     vocab: int = 128,
     max_pos: int = 64,
     tie: bool | None = None,
+    head_dim: int | None = None,
 ):
-    """A tiny random causal LM of a supported family (fp32, eval mode)."""
+    """A tiny random causal LM of a supported family (fp32, eval mode). The newer families
+    (qwen3, olmo2, gemma2, gemma3) get random norm weights too (their head / projection /
+    post-feedforward norms would otherwise be all ones — or zeros under Gemma's (1 + w) — and a
+    wrong slice of them would go unseen); Gemma 2/3 alternate sliding (4 tokens, shorter than
+    the test windows) and full attention layers."""
+    import transformers as tf
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -43,7 +49,7 @@ def make_model(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
-        head_dim=hidden // heads,
+        head_dim=head_dim or hidden // heads,
         max_position_embeddings=max_pos,
         bos_token_id=0,
         eos_token_id=0,
@@ -60,8 +66,26 @@ def make_model(
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+    elif family == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, tie_word_embeddings=bool(tie)))
+    elif family == "qwen3_bias":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, attention_bias=True, tie_word_embeddings=True))
+    elif family == "olmo2":
+        model = tf.Olmo2ForCausalLM(tf.Olmo2Config(**common))
+    elif family in ("gemma2", "gemma3"):
+        types = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
+        gemma = dict(common, sliding_window=4, layer_types=types, query_pre_attn_scalar=common["head_dim"])
+        if family == "gemma2":  # soft-capping on, as in the released models
+            model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**gemma, attn_logit_softcapping=50.0))
+        else:
+            model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**gemma))
     else:
         raise ValueError(family)
+    if family in NEW_FAMILIES:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
     # Random-init biases are zero; make them non-zero so bias slicing is actually exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -70,6 +94,7 @@ def make_model(
     return model.eval()
 
 
+NEW_FAMILIES = ("qwen3", "qwen3_bias", "olmo2", "gemma2", "gemma3")
 FAMILIES = [
     pytest.param(("llama", 4), id="llama-mha"),
     pytest.param(("llama", 2), id="llama-gqa"),

@@ -164,6 +164,11 @@ def make_plan(
                 "method's ratio is already the sparsity of the pruned linear layers; use ratio_convention=null"
             )
         return plan_sparsity(arch, float(ratio), method.pattern, method.scope, method.modules, layers)
+    from prunelab.structure.arch import check_kinds
+
+    # the kinds the method really prunes (ATP's head_dim space: qk/vo, not whole heads), checked
+    # against what the family can prune exactly, before any model loads
+    check_kinds(arch, getattr(method, "search_kinds", method.targets))
     return plan_convention(arch, float(ratio), convention, method.targets, layers, float(tolerance))
 
 

@@ -214,6 +214,29 @@ class ArchInfo:
         return len(set(self.layers)) == 1
 
 
+_KIND_WORDS = {
+    "attn": "attention head groups (method.targets: attn)",
+    "mlp": "MLP channels (method.targets: mlp)",
+    "layer": "whole decoder layers (method.targets: [layer])",
+    "hidden": "hidden channels (method.targets: [hidden])",
+    "qk": "shared q/k head-dimension channels (method.attention_space=head_dim)",
+    "vo": "shared v/o head-dimension channels (method.attention_space=head_dim)",
+}
+
+
+def check_kinds(arch: ArchInfo, kinds, what: str = "method.targets") -> None:
+    """Refuse structure kinds the family cannot prune exactly (``Family.refuse``), naming the
+    family, the kind, the reason and what it does allow."""
+    refuse = arch.family.refuse
+    for kind in kinds:
+        if kind in refuse:
+            ok = [k for k in ("attn", "mlp", "layer", "hidden") if k not in refuse]
+            raise ConfigError(
+                f"{what} prune {_KIND_WORDS.get(kind, kind)}, which prunelab refuses on "
+                f"model_type={arch.model_type!r}: {refuse[kind]}; allowed on this family: {', '.join(ok)}"
+            )
+
+
 def arch_info(config) -> ArchInfo:
     """ArchInfo from a transformers config (works for pruned configs with per-layer shapes)."""
     mt = getattr(config, "model_type", None)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.structure.arch import LAYER_SHAPES_KEY, ArchInfo, LayerShape, arch_info
+from prunelab.structure.arch import LAYER_SHAPES_KEY, ArchInfo, LayerShape, arch_info, check_kinds
 
 KINDS = ("attn", "mlp", "layer", "hidden", "qk", "vo")
 MASKED_ONLY = ("qk", "vo")  # kinds zeroed in place by prune_physically, never sliced (see above)
@@ -86,72 +86,71 @@ def units(arch: ArchInfo, kinds: tuple[str, ...] = ("attn", "mlp")) -> list[Unit
 
 
 def members(arch: ArchInfo, unit: Unit) -> list[Member]:
+    """The parameter slices of one group of ``unit``, read from the family's description
+    (``arch.family``): the first member is the pruning root (q / gate), as in LLM-Pruner."""
+    fam = arch.family
+    lin = fam.linear_paths()
     if unit.kind == "attn":
         qd = arch.group_size(unit.layer) * arch.head_dim  # q rows / o columns per group
         d = arch.head_dim
         out = [
-            Member("self_attn.q_proj", "weight", 0, qd),
-            Member("self_attn.k_proj", "weight", 0, d),
-            Member("self_attn.v_proj", "weight", 0, d),
-            Member("self_attn.o_proj", "weight", 1, qd),
+            Member(lin["q"], "weight", 0, qd),
+            Member(lin["k"], "weight", 0, d),
+            Member(lin["v"], "weight", 0, d),
+            Member(lin["o"], "weight", 1, qd),
         ]
         if arch.attention_bias:
             out += [
-                Member("self_attn.q_proj", "bias", 0, qd),
-                Member("self_attn.k_proj", "bias", 0, d),
-                Member("self_attn.v_proj", "bias", 0, d),
+                Member(lin["q"], "bias", 0, qd),
+                Member(lin["k"], "bias", 0, d),
+                Member(lin["v"], "bias", 0, d),
             ]
+        # norms over the whole q / k projection (OLMo-2): each group owns its heads' slice;
+        # head_dim norms (Qwen3, Gemma 3) are shared by every head and stay whole
+        for name, width in zip(fam.proj_norms, (qd, d), strict=False):
+            out.append(Member(f"self_attn.{name}", "weight", 0, width))
         return out
     if unit.kind in MASKED_ONLY:  # one channel of every head: strided by head_dim
         d = arch.head_dim
         if unit.kind == "qk":
-            out = [
-                Member("self_attn.q_proj", "weight", 0, 1, d),
-                Member("self_attn.k_proj", "weight", 0, 1, d),
-            ]
+            out = [Member(lin["q"], "weight", 0, 1, d), Member(lin["k"], "weight", 0, 1, d)]
             if arch.attention_bias:
-                out += [
-                    Member("self_attn.q_proj", "bias", 0, 1, d),
-                    Member("self_attn.k_proj", "bias", 0, 1, d),
-                ]
+                out += [Member(lin["q"], "bias", 0, 1, d), Member(lin["k"], "bias", 0, 1, d)]
             return out
-        out = [Member("self_attn.v_proj", "weight", 0, 1, d), Member("self_attn.o_proj", "weight", 1, 1, d)]
+        out = [Member(lin["v"], "weight", 0, 1, d), Member(lin["o"], "weight", 1, 1, d)]
         if arch.attention_bias:
-            out.append(Member("self_attn.v_proj", "bias", 0, 1, d))
+            out.append(Member(lin["v"], "bias", 0, 1, d))
         return out
     if unit.kind == "mlp":
         out = [
-            Member("mlp.gate_proj", "weight", 0, 1),
-            Member("mlp.up_proj", "weight", 0, 1),
-            Member("mlp.down_proj", "weight", 1, 1),
+            Member(lin["gate"], "weight", 0, 1),
+            Member(lin["up"], "weight", 0, 1),
+            Member(lin["down"], "weight", 1, 1),
         ]
         if arch.mlp_bias:
-            out += [Member("mlp.gate_proj", "bias", 0, 1), Member("mlp.up_proj", "bias", 0, 1)]
+            out += [Member(lin["gate"], "bias", 0, 1), Member(lin["up"], "bias", 0, 1)]
         return out
     if unit.kind == "hidden":  # paths relative to the base model, not to a layer
         out = [Member("model.embed_tokens", "weight", 1, 1)]
         for i in range(arch.num_layers):
             p = f"model.layers.{i}."
-            out += [
-                Member(p + "input_layernorm", "weight", 0, 1),
-                Member(p + "post_attention_layernorm", "weight", 0, 1),
-                Member(p + "self_attn.q_proj", "weight", 1, 1),
-                Member(p + "self_attn.k_proj", "weight", 1, 1),
-                Member(p + "self_attn.v_proj", "weight", 1, 1),
-                Member(p + "self_attn.o_proj", "weight", 0, 1),
-                Member(p + "mlp.gate_proj", "weight", 1, 1),
-                Member(p + "mlp.up_proj", "weight", 1, 1),
-                Member(p + "mlp.down_proj", "weight", 0, 1),
-            ]
+            out += [Member(p + n, "weight", 0, 1) for n in fam.norms]
+            out += [Member(p + lin[r], "weight", 1, 1) for r in ("q", "k", "v", "gate", "up")]
+            out += [Member(p + lin[r], "weight", 0, 1) for r in ("o", "down")]
             if arch.o_bias:
-                out.append(Member(p + "self_attn.o_proj", "bias", 0, 1))
+                out.append(Member(p + lin["o"], "bias", 0, 1))
             if arch.mlp_bias:
-                out.append(Member(p + "mlp.down_proj", "bias", 0, 1))
+                out.append(Member(p + lin["down"], "bias", 0, 1))
         out.append(Member("model.norm", "weight", 0, 1))
         if not arch.tie_word_embeddings:
             out.append(Member("lm_head", "weight", 1, 1))
         return out
     raise ValueError(f"unit kind {unit.kind!r} has no members")
+
+
+def mask_kinds(masks: Masks) -> set[str]:
+    """The structure kinds ``masks`` prune (keys "3.attn", "layers", "hidden")."""
+    return {{"layers": "layer"}.get(k, k.rpartition(".")[2]) for k, v in masks.items() if not bool(v.all())}
 
 
 def weight_members(arch: ArchInfo, unit: Unit) -> list[Member]:
@@ -213,12 +212,15 @@ def masked_params(arch: ArchInfo, masks: Masks) -> int:
 def apply_masks(model: nn.Module, masks: Masks, arch: ArchInfo | None = None) -> None:
     """Zero every member of every pruned group, in place (shapes unchanged)."""
     arch = arch or arch_info(base_model(model).config)
+    check_kinds(arch, mask_kinds(masks), "the masks")
     layers = decoder_layers(model)
+    lin = arch.family.linear_paths()
     for key, keep in masks.items():
         if key == "layers":
             for i in torch.nonzero(~keep).flatten().tolist():
-                # A layer whose attention and MLP outputs are zero is the identity (residual).
-                for path in ("self_attn.o_proj", "mlp.down_proj"):
+                # A layer whose attention and MLP outputs are zero is the identity (residual;
+                # a post-norm of zero is zero: Gemma, OLMo-2).
+                for path in (lin["o"], lin["down"]):
                     lin = layers[i].get_submodule(path)
                     lin.weight.zero_()
                     if lin.bias is not None:
@@ -345,6 +347,7 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
     ATP's shared head-dimension channels) are zeroed in place instead. Returns the new
     ArchInfo (whose parameter count still holds the masked-only groups: ``masked_params``)."""
     arch = arch_info(base_model(model).config)
+    check_kinds(arch, mask_kinds(masks), "the masks")
     layers = decoder_layers(model)
     shapes = list(arch.layers)
     for key, keep in masks.items():
@@ -366,14 +369,20 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
                 continue
             done.add((m.path, m.dim))
             index = torch.nonzero(_expand(keep, m.width)).flatten()
-            _slice_linear(layers[layer].get_submodule(m.path), m.dim, index)
+            mod = layers[layer].get_submodule(m.path)
+            if isinstance(mod, nn.Linear) or lora_parts(mod):
+                _slice_linear(mod, m.dim, index)
+            else:  # a norm over the whole projection (OLMo-2): its weight, sliced like the rows
+                w = getattr(mod, m.param)
+                setattr(mod, m.param, nn.Parameter(w.data.index_select(0, index.to(w.device)), w.requires_grad))
         s = shapes[layer]
         if kind == "attn":
             g = arch.group_size(layer)
             kv = int(keep.sum())
             shapes[layer] = LayerShape(kv * g, kv, s.intermediate_size)
         else:
-            layers[layer].mlp.intermediate_size = int(keep.sum())
+            if hasattr(layers[layer].mlp, "intermediate_size"):
+                layers[layer].mlp.intermediate_size = int(keep.sum())
             shapes[layer] = LayerShape(s.num_attention_heads, s.num_key_value_heads, int(keep.sum()))
     if "layers" in masks and not bool(masks["layers"].all()):
         keep = masks["layers"].tolist()
@@ -421,34 +430,21 @@ def _prune_hidden(model: nn.Module, arch: ArchInfo, keep: torch.Tensor) -> None:
 
 
 def set_layer_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) -> None:
-    """Rebuild each layer's linears to the given shapes (weights uninitialised: for loading)."""
+    """Rebuild each layer's linears (and whole-projection norms) to the given shapes (weights
+    uninitialised: for loading), from the family's description."""
     config = base_model(model).config
-    hidden = config.hidden_size
-    for layer, s in zip(decoder_layers(model), shapes, strict=True):
-        attn, mlp = layer.self_attn, layer.mlp
-        dims = {
-            "q_proj": (hidden, s.num_attention_heads * head_dim),
-            "k_proj": (hidden, s.num_key_value_heads * head_dim),
-            "v_proj": (hidden, s.num_key_value_heads * head_dim),
-            "o_proj": (s.num_attention_heads * head_dim, hidden),
-        }
-        for name, (i, o) in dims.items():
-            old = getattr(attn, name)
-            setattr(
-                attn,
-                name,
-                nn.Linear(i, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype),
-            )
-        attn.num_key_value_groups = s.num_attention_heads // s.num_key_value_heads
-        for name, (i, o) in {
-            "gate_proj": (hidden, s.intermediate_size),
-            "up_proj": (hidden, s.intermediate_size),
-            "down_proj": (s.intermediate_size, hidden),
-        }.items():
-            old = getattr(mlp, name)
-            setattr(
-                mlp,
-                name,
-                nn.Linear(i, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype),
-            )
-        mlp.intermediate_size = s.intermediate_size
+    arch = arch_info(config)  # per-layer shapes from the config: module_shapes gives each layer's
+    fam = arch.family
+    for i, layer in enumerate(decoder_layers(model)):
+        s = shapes[i]
+        for path, (o, n_in) in arch.module_shapes(i).items():
+            parent, _, name = path.rpartition(".")
+            old = layer.get_submodule(path)
+            new = nn.Linear(n_in, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            setattr(layer.get_submodule(parent), name, new)
+        for name, n in zip(fam.proj_norms, (s.num_attention_heads, s.num_key_value_heads), strict=False):
+            norm = getattr(layer.self_attn, name)
+            norm.weight = nn.Parameter(norm.weight.data.new_ones(n * head_dim))
+        layer.self_attn.num_key_value_groups = s.num_attention_heads // s.num_key_value_heads
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = s.intermediate_size
