@@ -69,9 +69,6 @@ FAMILIES: dict[str, Family] = {
         norms=("post_attention_layernorm", "post_feedforward_layernorm"),
         proj_norms=("q_norm", "k_norm"),
         refuse={
-            "attn": "its q_norm/k_norm normalise the whole q/k projection, all heads together: a zeroed "
-            "(masked) head still counts in the RMS of the kept heads, a removed one does not, so masked and "
-            "physically pruned models would differ (by sqrt(kept/all) in every kept head's q and k)",
             "hidden": _QK_NORM_EPS,
         },
     ),

@@ -14,6 +14,15 @@ sliced, because transformers' LLaMA attention cannot run them removed — q/k ch
 masked before RoPE, which pairs channel c with c + head_dim/2 (a masked channel whose partner
 is kept still contributes), and q, k, v share one head_dim (RoPE's and the view's); removing v
 rows and o columns would be exact but leaves a value head_dim the attention cannot express.
+
+Norms over the whole q / k projection (OLMo-2: one RMS over all heads at once) couple the
+heads: a zeroed head still counts in the mean square of the kept ones (S / (N·d) instead of
+S / (N'·d) for N' of N heads kept). Physical removal slices those norms with their heads,
+scales the kept weights by sqrt(N / N') and keeps ``config.rms_norm_eps`` (a plain, loadable
+checkpoint); masking sets the masked norms' eps to eps·N'/N, the one value that makes the two
+equal exactly: w / sqrt(S/(N·d) + eps·N'/N) = w·sqrt(N/N') / sqrt(S/(N'·d) + eps). So a
+masked OLMo-2 differs from "the dense model with zeros" by that eps only. Norms over head_dim
+(Qwen3, Gemma 3) are shared by every head and stay whole.
 """
 
 from __future__ import annotations
@@ -244,6 +253,10 @@ def apply_masks(model: nn.Module, masks: Masks, arch: ArchInfo | None = None) ->
                         w[drop.to(w.device)] = 0
                     else:
                         w[:, drop.to(w.device)] = 0
+        if unit.kind == "attn" and arch.family.proj_norms:
+            eps = base_model(model).config.rms_norm_eps
+            for name in arch.family.proj_norms:  # whole-projection norms: module docstring
+                getattr(root.self_attn, name).variance_epsilon = eps * float(keep.sum()) / keep.numel()
 
 
 def lora_parts(module: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
@@ -376,6 +389,12 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
                 w = getattr(mod, m.param)
                 setattr(mod, m.param, nn.Parameter(w.data.index_select(0, index.to(w.device)), w.requires_grad))
         s = shapes[layer]
+        if kind == "attn" and arch.family.proj_norms:  # whole-projection norms: module docstring
+            attn = layers[layer].self_attn
+            for name in arch.family.proj_norms:
+                norm = getattr(attn, name)
+                norm.weight.data.mul_((keep.numel() / float(keep.sum())) ** 0.5)
+                norm.variance_epsilon = base_model(model).config.rms_norm_eps
         if kind == "attn":
             g = arch.group_size(layer)
             kv = int(keep.sum())

@@ -1,0 +1,209 @@
+"""Structured pruning on the families beyond LLaMA (issue 21, part 2): Qwen3, OLMo-2, Gemma 2,
+Gemma 3 — each one declarative ``Family`` in ``prunelab.structure.arch``.
+
+Per family: the parameter count read from the config equals the model's, masked ==
+physically pruned (logits, and greedy generation through the KV cache), save → load (per-layer
+and uniform shapes, the latter with plain transformers), the ratio plan met exactly by whole
+GQA groups, the family's own coupled norms handled (kept whole or sliced and rescaled), and
+the kinds a family cannot prune exactly refused before any model loads, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from prunelab.errors import ConfigError
+from prunelab.methods import PruneContext, build_method
+from prunelab.models.loading import load_pretrained, save_model
+from prunelab.runner import make_plan, plan_arch
+from prunelab.structure import apply_masks, arch_info, prune_physically, units
+from tests.conftest import make_model
+
+# (family, kv heads, head_dim): GQA everywhere, head_dim ≠ hidden/heads where the family has
+# it independent (Qwen3, Gemma), MHA once, q/k/v biases once
+FAMS = [
+    pytest.param(("qwen3", 2, 24), id="qwen3-gqa-hd24"),
+    pytest.param(("qwen3_bias", 2, None), id="qwen3-bias"),
+    pytest.param(("olmo2", 2, None), id="olmo2-gqa"),
+    pytest.param(("olmo2", 4, None), id="olmo2-mha"),
+    pytest.param(("gemma2", 2, 24), id="gemma2-gqa-hd24"),
+    pytest.param(("gemma3", 2, 24), id="gemma3-gqa-hd24"),
+    pytest.param(("gemma3", 4, None), id="gemma3-mha"),
+]
+X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def fam_model(f, **kw):
+    name, kv, hd = f
+    return make_model(name, kv, head_dim=hd, **kw)
+
+
+def some_masks(arch, seed=0):
+    """Every layer loses one attention group (a different one per layer) and ~40% of its MLP
+    channels: every unit is really pruned, so nothing passes by being left alone."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for u in units(arch, ("attn", "mlp")):
+        if u.kind == "attn":
+            keep = torch.ones(u.n, dtype=torch.bool)
+            keep[u.layer % u.n] = False
+        else:
+            keep = torch.rand(u.n, generator=gen) > 0.4
+            keep[0] = True
+        masks[u.key] = keep
+    return masks
+
+
+@pytest.mark.parametrize("f", FAMS)
+def test_param_count_from_config_matches_model(f):
+    model = fam_model(f)
+    assert arch_info(model.config).total_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("f", FAMS)
+def test_masked_equals_physically_pruned_and_generates_alike(f):
+    model = fam_model(f)
+    dense = model(input_ids=X).logits
+    arch = arch_info(model.config)
+    masks = some_masks(arch)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, masks)
+    ref = masked(input_ids=X).logits
+    new_arch = prune_physically(model, masks)
+    out = model(input_ids=X).logits
+    assert (ref - out).abs().max().item() <= 1e-5
+    assert (dense - out).abs().max().item() > 1e-3  # something was really removed
+    n = sum(p.numel() for p in model.parameters())
+    assert new_arch.total_params() == n
+    removed = sum(
+        int((~k).sum()) * (arch.attn_group_params(0) if key.endswith("attn") else arch.mlp_channel_params())
+        for key, k in masks.items()
+    )
+    assert arch.total_params() - n == removed  # the per-group accounting is what is removed
+    for i, layer in enumerate(model.model.layers):  # whole GQA groups: q heads = group size · kv
+        s = new_arch.layers[i]
+        assert s.num_key_value_heads == arch.layers[i].num_key_value_heads - 1
+        assert layer.self_attn.q_proj.out_features == s.num_attention_heads * arch.head_dim
+        assert s.num_attention_heads == arch.group_size(i) * s.num_key_value_heads
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(masked.generate(prompt, **kw), model.generate(prompt, **kw))
+
+
+@pytest.mark.parametrize("f", FAMS)
+def test_save_load_per_layer_and_uniform_shapes(f, tmp_path):
+    model = fam_model(f)
+    prune_physically(model, some_masks(arch_info(model.config), seed=5))  # per-layer shapes
+    out = model(input_ids=X).logits
+    save_model(model, None, tmp_path / "per_layer")
+    assert torch.equal(load_pretrained(tmp_path / "per_layer").eval()(input_ids=X).logits, out)
+    # every layer alike: a plain transformers config, loadable without prunelab
+    model = fam_model(f)
+    arch = arch_info(model.config)
+    prune_physically(model, {u.key: torch.arange(u.n) % 2 == 0 for u in units(arch)})
+    assert "prunelab_layer_shapes" not in model.config.to_dict()
+    out = model(input_ids=X).logits
+    save_model(model, None, tmp_path / "uniform")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform").eval()
+    assert torch.equal(plain(input_ids=X).logits, out)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_head_dim_norms_are_kept_whole(name):
+    """Qwen3 / Gemma 3 normalise each head over head_dim with one weight shared by all heads:
+    removing heads leaves it as it was."""
+    model = make_model(name, 2, head_dim=24)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("q_norm.weight", "k_norm.weight"))}
+    prune_physically(model, some_masks(arch_info(model.config)))
+    after = {k: v for k, v in model.state_dict().items() if k in before}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_olmo2_projection_norms_are_sliced_with_their_heads_and_rescaled():
+    """OLMo-2's q_norm/k_norm run over the whole projection: a removed group takes its heads'
+    slices, and the kept weights are scaled by sqrt(N/N') (the RMS no longer averages over
+    the removed heads' zeros). Checked against the formula, and against an OLMo-2 built with
+    the pruned sizes from scratch (transformers' own forward, not ours)."""
+    import transformers as tf
+
+    model = make_model("olmo2", 4, layers=1)  # MHA: 4 heads of 16
+    attn = model.model.layers[0].self_attn
+    q0, k0 = attn.q_norm.weight.detach().clone(), attn.k_norm.weight.detach().clone()
+    keep = torch.tensor([True, False, True, True])
+    rows = keep.repeat_interleave(16)
+    masked = copy.deepcopy(model)
+    apply_masks(masked, {"0.attn": keep})
+    prune_physically(model, {"0.attn": keep})
+    torch.testing.assert_close(attn.q_norm.weight, q0[rows] * (4 / 3) ** 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(attn.k_norm.weight, k0[rows] * (4 / 3) ** 0.5, rtol=0, atol=0)
+    assert attn.q_norm.variance_epsilon == model.config.rms_norm_eps
+    # a fresh 3-head OLMo-2 given the pruned weights computes the same logits
+    cfg = tf.Olmo2Config(**{**model.config.to_dict(), "num_attention_heads": 3, "num_key_value_heads": 3})
+    fresh = tf.Olmo2ForCausalLM(cfg).eval()
+    fresh.load_state_dict(model.state_dict())
+    out = model(input_ids=X).logits
+    assert torch.equal(fresh(input_ids=X).logits, out)
+    assert (masked(input_ids=X).logits - out).abs().max().item() <= 1e-5
+
+
+def _method(cfg: dict):
+    return build_method(OmegaConf.create({"name": "m", "keep_first_layers": 0, "keep_last_layers": 0, **cfg}))
+
+
+SP = "prunelab.methods.structured.StructuredPruner"
+
+
+@pytest.mark.parametrize("f", FAMS)
+@pytest.mark.parametrize("ratio", [0.15, 0.4])
+def test_ratio_plan_is_met_by_whole_groups(f, ratio):
+    """The plan (from the config alone) is what pruning removes, to the parameter."""
+    model = fam_model(f, layers=4, inter=128)
+    method = _method({"_target_": SP, "importance": "magnitude"})
+    plan = make_plan(method, plan_arch(method, model.config), ratio)
+    assert abs(plan.achieved - ratio) <= 0.01 * ratio
+    masks = method.prune(model, plan, PruneContext(None, None, 0))
+    assert {k: int((~masks[k]).sum()) if k in masks else 0 for k in plan.remove} == plan.remove
+    if ratio == 0.4:  # large enough for whole KV groups to go
+        assert any(n for k, n in plan.remove.items() if k.endswith("attn"))
+    apply_masks(model, masks)
+    prune_physically(model, masks)
+    assert sum(p.numel() for p in model.parameters()) == plan.params_after
+
+
+@pytest.mark.parametrize(
+    "name,why",
+    [
+        ("qwen3", "rms_norm_eps"),
+        ("olmo2", "rms_norm_eps"),
+        ("gemma2", "sqrt\\(config.hidden_size\\)"),
+        ("gemma3", "sqrt\\(config.hidden_size\\)"),
+    ],
+)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"_target_": SP, "targets": ["hidden"]},
+        {"_target_": "prunelab.methods.llm_pruner.LLMPruner", "mode": "channel"},
+    ],
+    ids=["structured-hidden", "llm_pruner-channel"],
+)
+def test_channel_mode_is_refused_with_the_reason_before_loading(name, why, cfg):
+    config = make_model(name, 2, layers=2).config  # only the config reaches the plan
+    method = _method(cfg)
+    with pytest.raises(ConfigError, match=f"model_type='{config.model_type}': .*{why}"):
+        make_plan(method, plan_arch(method, config), 0.1)
+
+
+def test_library_refuses_hidden_masks_on_a_family_that_cannot_narrow_exactly():
+    model = make_model("gemma2", 2, layers=2)
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[:8] = False
+    with pytest.raises(ConfigError, match="hidden channels.*gemma2"):
+        prune_physically(model, {"hidden": keep})
+    with pytest.raises(ConfigError, match="hidden channels.*gemma2"):
+        apply_masks(model, {"hidden": keep})
