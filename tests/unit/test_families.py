@@ -224,9 +224,9 @@ def test_meta_plan_equals_the_real_model_count():
 
 
 def test_structured_methods_refuse_an_unknown_family_by_name():
-    config = make_family("gemma3").config
+    config = make_family("gpt_neox").config
     method = build_method(OmegaConf.create({"_target_": "prunelab.methods.llm_pruner.LLMPruner"}))
-    with pytest.raises(ConfigError, match=r"model_type='gemma3_text'.*layer-wise"):
+    with pytest.raises(ConfigError, match=r"model_type='gpt_neox'.*layer-wise"):
         plan_arch(method, config)
 
 
@@ -291,10 +291,32 @@ def test_runner_prunes_an_unknown_family_with_a_layerwise_method(gemma3_folder, 
     assert math.isfinite(r["pruned"]["perplexity"]["embedded"])
 
 
-def test_runner_refuses_structured_methods_on_it_before_loading(gemma3_folder, tmp_path, monkeypatch):
+def test_runner_refuses_channel_mode_on_it_before_loading(gemma3_folder, tmp_path, monkeypatch):
+    """Gemma 3 has prunelab structure now (issue 21.2), but not hidden channels: refused before
+    the model loads, with the reason."""
     import prunelab.models.loading as loading
     from prunelab.runner import validate
 
     monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(ConfigError, match=r"gemma3_text.*structured methods"):
-        validate(_cfg(gemma3_folder, tmp_path, "method=llm_pruner"))
+    with pytest.raises(ConfigError, match=r"hidden channels.*gemma3_text.*sqrt\(config.hidden_size\)"):
+        validate(_cfg(gemma3_folder, tmp_path, "method=llm_pruner", "method.mode=channel"))
+
+
+@pytest.mark.slow
+def test_runner_prunes_it_with_a_structured_method(gemma3_folder, tmp_path):
+    """The whole CLI path for a structured method on Gemma 3: planned, pruned physically,
+    saved, reloaded and evaluated; the parameter count is the plan's."""
+    from prunelab.models.loading import load_pretrained
+    from prunelab.runner import run
+
+    cfg = _cfg(
+        gemma3_folder,
+        tmp_path,
+        "method=structured",
+        "ratio=0.2",
+        "method.keep_first_layers=0",
+        "method.keep_last_layers=0",
+    )
+    r = run(cfg, tmp_path / "run")
+    assert math.isfinite(r["pruned"]["perplexity"]["embedded"])
+    assert abs(r["ratio"]["achieved"] - 0.2) <= 0.01 * 0.2

@@ -207,3 +207,54 @@ def test_library_refuses_hidden_masks_on_a_family_that_cannot_narrow_exactly():
         prune_physically(model, {"hidden": keep})
     with pytest.raises(ConfigError, match="hidden channels.*gemma2"):
         apply_masks(model, {"hidden": keep})
+
+
+# ------------------------------------------------------------ the shared method table, per family
+# Every structured method on every new family through the shared checks of
+# tests/unit/test_methods.py (ratio met, masked == physically pruned, save → load, LoRA merge).
+# The methods that train (LoRAPrune, LoRAShear, ATP) are slow: a few steps of real fine-tuning.
+TABLE_FAMILIES = [("qwen3", 2), ("olmo2", 2), ("gemma2", 2), ("gemma3", 2)]
+TABLE_METHODS = [
+    "structured-magnitude",
+    "structured-layers",
+    "llm_pruner-element1",
+    "llm_pruner-vector",
+    "loraprune-lora_grad",
+    "lorashear",
+    "atp",
+    "atp-head_dim",
+]
+TRAINS = ("loraprune", "lorashear", "atp")
+
+
+def _table():
+    from tests.unit.test_methods import METHODS
+
+    rows = {m[0]: m for m in METHODS}
+    for fam in TABLE_FAMILIES:
+        for name in TABLE_METHODS:
+            marks = [pytest.mark.slow] if name.startswith(TRAINS) else []
+            yield pytest.param(fam, *rows[name], marks=marks, id=f"{fam[0]}-{name}")
+
+
+@pytest.mark.parametrize("fam,name,method_cfg,ratio,tol", list(_table()))
+def test_structured_method_on_family(fam, name, method_cfg, ratio, tol, inputs, tmp_path):
+    from prunelab.structure import masked_params
+    from tests.checks import LINEARS, lora_merge_matches, masked_vs_physical
+    from tests.unit.test_methods import _pruned
+
+    model, plan, masks = _pruned(method_cfg, ratio, tol, family=fam, out_dir=tmp_path / "train")
+    assert model.config.model_type == arch_info(model.config).model_type != "llama"
+    masked = masked_params(arch_info(model.config), masks)
+    assert masked > 0 if name == "atp-head_dim" else masked == 0
+    assert any(not bool(v.all()) for v in masks.values())
+    ref, out, new_arch = masked_vs_physical(model, masks, inputs)
+    n_params = sum(p.numel() for p in model.parameters())
+    achieved = 1 - (n_params - masked) / plan.params_before
+    assert abs(achieved - ratio) <= tol * ratio, f"achieved {achieved:.4f} vs requested {ratio}"
+    assert new_arch.total_params() == n_params
+    assert torch.isfinite(out).all()
+    assert (ref - out).abs().max().item() <= 1e-5
+    save_model(model, None, tmp_path / "saved")
+    assert torch.equal(load_pretrained(tmp_path / "saved").eval()(input_ids=inputs).logits, out)
+    lora_merge_matches(model, inputs, LINEARS, tol=1e-4)

@@ -223,13 +223,13 @@ def apply_masks(model: nn.Module, masks: Masks, arch: ArchInfo | None = None) ->
     arch = arch or arch_info(base_model(model).config)
     check_kinds(arch, mask_kinds(masks), "the masks")
     layers = decoder_layers(model)
-    lin = arch.family.linear_paths()
+    paths = arch.family.linear_paths()
     for key, keep in masks.items():
         if key == "layers":
             for i in torch.nonzero(~keep).flatten().tolist():
                 # A layer whose attention and MLP outputs are zero is the identity (residual;
                 # a post-norm of zero is zero: Gemma, OLMo-2).
-                for path in (lin["o"], lin["down"]):
+                for path in (paths["o"], paths["down"]):
                     lin = layers[i].get_submodule(path)
                     lin.weight.zero_()
                     if lin.bias is not None:
