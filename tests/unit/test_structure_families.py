@@ -118,7 +118,9 @@ def test_head_dim_norms_are_kept_whole(name):
     """Qwen3 / Gemma 3 normalise each head over head_dim with one weight shared by all heads:
     removing heads leaves it as it was."""
     model = make_model(name, 2, head_dim=24)
-    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("q_norm.weight", "k_norm.weight"))}
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if k.endswith(("q_norm.weight", "k_norm.weight"))
+    }
     prune_physically(model, some_masks(arch_info(model.config)))
     after = {k: v for k, v in model.state_dict().items() if k in before}
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

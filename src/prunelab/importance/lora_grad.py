@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from prunelab.structure import ArchInfo, Unit
-from prunelab.structure.groups import base_weight, decoder_layers, grouped, lora_delta, members
+from prunelab.structure.groups import base_weight, decoder_layers, grouped, lora_delta, weight_members
 
 ESTIMATORS = ("lora_grad", "taylor", "magnitude")
 
@@ -69,9 +69,7 @@ def unit_scores(
     out = {}
     for unit in units:
         total = torch.zeros(unit.n)
-        for m in members(arch, unit):
-            if m.param != "weight":
-                continue  # biases carry no LoRA factor
+        for m in weight_members(arch, unit):  # biases and norms carry no LoRA factor
             module = layers[unit.layer].get_submodule(m.path)
             if not hasattr(module, "lora_A"):
                 raise ValueError(

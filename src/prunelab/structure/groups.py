@@ -58,13 +58,15 @@ class Member:
     """A parameter slice that belongs to a group: ``param`` of module ``path`` (relative to
     the decoder layer) split along ``dim`` into consecutive blocks of ``width`` — or, with
     ``period`` > 0, strided: group j holds indices j, j + period, j + 2·period, … (one
-    head-dimension channel of every head; ``width`` is then 1)."""
+    head-dimension channel of every head; ``width`` is then 1). ``linear`` is False for a
+    norm's slice (OLMo-2's whole-projection q_norm/k_norm): a vector with no LoRA factor."""
 
     path: str
     param: str
     dim: int
     width: int
     period: int = 0
+    linear: bool = True
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -117,7 +119,7 @@ def members(arch: ArchInfo, unit: Unit) -> list[Member]:
         # norms over the whole q / k projection (OLMo-2): each group owns its heads' slice;
         # head_dim norms (Qwen3, Gemma 3) are shared by every head and stay whole
         for name, width in zip(fam.proj_norms, (qd, d), strict=False):
-            out.append(Member(f"self_attn.{name}", "weight", 0, width))
+            out.append(Member(f"self_attn.{name}", "weight", 0, width, linear=False))
         return out
     if unit.kind in MASKED_ONLY:  # one channel of every head: strided by head_dim
         d = arch.head_dim
@@ -163,8 +165,8 @@ def mask_kinds(masks: Masks) -> set[str]:
 
 
 def weight_members(arch: ArchInfo, unit: Unit) -> list[Member]:
-    """The members of ``unit`` that are weight matrices (biases left out)."""
-    return [m for m in members(arch, unit) if m.param == "weight"]
+    """The members of ``unit`` that are linears' weight matrices (biases and norms left out)."""
+    return [m for m in members(arch, unit) if m.param == "weight" and m.linear]
 
 
 def member_tensor(model: nn.Module, layer: int | None, m: Member) -> torch.Tensor:
@@ -387,7 +389,9 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
                 _slice_linear(mod, m.dim, index)
             else:  # a norm over the whole projection (OLMo-2): its weight, sliced like the rows
                 w = getattr(mod, m.param)
-                setattr(mod, m.param, nn.Parameter(w.data.index_select(0, index.to(w.device)), w.requires_grad))
+                setattr(
+                    mod, m.param, nn.Parameter(w.data.index_select(0, index.to(w.device)), w.requires_grad)
+                )
         s = shapes[layer]
         if kind == "attn" and arch.family.proj_norms:  # whole-projection norms: module docstring
             attn = layers[layer].self_attn
@@ -459,7 +463,9 @@ def set_layer_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) 
         for path, (o, n_in) in arch.module_shapes(i).items():
             parent, _, name = path.rpartition(".")
             old = layer.get_submodule(path)
-            new = nn.Linear(n_in, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            new = nn.Linear(
+                n_in, o, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+            )
             setattr(layer.get_submodule(parent), name, new)
         for name, n in zip(fam.proj_norms, (s.num_attention_heads, s.num_key_value_heads), strict=False):
             norm = getattr(layer.self_attn, name)

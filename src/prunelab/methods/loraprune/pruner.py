@@ -42,7 +42,7 @@ from prunelab.methods import (
 )
 from prunelab.recovery.lora import TrainHooks
 from prunelab.structure import arch_info, units
-from prunelab.structure.groups import Masks, decoder_layers, members
+from prunelab.structure.groups import Masks, decoder_layers, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,10 @@ class PruneSchedule:
             self._handles.append(mod.register_forward_pre_hook(self._mask_inputs(u.key, width)))
         if self.importance == "taylor":
             for u in self.todo:
-                for m in members(arch, u):
+                for m in weight_members(arch, u):
                     mod = layers[u.layer].get_submodule(m.path)
                     w = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
-                    if m.param == "weight" and not w.requires_grad:
+                    if not w.requires_grad:
                         w.requires_grad_(True)
                         self._base_grads.append(w)
 
