@@ -305,8 +305,7 @@ def test_runner_refuses_channel_mode_on_it_before_loading(gemma3_folder, tmp_pat
 @pytest.mark.slow
 def test_runner_prunes_it_with_a_structured_method(gemma3_folder, tmp_path):
     """The whole CLI path for a structured method on Gemma 3: planned, pruned physically,
-    saved, reloaded and evaluated; the parameter count is the plan's."""
-    from prunelab.models.loading import load_pretrained
+    saved, reloaded and evaluated, the requested ratio met."""
     from prunelab.runner import run
 
     cfg = _cfg(

@@ -205,9 +205,9 @@ def test_library_refuses_hidden_masks_on_a_family_that_cannot_narrow_exactly():
     model = make_model("gemma2", 2, layers=2)
     keep = torch.ones(64, dtype=torch.bool)
     keep[:8] = False
-    with pytest.raises(ConfigError, match="hidden channels.*gemma2"):
+    with pytest.raises(ConfigError, match=r"hidden channels.*gemma2"):
         prune_physically(model, {"hidden": keep})
-    with pytest.raises(ConfigError, match="hidden channels.*gemma2"):
+    with pytest.raises(ConfigError, match=r"hidden channels.*gemma2"):
         apply_masks(model, {"hidden": keep})
 
 
