@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -208,11 +209,21 @@ def test_other_weights_are_refused_unknown_hub_commit_warns(tmp_path, caplog):
 
 # ---------------------------------------------------------------- part 6: one writer
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
-    with (
-        RunLock(tmp_path),
-        pytest.raises(RunDirLocked, match=rf"host {socket.gethostname()}, pid {os.getpid()}.*lock_wait_s"),
-    ):
-        RunLock(tmp_path, wait_s=0.3).acquire()
+    outcome: list = []
+
+    def second() -> None:  # in a thread: a lock that never gives up fails the test, not hangs it
+        try:
+            outcome.append(RunLock(tmp_path, wait_s=0.3).acquire())
+        except RunDirLocked as e:
+            outcome.append(e)
+
+    with RunLock(tmp_path):
+        t = threading.Thread(target=second, daemon=True)
+        t.start()
+        t.join(timeout=20)
+        assert not t.is_alive(), "the second writer still waits after wait_s=0.3"
+    assert len(outcome) == 1 and isinstance(outcome[0], RunDirLocked)
+    assert re.search(rf"host {socket.gethostname()}, pid {os.getpid()}.*lock_wait_s", str(outcome[0]))
     with RunLock(tmp_path):  # released: free again
         pass
     assert not (tmp_path / ".lock").exists()
