@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunelab.errors import ConfigError, bad_value
 from prunelab.evaluation.suite import perplexity_sets
 from prunelab.methods.base import PruningMethod
+from prunelab.recovery import train_state
 from prunelab.structure.plan import check_convention
 from prunelab.tracking.rundir import RunDir, read_json, write_json
 
@@ -233,6 +234,9 @@ VOLATILE_DOTTED = (
     "recovery.gradient_checkpointing",  # activations recomputed instead of held
     "method.train.gradient_checkpointing",
     "method.recovery.lora.gradient_checkpointing",  # LoRAShear's own recovery stages
+    "recovery.checkpoint_every",  # how often the training state is saved for a resume
+    "method.train.checkpoint_every",
+    "method.recovery.lora.checkpoint_every",
 )
 
 
@@ -745,6 +749,7 @@ def prune(job: Job) -> None:
                 **done.record,
             },
         )
+        train_state.clear(job.rd.root / "prune_train")  # the stage is done: no resuming inside it
         log.info(
             "prune: %d → %d parameters in %.1f s (method %.1f s)",
             job.plan.params_before,
@@ -828,6 +833,7 @@ def recover(job: Job) -> None:
             s = sparsity_summary(merged, job.masks())
             after = {"sparsity_after": {k: s[k] for k in ("achieved", "zero_fraction")}}
         rec = job.rd.finish("recover", {"time_s": time.perf_counter() - t, **after})
+        train_state.clear(out)
         log.info("recover: done in %.1f s", rec["time_s"])
     job.recover_rec = rec
     job.timings["recover"] = rec["time_s"]

@@ -53,7 +53,14 @@ class TrainHooks:
     steps)`` after it (projections that must see the updated weights); ``on_validation(step,
     losses)`` with the per-group validation losses; ``sample(step, n)`` the train indices of
     a step (default: epoch-wise permutations). The best adapter is chosen among validation
-    points at steps >= ``select_from``."""
+    points at steps >= ``select_from``.
+
+    Resuming (``checkpoint_every``): ``state()`` returns the hooks' own training state (a
+    tree of dicts, lists, scalars and tensors: masks, moving averages, a generator and its
+    optimizer, random streams, data cursors) and ``load_state(tree)`` puts it back, after
+    ``setup``; ``key`` (JSON-able) is what the hooks' behaviour depends on, part of the
+    checkpoint's identity. Hooks that act per step without ``state`` make the training
+    uncheckpointable (it starts over after a kill), never resumed wrong."""
 
     setup: Callable[[nn.Module], None] | None = None
     before_step: Callable[[nn.Module, int, int, list[dict[str, torch.Tensor]]], None] | None = None
@@ -62,6 +69,15 @@ class TrainHooks:
     on_validation: Callable[[int, dict[str, float]], None] | None = None
     sample: Callable[[int, int], list[int]] | None = None
     select_from: int = 0
+    state: Callable[[], Any] | None = None
+    load_state: Callable[[Any], None] | None = None
+    key: Any = None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a checkpoint can hold everything the hooks carry from step to step."""
+        per_step = (self.before_step, self.after_backward, self.after_step, self.on_validation, self.sample)
+        return self.state is not None or all(h is None for h in per_step)
 
 
 Example = Mapping[str, str]
@@ -300,6 +316,10 @@ class LoraRecovery:
     # recompute each decoder layer's activations during the backward: one layer's activations
     # held instead of all of them (the big term at 7B+), for about one more forward per step
     gradient_checkpointing: bool = False
+    # optimizer steps between checkpoints of the whole training state (adapter, optimizer,
+    # random streams, data position, the method's masks/scores/generator) that a rerun of the
+    # same command resumes from, bit-identically; also at the last step. 0: off
+    checkpoint_every: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -380,6 +400,11 @@ class LoraRecovery:
             self.patience is None or (_is_int(self.patience) and self.patience > 0),
             "patience",
             "must be null or a positive integer (validations without improvement before stopping)",
+        )
+        need(
+            _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+            "checkpoint_every",
+            "must be an integer >= 0 (optimizer steps between training-state checkpoints; 0: off)",
         )
         need(_is_int(self.seed), "seed", "must be an integer")
         return p
@@ -575,6 +600,14 @@ class LoraRecovery:
         val_groups = dict(val) if isinstance(val, Mapping) else {"all": val}
         val_batches = {k: eval_batches(v, pad_id, micro) for k, v in val_groups.items() if v}
         steps = self.num_steps(len(train))
+        key = None  # the training state's identity, when it is checkpointed
+        if self.checkpoint_every and hooks.resumable:
+            key = self._state_key(model, train, val_groups, steps, hooks)
+        elif self.checkpoint_every:
+            log.warning(
+                "%s: the method's hooks keep no checkpointable state; this training starts over after a kill",
+                self.log_prefix,
+            )
 
         # Seeded LoRA init and dropout without disturbing the caller's RNG streams.
         fork = (
@@ -606,7 +639,7 @@ class LoraRecovery:
                 set_checkpointing(model, True)
             try:
                 history, best_state = self._train(
-                    peft_model, opt, train, val_batches, steps, pad_id, tracker, hooks
+                    peft_model, opt, train, val_batches, steps, pad_id, tracker, hooks, out_dir, key
                 )
             finally:
                 if self.gradient_checkpointing and not was_on:
@@ -636,6 +669,31 @@ class LoraRecovery:
         (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         return merged
 
+    def _state_key(
+        self,
+        model: nn.Module,
+        train: list[Feature],
+        val_groups: Mapping[str, list[Feature]],
+        steps: int,
+        hooks: TrainHooks,
+    ) -> str:
+        """What a training state belongs to: the starting weights, the data, every setting that
+        changes the result, and the hooks' own settings (``hooks.key``)."""
+        from prunelab.recovery import train_state
+
+        volatile = ("checkpoint_every", "gradient_checkpointing")  # change where/how, never what
+        return train_state.digest(
+            {
+                "trainer": {k: v for k, v in asdict(self).items() if k not in volatile},
+                "steps": steps,
+                "weights": train_state.weights_digest(model),
+                "data": train_state.features_digest(train, *val_groups.values()),
+                "val_groups": list(val_groups),
+                "hooks": hooks.key,
+                "select_from": hooks.select_from,
+            }
+        )
+
     def _train(
         self,
         model: nn.Module,
@@ -646,8 +704,14 @@ class LoraRecovery:
         pad_id: int,
         tracker: Tracker | None,
         hooks: TrainHooks,
+        out_dir: Path | None = None,
+        key: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """The optimizer loop; returns (history, LoRA state of the best validation loss)."""
+        """The optimizer loop; returns (history, LoRA state of the best validation loss). With a
+        ``key``, the whole training state is checkpointed under ``out_dir/train_state`` every
+        ``checkpoint_every`` steps and at the last, and a checkpoint found there is resumed."""
+        from prunelab.recovery import train_state
+
         g = torch.Generator().manual_seed(self.seed)
         order: list[int] = []
         hist: dict[str, Any] = {
@@ -686,11 +750,56 @@ class LoraRecovery:
             self.lr,
             self.eval_every,
         )
-        if val_batches:
+        every = self.checkpoint_every if key is not None and out_dir is not None else 0
+        device = next(model.parameters()).device
+        trainable = {id(p) for group in opt.param_groups for p in group["params"]}
+        tokens, train_time, start = 0, 0.0, 0
+
+        def snapshot() -> dict[str, Any]:
+            """Everything the steps after this one depend on, as of the end of this step."""
+            lora = {n: p for n, p in model.named_parameters() if id(p) in trainable}
+            return {
+                "loop": {
+                    "hist": hist,
+                    "order": order,
+                    "since_best": since_best,
+                    "tokens": tokens,
+                    "train_time": train_time,
+                },
+                "lora": lora,
+                "best": None if best_state is None else {n: best_state[n] for n in lora},
+                "optimizer": train_state.optimizer_state(opt),
+                "sampler": g.get_state(),
+                "rng": train_state.rng_state(device),
+                "hooks": hooks.state() if hooks.state is not None else None,
+            }
+
+        loaded = train_state.load(out_dir, key) if every else None
+        if loaded is not None:
+            start, tree = loaded
+            loop = tree["loop"]
+            hist, order, since_best = loop["hist"], loop["order"], loop["since_best"]
+            tokens, train_time = loop["tokens"], loop["train_time"]
+            best_state = tree["best"]
+            load_lora_state(model, tree["lora"])
+            train_state.load_optimizer_state(opt, tree["optimizer"])
+            g.set_state(tree["sampler"])
+            if hooks.load_state is not None:
+                hooks.load_state(tree["hooks"])
+            train_state.set_rng_state(tree["rng"], device)  # last: nothing draws before the next step
+            hist.setdefault("resumed_at", []).append(start)
+            log.info(
+                "%s: resumed from the training state of step %d/%d in %s",
+                self.log_prefix,
+                start,
+                steps,
+                Path(out_dir) / train_state.STATE_DIR,
+            )
+        elif val_batches:
             validate(0)
-        tokens, train_time = 0, 0.0
         model.train()
-        bar = progress_bar(range(1, steps + 1), desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False)
+        todo = range(start + 1, steps + 1) if "stopped_early_at" not in hist else range(0)
+        bar = progress_bar(todo, desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False)
         for step in bar:
             t0 = time.perf_counter()
             if hooks.sample is not None:
@@ -757,7 +866,11 @@ class LoraRecovery:
                 )
                 if self.patience is not None and since_best >= self.patience and step < steps:
                     hist["stopped_early_at"] = step  # validation stopped improving
-                    break
+            stop = "stopped_early_at" in hist
+            if every and (step % every == 0 or step == steps or stop):
+                train_state.save(out_dir, step, key, snapshot())
+            if stop:
+                break
         bar.close()
         hist["steps_run"] = len(hist["train"])
         if not val_batches:  # nothing to choose by: the last state is the result

@@ -362,13 +362,57 @@ class JointTraining:
         self.starts = period_starts(self.freeze_limit)
 
     def hooks(self, select_from: int) -> TrainHooks:
+        from prunelab.recovery.train_state import config_key
+
+        key = {
+            "method": config_key(self.method, drop=("train",)),
+            "units": [u.key for u in self.todo],
+            "weights": self.weights,
+            "target": self.target,
+            "lora_indices": self.lora_indices,
+            "heldout": len(self.heldout) if self.heldout is not None else None,
+        }
         return TrainHooks(
             setup=self.gates.install,
             before_step=self.before_step,
             after_step=self.after_step,
             sample=self.sample if self.lora_indices is not None else None,
             select_from=select_from,
+            state=self.resume_state,
+            load_state=self.load_resume_state,
+            key=key,
         )
+
+    def resume_state(self) -> dict[str, Any]:
+        """What the joint training carries from step to step besides LoRA: the generator, its
+        optimizer and noise stream, the freeze state, the decision log and both data cursors."""
+        from prunelab.recovery.train_state import optimizer_state
+
+        return {
+            "generator": self.gen.state_dict(),
+            "generator_optimizer": optimizer_state(self.gen_opt),
+            "noise": self.gen._g.get_state(),
+            "freeze": self.state,
+            "log": self.log,
+            "lora_order": self._lora_order,
+            "lora_rng": self._lora_rng.get_state(),
+            "heldout_order": self._order,
+            "heldout_rng": self._heldout_rng.get_state(),
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        from prunelab.recovery.train_state import load_optimizer_state
+
+        self.gen.load_state_dict(state["generator"])
+        load_optimizer_state(self.gen_opt, state["generator_optimizer"])
+        self.gen._g.set_state(state["noise"])
+        self.state.clear()
+        self.state.update(state["freeze"])
+        self.log[:] = state["log"]
+        self._lora_order = list(state["lora_order"])
+        self._lora_rng.set_state(state["lora_rng"])
+        self._order = list(state["heldout_order"])
+        self._heldout_rng.set_state(state["heldout_rng"])
 
     def sample(self, step: int, n: int) -> list[int]:
         """The LoRA step's training indices: epoch-wise permutations of the indices not held out

@@ -156,8 +156,35 @@ class PruneSchedule:
             sum(self.log[-1]["removed"].values()),
         )
 
+    def resume_state(self) -> dict[str, Any]:
+        """What the schedule carries from step to step (a rerun resumes it)."""
+        return {"masks": self.masks, "ema": self.ema, "log": self.log, "skipped": self.skipped}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        for k, m in self.masks.items():  # in place: the forward hooks and the caller hold these
+            m.copy_(state["masks"][k])
+        self.ema = dict(state["ema"])
+        self.log[:] = state["log"]
+        self.skipped = state["skipped"]
+
     def hooks(self, select_from: int) -> TrainHooks:
-        return TrainHooks(setup=self.setup, after_backward=self.after_backward, select_from=select_from)
+        key = {
+            "units": [u.key for u in self.todo],
+            "remove": self.remove_counts,
+            "importance": self.importance,
+            "beta": self.beta,
+            "prune_freq": self.prune_freq,
+            "warmup": self.warmup,
+            "cooldown": self.cooldown,
+        }
+        return TrainHooks(
+            setup=self.setup,
+            after_backward=self.after_backward,
+            select_from=select_from,
+            state=self.resume_state,
+            load_state=self.load_resume_state,
+            key=key,
+        )
 
     def remove(self) -> None:
         """Take the hooks off and leave the base weights frozen again."""

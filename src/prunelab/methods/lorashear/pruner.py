@@ -144,14 +144,57 @@ class LHSPGSchedule:
         self.redundant: Masks = {u.key: torch.zeros(u.n, dtype=torch.bool) for u in todo}
         self.starts, self.ends = schedule(method.lhspg)
         self.log: list[dict] = []
+        self.touched = False  # whether a projection or merge has written the base weights yet
+        self.model: nn.Module | None = None
         self.totals: dict[str, int] = {}  # global scope: groups to remove per kind, over all units
         for u in todo:
             self.totals[u.kind] = self.totals.get(u.kind, 0) + plan.remove.get(u.key, 0)
 
     def hooks(self, select_from: int) -> TrainHooks:
-        return TrainHooks(setup=self.setup, after_step=self.after_step, select_from=select_from)
+        from prunelab.recovery.train_state import config_key
+
+        key = {
+            "method": config_key(self.method, drop=("train", "recovery")),
+            "units": [u.key for u in self.todo],
+            "remove": self.plan.remove,
+        }
+        return TrainHooks(
+            setup=self.setup,
+            after_step=self.after_step,
+            select_from=select_from,
+            state=self.resume_state,
+            load_state=self.load_resume_state,
+            key=key,
+        )
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen weights under every LoRA layer: the projections and the period-end merges
+        write them (the only training that changes base weights)."""
+        from prunelab.structure.groups import lora_parts
+
+        return {f"{n}.weight": m.base_layer.weight for n, m in self.model.named_modules() if lora_parts(m)}
+
+    def resume_state(self) -> dict[str, Any]:
+        """The redundant sets, the event log and — once a period has begun writing them — the
+        base weights under the LoRA layers."""
+        return {
+            "redundant": self.redundant,
+            "log": self.log,
+            "base": self._base_weights() if self.touched else None,
+        }
+
+    @torch.no_grad()
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        for k, v in self.redundant.items():  # in place: the method holds these
+            v.copy_(state["redundant"][k])
+        self.log[:] = state["log"]
+        if state["base"] is not None:
+            for name, w in self._base_weights().items():
+                w.copy_(state["base"][name])
+            self.touched = True
 
     def setup(self, peft_model: nn.Module) -> None:
+        self.model = peft_model
         if self.method.lhspg.warmup_steps == 0:
             self.after_step(peft_model, 0, self.method.lhspg.steps)  # select before the first step
 
@@ -163,6 +206,7 @@ class LHSPGSchedule:
         active = [i for i, s in enumerate(starts) if s < step]  # periods begun
         merge = None
         if active:
+            self.touched = True
             end = ends[active[-1]]
             left = max(1, end - step + 1)  # steps_left 1 = exactly zero now
             proj = lhspg_step(peft_model, arch, redundant, left, m.lhspg.epsilon, lora_aware=m.lora_aware)

@@ -24,6 +24,7 @@ from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
 from prunelab.methods.lorashear.mixer import DataMixer
+from prunelab.recovery import train_state
 from prunelab.recovery.lora import (
     FORMATS,
     Feature,
@@ -98,6 +99,78 @@ def _default_stages() -> list[dict]:
         {"name": "text", "format": "text", "sources": embedded, "max_steps": 70},
         {"name": "instruction", "format": "instruction", "sources": embedded, "max_steps": 30},
     ]
+
+
+class Mixture:
+    """A recovery stage's hooks into the LoRA trainer: each step's examples drawn by the
+    mixer's weights (``sample``: a source per example, then the next of that source's
+    permutation), the weights rebuilt at every validation from the per-source losses against
+    ``reference`` (None: kept, only recorded)."""
+
+    def __init__(
+        self,
+        mixer: DataMixer,
+        spans: dict[str, tuple[int, int]],
+        seed: int,
+        reference: dict[str, float] | None,
+        tracker: Any = None,
+        prefix: str = "recovery",
+    ) -> None:
+        self.mixer, self.spans, self.reference = mixer, spans, reference
+        self.tracker, self.prefix = tracker, prefix
+        self.g = torch.Generator().manual_seed(seed)
+        self.cursors: dict[str, list[int]] = {s: [] for s in mixer.sources}
+
+    def sample(self, step: int, n: int) -> list[int]:
+        idx = []
+        for s in self.mixer.sample(n, self.g):
+            if not self.cursors[s]:  # a fresh permutation of the source whenever it runs out
+                lo, hi = self.spans[s]
+                self.cursors[s] = (lo + torch.randperm(hi - lo, generator=self.g)).tolist()
+            idx.append(self.cursors[s].pop())
+        return idx
+
+    def on_validation(self, step: int, per: dict[str, float]) -> None:
+        mixer = self.mixer
+        if self.reference is not None:
+            mixer.update(per, self.reference, step)
+        else:
+            mixer.history.append({"step": step, "weights": dict(mixer.weights), "losses": dict(per)})
+        if self.tracker is not None:
+            self.tracker.log({f"{self.prefix}/mixture/{s}": w for s, w in mixer.weights.items()}, step=step)
+
+    def resume_state(self) -> dict[str, Any]:
+        m = self.mixer
+        return {
+            "weights": m.weights,
+            "history": m.history,
+            "cursors": self.cursors,
+            "rng": self.g.get_state(),
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        self.mixer.weights = dict(state["weights"])
+        self.mixer.history[:] = state["history"]
+        self.cursors = {s: list(c) for s, c in state["cursors"].items()}
+        self.g.set_state(state["rng"])
+
+    def hooks(self) -> TrainHooks:
+        m = self.mixer
+        key = {
+            "sources": m.sources,
+            "eta": m.eta,
+            "floor": m.floor,
+            "initial_weights": m.weights,
+            "spans": self.spans,
+            "reference": self.reference,
+        }
+        return TrainHooks(
+            on_validation=self.on_validation,
+            sample=self.sample,
+            state=self.resume_state,
+            load_state=self.load_resume_state,
+            key=key,
+        )
 
 
 @dataclass
@@ -218,6 +291,7 @@ class DynamicRecovery:
             model, rec = self._stage(st, model, tokenizer, stage_dir, tracker, data_cfg, reference)
             save_model(model, tokenizer, stage_dir / "model")
             (stage_dir / "done.json").write_text(json.dumps(rec, indent=2) + "\n")
+            train_state.clear(stage_dir)  # finished: its training state is not needed again
             if i > 0:  # the previous stage's model is superseded
                 import shutil
 
@@ -258,26 +332,7 @@ class DynamicRecovery:
         ref = (reference or {}).get(st.name)
         if self.dynamic and ref is None:
             raise RuntimeError(f"lorashear recovery stage {st.name!r}: no dense reference losses")
-        g = torch.Generator().manual_seed(self.seed)
-        cursors = {s: [] for s in st.sources}
-
-        def sample(step: int, n: int) -> list[int]:
-            idx = []
-            for s in mixer.sample(n, g):
-                if not cursors[s]:  # a fresh permutation of the source whenever it runs out
-                    lo, hi = spans[s]
-                    cursors[s] = (lo + torch.randperm(hi - lo, generator=g)).tolist()
-                idx.append(cursors[s].pop())
-            return idx
-
-        def on_validation(step: int, per: dict[str, float]) -> None:
-            if self.dynamic:
-                mixer.update(per, ref, step)
-            else:
-                mixer.history.append({"step": step, "weights": dict(mixer.weights), "losses": dict(per)})
-            if tracker is not None:
-                tracker.log({f"{tr.log_prefix}/mixture/{s}": w for s, w in mixer.weights.items()}, step=step)
-
+        mixture = Mixture(mixer, spans, self.seed, ref if self.dynamic else None, tracker, tr.log_prefix)
         val = {s: v for s, (_, v) in data.items()}
         merged = tr.fit_features(
             model,
@@ -287,7 +342,7 @@ class DynamicRecovery:
             out_dir,
             tracker,
             {"sources": st.sources, "natural_shares": natural, "reference_losses": ref},
-            hooks=TrainHooks(on_validation=on_validation, sample=sample),
+            hooks=mixture.hooks(),
         )
         hist = json.loads((out_dir / "history.json").read_text())
         hist["mixture"] = mixer.history

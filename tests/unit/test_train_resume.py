@@ -1,0 +1,324 @@
+"""Resume inside training: every training method, interrupted at a step, rerun, and compared
+with an uninterrupted run (which checkpoints nothing) — bit-identical on the CPU, with the
+steps before the last checkpoint not run again. The real kill (SIGKILL of a CLI job) is in
+tests/integration/test_runner.py.
+
+pytest -q tests/unit/test_train_resume.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from prunelab.errors import ConfigError
+from prunelab.methods import PruneContext, build_method
+from prunelab.recovery import train_state
+from prunelab.recovery.lora import LoraRecovery
+from prunelab.structure import arch_info
+from prunelab.structure.plan import plan_ratio
+from tests.conftest import Recorder, make_model
+from tests.unit.test_recovery import EXAMPLES, tiny
+
+
+class Interrupted(Exception):
+    """Stands for a kill: raised from inside a training step."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def interrupt(monkeypatch, cls: type, name: str, at: int | None) -> list[int]:
+    """Wrap the hook method ``cls.name`` (called as ``(model, step, ...)``): the steps it runs
+    at are recorded, and at step ``at`` it raises ``Interrupted`` before doing anything."""
+    steps: list[int] = []
+    original = getattr(cls, name)
+    original = getattr(original, "__wrapped__", original)  # wrapped again: wrap the method itself
+
+    def wrapped(self, model, step, *args):
+        if step == at:
+            raise Interrupted(step)
+        steps.append(step)
+        return original(self, model, step, *args)
+
+    wrapped.__wrapped__ = original
+    monkeypatch.setattr(cls, name, wrapped)
+    return steps
+
+
+def same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        assert torch.equal(pa[n], pb[n]), n
+
+
+def checkpoint_step(out_dir) -> int:
+    return json.loads((out_dir / train_state.STATE_DIR / "latest.json").read_text())["step"]
+
+
+# ----------------------------------------------------------------------------- the state files
+
+
+def test_pack_round_trips_nested_tensors_and_refuses_what_json_cannot_hold():
+    tree = {"a": [1, 2.5, None, {"m": torch.tensor([True, False])}], "g": torch.arange(3.0), "s": "x"}
+    obj, tensors = train_state.pack(tree)
+    json.dumps(obj)  # JSON-able
+    back = train_state.unpack(obj, tensors)
+    assert back["a"][:3] == [1, 2.5, None] and back["s"] == "x"
+    assert torch.equal(back["a"][3]["m"], tree["a"][3]["m"]) and torch.equal(back["g"], tree["g"])
+    with pytest.raises(TypeError, match="dict keys must be strings"):
+        train_state.pack({1: torch.zeros(1)})
+    with pytest.raises(TypeError, match="cannot store a set"):
+        train_state.pack({"x": {1, 2}})
+
+
+def test_a_checkpoint_replaces_the_previous_one_and_a_damaged_or_foreign_one_is_discarded(tmp_path, caplog):
+    train_state.save(tmp_path, 2, "k", {"x": torch.ones(3)})
+    train_state.save(tmp_path, 4, "k", {"x": torch.full((3,), 4.0)})
+    root = tmp_path / train_state.STATE_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]  # only the latest
+    step, state = train_state.load(tmp_path, "k")
+    assert step == 4 and torch.equal(state["x"], torch.full((3,), 4.0))
+    # half-written files of a killed writer are never read: only latest.json names a checkpoint
+    (root / ".step-00000006.123.tmp").mkdir()
+    assert train_state.load(tmp_path, "k")[0] == 4
+
+    with caplog.at_level(logging.WARNING):
+        assert train_state.load(tmp_path, "other") is None
+    assert "belongs to another training" in caplog.text and not root.exists()
+
+    train_state.save(tmp_path, 2, "k", {"x": torch.ones(3)})
+    f = root / "step-00000002" / "tensors.safetensors"
+    f.write_bytes(f.read_bytes()[:-5])  # truncated
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert train_state.load(tmp_path, "k") is None
+    assert "damaged" in caplog.text and not root.exists()
+
+
+def test_rng_state_round_trips_every_stream():
+    import random
+
+    import numpy as np
+
+    state = train_state.rng_state()
+    obj, tensors = train_state.pack(state)
+    want = (torch.rand(3), random.random(), np.random.rand())
+    train_state.set_rng_state(train_state.unpack(json.loads(json.dumps(obj)), tensors))
+    assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1] and np.random.rand() == want[2]
+
+
+def test_checkpoint_every_must_be_a_non_negative_integer():
+    for bad in (-1, 1.5, True, "50"):
+        with pytest.raises(ConfigError, match=r"recovery\.checkpoint_every="):
+            LoraRecovery(checkpoint_every=bad)
+    with pytest.raises(ConfigError, match=r"method\.train\.checkpoint_every="):
+        _loraprune(checkpoint_every=-1)
+
+
+# ----------------------------------------------------------------------------- LoRA recovery
+
+
+def _lora(**kw) -> LoraRecovery:
+    args = dict(
+        batch_size=4, micro_batch_size=2, epochs=4, max_steps=7, eval_every=3, warmup_steps=2, dropout=0.1
+    )
+    return LoraRecovery(**{**args, "lr": 1e-2, **kw})
+
+
+class StopAt(Recorder):
+    """A tracker that raises ``Interrupted`` when step ``at``'s training loss is logged."""
+
+    def __init__(self, at: int | None = None):
+        super().__init__()
+        self.at = at
+
+    def log(self, data, step=None):
+        if "recovery/train_loss" in data and step == self.at:
+            raise Interrupted(step)
+        super().log(data, step)
+
+    def train_steps(self) -> list[int]:
+        return [s for s, d in self.logged if "recovery/train_loss" in d]
+
+
+def test_lora_recovery_resumes_from_its_last_checkpoint_bit_identically(tok, tmp_path):
+    ref = _lora(checkpoint_every=0).fit(tiny(), tok, EXAMPLES, EXAMPLES[:3], tmp_path / "ref")
+    assert not (tmp_path / "ref" / train_state.STATE_DIR).exists()  # 0: off
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        _lora(checkpoint_every=2).fit(tiny(), tok, EXAMPLES, EXAMPLES[:3], out, tracker=StopAt(5))
+    assert checkpoint_step(out) == 4
+    tracker = StopAt()
+    got = _lora(checkpoint_every=2).fit(tiny(), tok, EXAMPLES, EXAMPLES[:3], out, tracker=tracker)
+    assert tracker.train_steps() == [5, 6, 7]  # steps 1-4 are not run again
+    same_params(got, ref)
+    hist, ref_hist = (json.loads((d / "history.json").read_text()) for d in (out, tmp_path / "ref"))
+    assert hist["resumed_at"] == [4]
+    for k in ("train", "val", "best_step", "best_val_loss", "train_tokens"):
+        assert hist[k] == ref_hist[k], k
+    assert checkpoint_step(out) == 7  # the last step's state, kept until the stage is recorded
+
+
+def test_a_checkpoint_of_other_starting_weights_is_not_resumed(tok, tmp_path, caplog):
+    out = tmp_path / "run"
+    _lora(checkpoint_every=2).fit(tiny(seed=0), tok, EXAMPLES, EXAMPLES[:3], out)
+    ref = _lora(checkpoint_every=0).fit(tiny(seed=1), tok, EXAMPLES, EXAMPLES[:3], tmp_path / "ref")
+    tracker = StopAt()
+    with caplog.at_level(logging.WARNING):
+        got = _lora(checkpoint_every=2).fit(tiny(seed=1), tok, EXAMPLES, EXAMPLES[:3], out, tracker=tracker)
+    assert "belongs to another training" in caplog.text
+    assert tracker.train_steps() == list(range(1, 8))
+    same_params(got, ref)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+TRAIN = {
+    "data": "embedded",
+    "format": "text",
+    "cutoff_len": 32,
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "eval_every": 4,
+    "val_size": 4,
+    "warmup_steps": 2,
+    "lr": 2e-3,
+    "dropout": 0.1,  # the random streams must be restored too
+    "max_train_examples": 48,
+}
+
+
+def _loraprune(**train):
+    cfg = {
+        "_target_": "prunelab.methods.loraprune.LoRAPrune",
+        "name": "loraprune",
+        "prune_freq": 2,
+        "keep_first_layers": 1,
+        "keep_last_layers": 1,
+        "train": {**TRAIN, "max_steps": 12, **train},
+    }
+    return build_method(OmegaConf.create(cfg))
+
+
+def _atp(**train):
+    cfg = {
+        "_target_": "prunelab.methods.atp.ATP",
+        "name": "atp",
+        "generator": {"dim": 16, "heads": 2, "layers": 1, "lr": 5e-2},
+        "schedule": "fast",
+        "freeze_patience": 3,
+        "freeze_by": 0.5,
+        "train": {**TRAIN, "max_steps": 12, **train},
+    }
+    return build_method(OmegaConf.create(cfg))
+
+
+def _lorashear(**train):
+    cfg = {
+        "_target_": "prunelab.methods.lorashear.LoRAShear",
+        "name": "lorashear",
+        "train": {k: v for k, v in {**TRAIN, **train}.items() if k != "data"},
+        "knowledge": {"enabled": False},
+        "lhspg": {"warmup_steps": 2, "periods": 3, "period_steps": 3},
+        "recovery": {"enabled": False},
+    }
+    return build_method(OmegaConf.create(cfg))
+
+
+def _prune(method, out, tok, ratio=0.2):
+    from prunelab.data.sources import load_source_config
+
+    model = make_model("llama", 2, layers=4, vocab=2048, max_pos=256, inter=128)
+    arch = arch_info(model.config)
+    plan = plan_ratio(arch, ratio, ("attn", "mlp"), method.layers(arch.num_layers), 0.05)
+    ctx = PruneContext(
+        tok,
+        None,
+        0,
+        data_cfg=load_source_config("embedded"),
+        out_dir=out / "prune_train",
+        run_dir=out,
+        ratio_tolerance=0.05,
+    )
+    return model, method.prune(model, plan, ctx)
+
+
+def _same_pruning(got, ref) -> None:
+    (model, masks), (ref_model, ref_masks) = got, ref
+    assert masks.keys() == ref_masks.keys() and masks
+    for k in masks:
+        assert torch.equal(masks[k], ref_masks[k]), k
+    same_params(model, ref_model)
+
+
+def test_loraprune_resumes_masks_scores_and_adapter_bit_identically(tok, tmp_path, monkeypatch):
+    from prunelab.methods.loraprune.pruner import PruneSchedule
+
+    ref_method = _loraprune(checkpoint_every=0)
+    ref = _prune(ref_method, tmp_path / "ref", tok, ratio=0.1)
+
+    out = tmp_path / "run"
+    interrupt(monkeypatch, PruneSchedule, "after_backward", at=8)
+    with pytest.raises(Interrupted):
+        _prune(_loraprune(checkpoint_every=3), out, tok, ratio=0.1)
+    assert checkpoint_step(out / "prune_train") == 6  # masks grown at steps 2, 4, 6 are in it
+    ran = interrupt(monkeypatch, PruneSchedule, "after_backward", at=None)
+    method = _loraprune(checkpoint_every=3)
+    got = _prune(method, out, tok, ratio=0.1)
+    assert ran == list(range(7, 13))  # the steps after the checkpoint, and only those
+    _same_pruning(got, ref)
+    assert method.history["prune_steps"] == ref_method.history["prune_steps"]
+
+
+def test_atp_resumes_generator_decisions_and_adapter_bit_identically(tok, tmp_path, monkeypatch):
+    from prunelab.methods.atp.pruner import JointTraining
+
+    ref_method = _atp(checkpoint_every=0)
+    ref = _prune(ref_method, tmp_path / "ref", tok)
+    assert ref_method.history["frozen_at"] > 4  # the generator still trains at the checkpoint
+
+    out = tmp_path / "run"
+    interrupt(monkeypatch, JointTraining, "before_step", at=5)
+    with pytest.raises(Interrupted):
+        _prune(_atp(checkpoint_every=4), out, tok)
+    assert checkpoint_step(out / "prune_train") == 4
+    ran = interrupt(monkeypatch, JointTraining, "before_step", at=None)
+    method = _atp(checkpoint_every=4)
+    got = _prune(method, out, tok)
+    assert ran == list(range(5, 13))
+    _same_pruning(got, ref)
+    assert method.history["decisions"] == ref_method.history["decisions"]
+    assert method.history["frozen_at"] == ref_method.history["frozen_at"]
+
+
+def test_lorashear_lhspg_resumes_mid_period_bit_identically(tok, tmp_path, monkeypatch):
+    from prunelab.methods.lorashear.pruner import LHSPGSchedule
+
+    ref_method = _lorashear(checkpoint_every=0)
+    ref = _prune(ref_method, tmp_path / "ref", tok)
+
+    out = tmp_path / "run"
+    # periods: selection after steps 2, 5, 8, merges at 5, 8, 11; the checkpoint of step 6 is
+    # after a merge (base weights written) and inside the second period
+    interrupt(monkeypatch, LHSPGSchedule, "after_step", at=7)
+    with pytest.raises(Interrupted):
+        _prune(_lorashear(checkpoint_every=3), out, tok)
+    assert checkpoint_step(out / "prune_train") == 6
+    ran = interrupt(monkeypatch, LHSPGSchedule, "after_step", at=None)
+    method = _lorashear(checkpoint_every=3)
+    got = _prune(method, out, tok)
+    assert ran == list(range(7, 12))
+    _same_pruning(got, ref)
+    assert method.history["events"] == ref_method.history["events"]
