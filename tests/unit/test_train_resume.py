@@ -130,10 +130,9 @@ def test_checkpoint_every_must_be_a_non_negative_integer():
 
 
 def _lora(**kw) -> LoraRecovery:
-    args = dict(
-        batch_size=4, micro_batch_size=2, epochs=4, max_steps=7, eval_every=3, warmup_steps=2, dropout=0.1
-    )
-    return LoraRecovery(**{**args, "lr": 1e-2, **kw})
+    # 3 of the 8 examples per step: the checkpoint falls mid-epoch (a data position to restore)
+    args = dict(batch_size=3, micro_batch_size=3, epochs=4, max_steps=7, eval_every=3, warmup_steps=2)
+    return LoraRecovery(**{**args, "lr": 1e-2, "dropout": 0.1, **kw})
 
 
 class StopAt(Recorder):
@@ -152,7 +151,17 @@ class StopAt(Recorder):
         return [s for s, d in self.logged if "recovery/train_loss" in d]
 
 
-def test_lora_recovery_resumes_from_its_last_checkpoint_bit_identically(tok, tmp_path):
+@pytest.mark.parametrize("worsening", [False, True], ids=["improving", "worsening"])
+def test_lora_recovery_resumes_from_its_last_checkpoint_bit_identically(
+    tok, tmp_path, monkeypatch, worsening
+):
+    if worsening:  # validation gets worse as LoRA grows: the best adapter is the one before the checkpoint
+
+        def lora_norm(self, model, groups):
+            v = float(sum(p.detach().norm() for n, p in model.named_parameters() if "lora_B" in n))
+            return v, {"all": v}
+
+        monkeypatch.setattr(LoraRecovery, "_val_losses", lora_norm)
     ref = _lora(checkpoint_every=0).fit(tiny(), tok, EXAMPLES, EXAMPLES[:3], tmp_path / "ref")
     assert not (tmp_path / "ref" / train_state.STATE_DIR).exists()  # 0: off
 
@@ -166,6 +175,7 @@ def test_lora_recovery_resumes_from_its_last_checkpoint_bit_identically(tok, tmp
     same_params(got, ref)
     hist, ref_hist = (json.loads((d / "history.json").read_text()) for d in (out, tmp_path / "ref"))
     assert hist["resumed_at"] == [4]
+    assert hist["best_step"] == (3 if worsening else 7)
     for k in ("train", "val", "best_step", "best_val_loss", "train_tokens"):
         assert hist[k] == ref_hist[k], k
     assert checkpoint_step(out) == 7  # the last step's state, kept until the stage is recorded
@@ -322,3 +332,54 @@ def test_lorashear_lhspg_resumes_mid_period_bit_identically(tok, tmp_path, monke
     assert ran == list(range(7, 12))
     _same_pruning(got, ref)
     assert method.history["events"] == ref_method.history["events"]
+
+
+def test_lorashear_recovery_stage_resumes_its_mixture_bit_identically(tok, tmp_path, monkeypatch):
+    from prunelab.data.sources import load_source_config
+    from prunelab.methods.lorashear.recovery import DynamicRecovery, Mixture
+
+    stages = [
+        {
+            "name": "text",
+            "format": "text",
+            "sources": ["embedded:reference", "embedded:comments"],
+            "max_steps": 6,
+        }
+    ]
+    lora = {
+        **{k: TRAIN[k] for k in ("cutoff_len", "batch_size", "micro_batch_size", "dropout")},
+        "val_size": 4,
+    }
+    data = load_source_config("embedded")
+
+    def recover(out, every):
+        rec = DynamicRecovery(stages=stages, lora={**lora, "eval_every": 2, "checkpoint_every": every})
+        model = make_model("llama", 2, layers=2, vocab=2048, max_pos=256, inter=64)
+        ref = rec.reference_losses(model, tok, data)
+        ref["text"]["embedded:comments"] -= 1.0  # the mixture moves at every validation
+        return rec.recover(model, tok, out, None, data, ref)
+
+    ref_model = recover(tmp_path / "ref", 0)
+    steps: list[int] = []
+    sample = Mixture.sample
+
+    def counted(self, step, n, at=None):
+        if step == at:
+            raise Interrupted(step)
+        steps.append(step)
+        return sample(self, step, n)
+
+    monkeypatch.setattr(Mixture, "sample", lambda self, step, n: counted(self, step, n, at=5))
+    with pytest.raises(Interrupted):
+        recover(tmp_path / "run", 2)
+    assert checkpoint_step(tmp_path / "run" / "text") == 4
+    steps.clear()
+    monkeypatch.setattr(Mixture, "sample", lambda self, step, n: counted(self, step, n))
+    got = recover(tmp_path / "run", 2)
+    assert steps == [5, 6]
+    same_params(got, ref_model)
+    hist, ref_hist = (
+        json.loads((d / "text" / "history.json").read_text()) for d in (tmp_path / "run", tmp_path / "ref")
+    )
+    assert hist["mixture"] == ref_hist["mixture"] and len(hist["mixture"]) == 4  # steps 0, 2, 4, 6
+    assert not (tmp_path / "run" / "text" / train_state.STATE_DIR).exists()  # the finished stage's is gone
