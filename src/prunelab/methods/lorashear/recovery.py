@@ -152,7 +152,7 @@ class Mixture:
         self.mixer.weights = dict(state["weights"])
         self.mixer.history[:] = state["history"]
         self.cursors = {s: list(c) for s, c in state["cursors"].items()}
-        pass
+        self.g.set_state(state["rng"])
 
     def hooks(self) -> TrainHooks:
         m = self.mixer
