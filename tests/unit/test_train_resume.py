@@ -1,7 +1,7 @@
 """Resume inside training: every training method, interrupted at a step, rerun, and compared
 with an uninterrupted run (which checkpoints nothing) — bit-identical on the CPU, with the
-steps before the last checkpoint not run again. The real kill (SIGKILL of a CLI job) is in
-tests/integration/test_runner.py.
+steps before the last checkpoint not run again. The real kill (SIGKILL of a CLI job
+during LoRA recovery) is tests/integration/test_train_kill.py.
 
 pytest -q tests/unit/test_train_resume.py
 """
@@ -222,10 +222,11 @@ def _loraprune(**train):
     return build_method(OmegaConf.create(cfg))
 
 
-def _atp(**train):
+def _atp(attention_space: str = "heads", **train):
     cfg = {
         "_target_": "prunelab.methods.atp.ATP",
         "name": "atp",
+        "attention_space": attention_space,
         "generator": {"dim": 16, "heads": 2, "layers": 1, "lr": 5e-2},
         "schedule": "fast",
         "freeze_patience": 3,
@@ -273,6 +274,7 @@ def _same_pruning(got, ref) -> None:
     same_params(model, ref_model)
 
 
+@pytest.mark.slow  # ~25 s: LoRAPrune scores every step, three trainings
 def test_loraprune_resumes_masks_scores_and_adapter_bit_identically(tok, tmp_path, monkeypatch):
     from prunelab.methods.loraprune.pruner import PruneSchedule
 
@@ -292,25 +294,30 @@ def test_loraprune_resumes_masks_scores_and_adapter_bit_identically(tok, tmp_pat
     assert method.history["prune_steps"] == ref_method.history["prune_steps"]
 
 
-def test_atp_resumes_generator_decisions_and_adapter_bit_identically(tok, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "space", ["heads", pytest.param("head_dim", marks=pytest.mark.slow)]  # head_dim: the paper's (masked)
+)
+def test_atp_resumes_generator_decisions_and_adapter_bit_identically(tok, tmp_path, monkeypatch, space):
     from prunelab.methods.atp.pruner import JointTraining
 
-    ref_method = _atp(checkpoint_every=0)
+    ref_method = _atp(space, checkpoint_every=0)
     ref = _prune(ref_method, tmp_path / "ref", tok)
     assert ref_method.history["frozen_at"] > 4  # the generator still trains at the checkpoint
 
     out = tmp_path / "run"
     interrupt(monkeypatch, JointTraining, "before_step", at=5)
     with pytest.raises(Interrupted):
-        _prune(_atp(checkpoint_every=4), out, tok)
+        _prune(_atp(space, checkpoint_every=4), out, tok)
     assert checkpoint_step(out / "prune_train") == 4
     ran = interrupt(monkeypatch, JointTraining, "before_step", at=None)
-    method = _atp(checkpoint_every=4)
+    method = _atp(space, checkpoint_every=4)
     got = _prune(method, out, tok)
     assert ran == list(range(5, 13))
     _same_pruning(got, ref)
     assert method.history["decisions"] == ref_method.history["decisions"]
     assert method.history["frozen_at"] == ref_method.history["frozen_at"]
+    if space == "head_dim":  # the shared head-dimension channels were searched and masked alike
+        assert any(k.endswith((".qk", ".vo")) for k in got[1])
 
 
 def test_lorashear_lhspg_resumes_mid_period_bit_identically(tok, tmp_path, monkeypatch):
