@@ -34,7 +34,9 @@ RESULTS = ["debug=fast", f"recovery.max_steps={STEPS}", "recovery.eval_every=20"
 def test_sigkill_mid_recovery_then_rerun_resumes_bit_identically(tmp_path):
     # uninterrupted, no checkpoints (checkpoint_every changes neither results nor the run directory)
     ref_root, root = tmp_path / "ref", tmp_path / "killed"
-    p = prunelab("logger=none", f"output_root={ref_root}", *RESULTS, "recovery.checkpoint_every=0", cwd=tmp_path)
+    p = prunelab(
+        "logger=none", f"output_root={ref_root}", *RESULTS, "recovery.checkpoint_every=0", cwd=tmp_path
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     (ref_dir,) = [d for d in (ref_root / "runs").iterdir() if d.is_dir()]
     assert not (ref_dir / "recovered" / train_state.STATE_DIR).exists()

@@ -295,7 +295,8 @@ def test_loraprune_resumes_masks_scores_and_adapter_bit_identically(tok, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "space", ["heads", pytest.param("head_dim", marks=pytest.mark.slow)]  # head_dim: the paper's (masked)
+    "space",
+    ["heads", pytest.param("head_dim", marks=pytest.mark.slow)],  # head_dim: the paper's (masked)
 )
 def test_atp_resumes_generator_decisions_and_adapter_bit_identically(tok, tmp_path, monkeypatch, space):
     from prunelab.methods.atp.pruner import JointTraining
