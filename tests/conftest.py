@@ -72,6 +72,8 @@ def make_model(
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, attention_bias=True, tie_word_embeddings=True))
     elif family == "olmo2":
         model = tf.Olmo2ForCausalLM(tf.Olmo2Config(**common))
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common))
     elif family in ("gemma2", "gemma3"):
         types = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
         gemma = dict(common, sliding_window=4, layer_types=types, query_pre_attn_scalar=common["head_dim"])
@@ -94,7 +96,7 @@ def make_model(
     return model.eval()
 
 
-NEW_FAMILIES = ("qwen3", "qwen3_bias", "olmo2", "gemma2", "gemma3")
+NEW_FAMILIES = ("qwen3", "qwen3_bias", "olmo2", "gemma2", "gemma3", "phi3")
 FAMILIES = [
     pytest.param(("llama", 4), id="llama-mha"),
     pytest.param(("llama", 2), id="llama-gqa"),

@@ -169,7 +169,8 @@ def make_plan(
 
     # the kinds the method really prunes (ATP's head_dim space: qk/vo, not whole heads), checked
     # against what the family can prune exactly, before any model loads
-    check_kinds(arch, getattr(method, "search_kinds", method.targets))
+    kinds = tuple(getattr(method, "search_kinds", method.targets))
+    check_kinds(arch, kinds + (("train",) if getattr(method, "trains", False) else ()))
     return plan_convention(arch, float(ratio), convention, method.targets, layers, float(tolerance))
 
 

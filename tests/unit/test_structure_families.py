@@ -1,5 +1,5 @@
 """Structured pruning on the families beyond LLaMA (issue 21, part 2): Qwen3, OLMo-2, Gemma 2,
-Gemma 3 — each one declarative ``Family`` in ``prunelab.structure.arch``.
+Gemma 3, Phi-3 — each one declarative ``Family`` in ``prunelab.structure.arch``.
 
 Per family: the parameter count read from the config equals the model's, masked ==
 physically pruned (logits, and greedy generation through the KV cache), save → load (per-layer
@@ -34,6 +34,8 @@ FAMS = [
     pytest.param(("gemma2", 2, 24), id="gemma2-gqa-hd24"),
     pytest.param(("gemma3", 2, 24), id="gemma3-gqa-hd24"),
     pytest.param(("gemma3", 4, None), id="gemma3-mha"),
+    pytest.param(("phi3", 2, None), id="phi3-gqa-fused"),
+    pytest.param(("phi3", 4, None), id="phi3-mha-fused"),
 ]
 X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -41,6 +43,10 @@ X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 def fam_model(f, **kw):
     name, kv, hd = f
     return make_model(name, kv, head_dim=hd, **kw)
+
+
+def name_of(model) -> str:
+    return model.config.model_type
 
 
 def some_masks(arch, seed=0):
@@ -88,7 +94,14 @@ def test_masked_equals_physically_pruned_and_generates_alike(f):
     for i, layer in enumerate(model.model.layers):  # whole GQA groups: q heads = group size · kv
         s = new_arch.layers[i]
         assert s.num_key_value_heads == arch.layers[i].num_key_value_heads - 1
-        assert layer.self_attn.q_proj.out_features == s.num_attention_heads * arch.head_dim
+        q_rows = (
+            (s.num_attention_heads + 2 * s.num_key_value_heads)
+            if name_of(model) == "phi3"
+            else s.num_attention_heads
+        )
+        attn = layer.self_attn
+        q = attn.qkv_proj if name_of(model) == "phi3" else attn.q_proj
+        assert q.out_features == q_rows * arch.head_dim
         assert s.num_attention_heads == arch.group_size(i) * s.num_key_value_heads
     prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -215,7 +228,7 @@ def test_library_refuses_hidden_masks_on_a_family_that_cannot_narrow_exactly():
 # Every structured method on every new family through the shared checks of
 # tests/unit/test_methods.py (ratio met, masked == physically pruned, save → load, LoRA merge).
 # The methods that train (LoRAPrune, LoRAShear, ATP) are slow: a few steps of real fine-tuning.
-TABLE_FAMILIES = [("qwen3", 2), ("olmo2", 2), ("gemma2", 2), ("gemma3", 2)]
+TABLE_FAMILIES = [("qwen3", 2), ("olmo2", 2), ("gemma2", 2), ("gemma3", 2), ("phi3", 2)]
 TABLE_METHODS = [
     "structured-magnitude",
     "structured-layers",
@@ -235,6 +248,8 @@ def _table():
     rows = {m[0]: m for m in METHODS}
     for fam in TABLE_FAMILIES:
         for name in TABLE_METHODS:
+            if fam[0] == "phi3" and name.startswith(TRAINS):
+                continue  # refused: test_phi3_refuses_the_methods_that_train_lora_on_structures
             marks = [pytest.mark.slow] if name.startswith(TRAINS) else []
             yield pytest.param(fam, *rows[name], marks=marks, id=f"{fam[0]}-{name}")
 
@@ -260,3 +275,81 @@ def test_structured_method_on_family(fam, name, method_cfg, ratio, tol, inputs, 
     save_model(model, None, tmp_path / "saved")
     assert torch.equal(load_pretrained(tmp_path / "saved").eval()(input_ids=inputs).logits, out)
     lora_merge_matches(model, inputs, LINEARS, tol=1e-4)
+
+
+def test_phi3_fused_parts_keep_their_own_rows():
+    """Phi-3's qkv_proj holds [q | k | v] and gate_up_proj [gate | up]: removing KV group 1 of
+    2 (query heads 2, 3; KV head 1) and MLP channel 5 keeps exactly the other rows of each part,
+    checked by index against the dense weights; the per-layer head count reaches the attention."""
+    model = make_model("phi3", 2, layers=2)  # 4 heads of 16, 2 KV heads, 96 channels
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    qkv, gu = attn.qkv_proj.weight.detach().clone(), mlp.gate_up_proj.weight.detach().clone()
+    keep_mlp = torch.ones(96, dtype=torch.bool)
+    keep_mlp[5] = False
+    prune_physically(model, {"0.attn": torch.tensor([True, False]), "0.mlp": keep_mlp})
+    rows = [*range(0, 32), *range(64, 80), *range(96, 112)]  # q heads 0-1, k head 0, v head 0
+    assert torch.equal(attn.qkv_proj.weight, qkv[rows])
+    gate_up = [i for i in range(96) if i != 5] + [96 + i for i in range(96) if i != 5]
+    assert torch.equal(mlp.gate_up_proj.weight, gu[gate_up])
+    assert attn.num_key_value_heads == 1 and attn.config.num_attention_heads == 2
+    # layer 1 keeps 4 heads: the shared config says 4, layer 0's attention has its own 2
+    assert (
+        model.config.num_attention_heads == 4
+        and model.model.layers[1].self_attn.config.num_attention_heads == 4
+    )
+    dense = make_model("phi3", 2, layers=2)
+    masked = copy.deepcopy(dense)
+    apply_masks(masked, {"0.attn": torch.tensor([True, False]), "0.mlp": keep_mlp})
+    assert (masked(input_ids=X).logits - model(input_ids=X).logits).abs().max().item() <= 1e-5
+
+
+def test_phi3_lora_on_fused_modules_is_sliced_with_its_parts():
+    """An un-merged LoRA adapter on qkv_proj / gate_up_proj loses the rows of the removed parts
+    (lora_B), masked == physically pruned with the adapter still separate."""
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model("phi3", 2, layers=2)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    pm.eval()
+    masks = some_masks(arch_info(model.config))
+    masked = copy.deepcopy(pm)
+    apply_masks(masked, masks)
+    ref = masked(input_ids=X).logits
+    prune_physically(pm, masks)
+    assert (pm(input_ids=X).logits - ref).abs().max().item() <= 1e-5
+    layer = pm.base_model.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.lora_B["default"].weight.shape[0] == layer.self_attn.qkv_proj.out_features
+
+
+@pytest.mark.parametrize("name", ["loraprune-lora_grad", "lorashear", "atp"])
+def test_phi3_refuses_the_methods_that_train_lora_on_structures(name):
+    from tests.unit.test_methods import METHODS
+
+    method = _method(dict(next(m for m in METHODS if m[0] == name)[1]))
+    config = make_model("phi3", 2, layers=2).config
+    with pytest.raises(ConfigError, match=r"model_type='phi3': .*fuses them"):
+        make_plan(method, plan_arch(method, config), 0.1)
+
+
+def test_phi3_hidden_channels_are_exact(tmp_path):
+    """Phi-3's norms are plain RMSNorms with nothing else reading the eps: channel mode works,
+    each fused linear narrowed once."""
+    model = fam_model(("phi3", 2, None))
+    arch = arch_info(model.config)
+    keep = torch.ones(arch.hidden_size, dtype=torch.bool)
+    keep[torch.randperm(arch.hidden_size, generator=torch.Generator().manual_seed(0))[:13]] = False
+    masked = copy.deepcopy(model)
+    apply_masks(masked, {"hidden": keep})
+    ref = masked(input_ids=X).logits
+    new_arch = prune_physically(model, {"hidden": keep})
+    out = model(input_ids=X).logits
+    assert (ref - out).abs().max().item() <= 1e-5
+    assert arch.total_params() - new_arch.total_params() == 13 * arch.hidden_channel_params()
+    assert new_arch.total_params() == sum(p.numel() for p in model.parameters())
+    save_model(model, None, tmp_path)
+    assert torch.equal(load_pretrained(tmp_path).eval()(input_ids=X).logits, out)

@@ -22,7 +22,7 @@ from torch import nn
 from prunelab.importance import aggregate
 from prunelab.progress import bar
 from prunelab.structure import ArchInfo, Unit
-from prunelab.structure.groups import grouped, iter_unit_members
+from prunelab.structure.groups import grouped, iter_unit_members, member_part
 
 TAYLOR_KINDS = ("element1", "element2", "second", "vector")
 
@@ -80,6 +80,7 @@ VECTOR_REDUCTIONS = (None, "slice")
 def channel_sums(x: torch.Tensor, m) -> torch.Tensor:
     """[n groups, width]: Σ of ``x`` over each channel of each group of member ``m`` (a row's
     inputs for dim 0, a column's outputs for dim 1; a bias entry is its own channel)."""
+    x = member_part(x, m)  # a part of a fused linear (Phi-3's qkv_proj): its slice
     if x.dim() == 1:
         return x.view(-1, m.width)
     if m.dim == 0:

@@ -14,6 +14,12 @@ _QK_NORM_EPS = (
     "narrowing rescales that eps (sqrt(S/H' + eps·H/H')), which would change the head norms on reload"
 )
 
+_FUSED_LORA = (
+    "the methods that train LoRA while pruning (LoRAPrune, LoRAShear, ATP) put adapters on q_proj/k_proj/"
+    "v_proj/gate_proj/up_proj by name and gate or penalise each structure's slice of one adapter per "
+    "module; Phi-3 fuses them (qkv_proj, gate_up_proj) and that is not implemented yet"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -38,11 +44,12 @@ class Family:
     fused_qkv: str | None = None
     # one linear holding the gate rows then the up rows (Phi-3: mlp.gate_up_proj)
     fused_gate_up: str | None = None
+    # the attention reads its query-head count from the shared config, not from its own sizes
+    # (Phi-3 splits qkv at config.num_attention_heads·head_dim): each layer pruned to another
+    # count gets a config of its own
+    config_heads: bool = False
     # structure kinds this family cannot prune exactly, and why (named in the error)
     refuse: dict[str, str] = field(default_factory=dict)
-
-    def q(self) -> str:
-        return self.fused_qkv or "self_attn.q_proj"
 
     def linear_paths(self) -> dict[str, str]:
         """Role (q, k, v, o, gate, up, down) -> module path relative to the decoder layer."""
@@ -86,6 +93,16 @@ FAMILIES: dict[str, Family] = {
         },
     ),
 }
+FAMILIES["phi3"] = Family(
+    fused_qkv="self_attn.qkv_proj",
+    fused_gate_up="mlp.gate_up_proj",
+    config_heads=True,
+    refuse={
+        "qk": _FUSED_LORA,
+        "vo": _FUSED_LORA,
+        "train": _FUSED_LORA,
+    },
+)
 FAMILIES["gemma3_text"] = Family(
     norms=FAMILIES["gemma2"].norms,
     head_norms=("q_norm", "k_norm"),
@@ -218,6 +235,7 @@ _KIND_WORDS = {
     "hidden": "hidden channels (method.targets: [hidden])",
     "qk": "shared q/k head-dimension channels (method.attention_space=head_dim)",
     "vo": "shared v/o head-dimension channels (method.attention_space=head_dim)",
+    "train": "structures while training LoRA (method=loraprune, lorashear, atp)",
 }
 
 

@@ -27,6 +27,7 @@ masked OLMo-2 differs from "the dense model with zeros" by that eps only. Norms 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,7 +60,10 @@ class Member:
     the decoder layer) split along ``dim`` into consecutive blocks of ``width`` — or, with
     ``period`` > 0, strided: group j holds indices j, j + period, j + 2·period, … (one
     head-dimension channel of every head; ``width`` is then 1). ``linear`` is False for a
-    norm's slice (OLMo-2's whole-projection q_norm/k_norm): a vector with no LoRA factor."""
+    norm's slice (OLMo-2's whole-projection q_norm/k_norm): a vector with no LoRA factor.
+    ``size`` > 0: the member holds only indices ``offset … offset + size`` of ``dim`` — one
+    part of a fused linear (Phi-3: q, k and v rows of qkv_proj; gate and up rows of
+    gate_up_proj); 0: the whole dimension."""
 
     path: str
     param: str
@@ -67,6 +71,16 @@ class Member:
     width: int
     period: int = 0
     linear: bool = True
+    offset: int = 0
+    size: int = 0
+
+
+def member_part(t: torch.Tensor, m: Member) -> torch.Tensor:
+    """The part of ``t`` (a member's weight or bias, or a same-shaped statistic) that holds
+    member ``m``'s groups: all of it, or its slice of a fused linear."""
+    if not m.size:
+        return t
+    return t.narrow(m.dim if t.dim() > 1 else 0, m.offset, m.size)
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -104,18 +118,19 @@ def members(arch: ArchInfo, unit: Unit) -> list[Member]:
     if unit.kind == "attn":
         qd = arch.group_size(unit.layer) * arch.head_dim  # q rows / o columns per group
         d = arch.head_dim
-        out = [
-            Member(lin["q"], "weight", 0, qd),
-            Member(lin["k"], "weight", 0, d),
-            Member(lin["v"], "weight", 0, d),
-            Member(lin["o"], "weight", 1, qd),
-        ]
+        # fused qkv (Phi-3): the q, k and v rows sit one after the other in one weight
+        kv = arch.layers[unit.layer].num_key_value_heads
+        q_rows, kv_rows = kv * qd, kv * d
+        part = (
+            {"q": (0, q_rows), "k": (q_rows, kv_rows), "v": (q_rows + kv_rows, kv_rows)}
+            if fam.fused_qkv
+            else {"q": (0, 0), "k": (0, 0), "v": (0, 0)}
+        )
+        width = {"q": qd, "k": d, "v": d}
+        out = [Member(lin[r], "weight", 0, width[r], 0, True, *part[r]) for r in ("q", "k", "v")]
+        out.append(Member(lin["o"], "weight", 1, qd))
         if arch.attention_bias:
-            out += [
-                Member(lin["q"], "bias", 0, qd),
-                Member(lin["k"], "bias", 0, d),
-                Member(lin["v"], "bias", 0, d),
-            ]
+            out += [Member(lin[r], "bias", 0, width[r], 0, True, *part[r]) for r in ("q", "k", "v")]
         # norms over the whole q / k projection (OLMo-2): each group owns its heads' slice;
         # head_dim norms (Qwen3, Gemma 3) are shared by every head and stay whole
         for name, width in zip(fam.proj_norms, (qd, d), strict=False):
@@ -133,20 +148,22 @@ def members(arch: ArchInfo, unit: Unit) -> list[Member]:
             out.append(Member(lin["v"], "bias", 0, 1, d))
         return out
     if unit.kind == "mlp":
-        out = [
-            Member(lin["gate"], "weight", 0, 1),
-            Member(lin["up"], "weight", 0, 1),
-            Member(lin["down"], "weight", 1, 1),
-        ]
+        i = arch.layers[unit.layer].intermediate_size
+        # fused gate_up (Phi-3): the gate rows, then the up rows, of one weight
+        part = {"gate": (0, i), "up": (i, i)} if fam.fused_gate_up else {"gate": (0, 0), "up": (0, 0)}
+        out = [Member(lin[r], "weight", 0, 1, 0, True, *part[r]) for r in ("gate", "up")]
+        out.append(Member(lin["down"], "weight", 1, 1))
         if arch.mlp_bias:
-            out += [Member(lin["gate"], "bias", 0, 1), Member(lin["up"], "bias", 0, 1)]
+            out += [Member(lin[r], "bias", 0, 1, 0, True, *part[r]) for r in ("gate", "up")]
         return out
     if unit.kind == "hidden":  # paths relative to the base model, not to a layer
         out = [Member("model.embed_tokens", "weight", 1, 1)]
         for i in range(arch.num_layers):
             p = f"model.layers.{i}."
             out += [Member(p + n, "weight", 0, 1) for n in fam.norms]
-            out += [Member(p + lin[r], "weight", 1, 1) for r in ("q", "k", "v", "gate", "up")]
+            # input columns: once per module (a fused linear serves several roles)
+            ins = dict.fromkeys(lin[r] for r in ("q", "k", "v", "gate", "up"))
+            out += [Member(p + path, "weight", 1, 1) for path in ins]
             out += [Member(p + lin[r], "weight", 0, 1) for r in ("o", "down")]
             if arch.o_bias:
                 out.append(Member(p + lin["o"], "bias", 0, 1))
@@ -176,6 +193,7 @@ def member_tensor(model: nn.Module, layer: int | None, m: Member) -> torch.Tenso
 
 def grouped(t: torch.Tensor, m: Member) -> torch.Tensor:
     """View a member tensor as [n_groups, elements_per_group]."""
+    t = member_part(t, m)
     if m.period:  # group j: index j of every period (every head)
         d = m.period
         if m.dim == 0:  # [reps·d, …] -> [d, reps·…]
@@ -203,7 +221,14 @@ def _expand(keep: torch.Tensor, width: int) -> torch.Tensor:
 
 def expand_groups(values: torch.Tensor, m: Member, size: int) -> torch.Tensor:
     """A per-group vector spread over the ``size`` indices of member ``m`` along ``m.dim``:
-    each value repeated over its block, or tiled over the heads for a strided member."""
+    each value repeated over its block, or tiled over the heads for a strided member; for a
+    part of a fused linear, 1 (True: kept, untouched) outside the part."""
+    if m.size:
+        out = values.new_ones(size)
+        out[m.offset : m.offset + m.size] = expand_groups(
+            values, Member(m.path, m.param, m.dim, m.width), m.size
+        )
+        return out
     return values.repeat(size // m.period) if m.period else values.repeat_interleave(m.width)
 
 
@@ -378,20 +403,22 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
                 "drop the whole layer (kind 'layer') instead"
             )
         unit = Unit(layer, kind, keep.numel())
-        done = set()
+        # one index per (module, dim): the kept entries of every member there (the parts of a
+        # fused linear each contribute theirs; a weight and its bias share one)
+        kept: dict[tuple[str, int], torch.Tensor] = {}
         for m in members(arch, unit):
-            if (m.path, m.dim) in done:
-                continue
-            done.add((m.path, m.dim))
-            index = torch.nonzero(_expand(keep, m.width)).flatten()
-            mod = layers[layer].get_submodule(m.path)
+            t = member_tensor(model, layer, m)
+            full = expand_groups(keep.to(t.device), m, t.shape[m.dim if t.dim() > 1 else 0])
+            k = (m.path, m.dim)
+            kept[k] = full if k not in kept else kept[k] & full
+        for (path, dim), full in kept.items():
+            index = torch.nonzero(full).flatten()
+            mod = layers[layer].get_submodule(path)
             if isinstance(mod, nn.Linear) or lora_parts(mod):
-                _slice_linear(mod, m.dim, index)
+                _slice_linear(mod, dim, index)
             else:  # a norm over the whole projection (OLMo-2): its weight, sliced like the rows
-                w = getattr(mod, m.param)
-                setattr(
-                    mod, m.param, nn.Parameter(w.data.index_select(0, index.to(w.device)), w.requires_grad)
-                )
+                w = mod.weight
+                mod.weight = nn.Parameter(w.data.index_select(0, index.to(w.device)), w.requires_grad)
         s = shapes[layer]
         if kind == "attn" and arch.family.proj_norms:  # whole-projection norms: module docstring
             attn = layers[layer].self_attn
@@ -403,6 +430,7 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
             g = arch.group_size(layer)
             kv = int(keep.sum())
             shapes[layer] = LayerShape(kv * g, kv, s.intermediate_size)
+            _set_attn_heads(layers[layer].self_attn, arch, kv * g, kv)
         else:
             if hasattr(layers[layer].mlp, "intermediate_size"):
                 layers[layer].mlp.intermediate_size = int(keep.sum())
@@ -422,6 +450,9 @@ def prune_physically(model: nn.Module, masks: Masks) -> ArchInfo:
     if "hidden" in masks and not bool(masks["hidden"].all()):
         _prune_hidden(model, arch, masks["hidden"])
     _record_shapes(model, shapes, arch.head_dim)
+    if arch.family.config_heads:  # _record_shapes may have set validator-only global counts
+        for layer, shape in zip(decoder_layers(model), shapes, strict=True):
+            _set_attn_heads(layer.self_attn, arch, shape.num_attention_heads, shape.num_key_value_heads)
     return arch_info(base_model(model).config)
 
 
@@ -452,6 +483,20 @@ def _prune_hidden(model: nn.Module, arch: ArchInfo, keep: torch.Tensor) -> None:
     root.config.hidden_size = int(index.numel())
 
 
+def _set_attn_heads(attn: nn.Module, arch: ArchInfo, heads: int, kv: int) -> None:
+    """Tell a layer's attention its head counts where it keeps them: ``num_key_value_heads``
+    (Phi-3), and for a family whose attention reads the query-head count from the shared
+    config (``Family.config_heads``: Phi-3 splits qkv at config.num_attention_heads·head_dim)
+    a config of its own with this layer's count."""
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = kv
+    attn.num_key_value_groups = heads // kv
+    if arch.family.config_heads and attn.config.num_attention_heads != heads:
+        attn.config = copy.copy(attn.config)
+        attn.config.num_attention_heads = heads
+        attn.config.num_key_value_heads = kv
+
+
 def set_layer_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) -> None:
     """Rebuild each layer's linears (and whole-projection norms) to the given shapes (weights
     uninitialised: for loading), from the family's description."""
@@ -470,6 +515,6 @@ def set_layer_shapes(model: nn.Module, shapes: list[LayerShape], head_dim: int) 
         for name, n in zip(fam.proj_norms, (s.num_attention_heads, s.num_key_value_heads), strict=False):
             norm = getattr(layer.self_attn, name)
             norm.weight = nn.Parameter(norm.weight.data.new_ones(n * head_dim))
-        layer.self_attn.num_key_value_groups = s.num_attention_heads // s.num_key_value_heads
+        _set_attn_heads(layer.self_attn, arch, s.num_attention_heads, s.num_key_value_heads)
         if hasattr(layer.mlp, "intermediate_size"):
             layer.mlp.intermediate_size = s.intermediate_size
