@@ -1,4 +1,4 @@
-"""Coupled structures of the LLaMA family: the only place that knows the model's layout.
+"""Coupled structures of the supported families (``structure.arch.FAMILIES``): the only place that knows the model layout.
 
 Everything downstream speaks of units ``(layer, kind)`` with ``n`` groups each, keep-masks
 over those groups, and the member slices that move together.

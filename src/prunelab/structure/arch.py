@@ -27,7 +27,7 @@ class Family:
 
     Everything else (units, members, masks, physical removal, per-layer shapes on load,
     parameter accounting) is derived from this description. Adding a family = one entry in
-    ``FAMILIES`` (docs/adding_a_family.md)."""
+    ``FAMILIES`` (docs/models.md, "How to add a model family")."""
 
     # hidden-sized norms of each decoder layer (attribute names); each holds one entry per
     # hidden channel
@@ -260,7 +260,7 @@ def arch_info(config) -> ArchInfo:
             f"model_type={mt!r} is not supported by the structured methods: prunelab does not know its "
             f"coupled structures (heads, KV groups, MLP channels); allowed: {', '.join(SUPPORTED_MODEL_TYPES)} "
             "(LLaMA 1/2/3, Vicuna, Mistral, Qwen2, Qwen3, OLMo-2, Gemma 2, Gemma 3's text model "
-            "Gemma3ForCausalLM). The layer-wise methods (magnitude, wanda, sparsegpt, "
+            "Gemma3ForCausalLM, Phi-3). The layer-wise methods (magnitude, wanda, sparsegpt, "
             "admm) run on it: they need only its blocks' linear layers"
         )
     h = config.hidden_size
