@@ -353,3 +353,92 @@ def test_phi3_hidden_channels_are_exact(tmp_path):
     assert new_arch.total_params() == sum(p.numel() for p in model.parameters())
     save_model(model, None, tmp_path)
     assert torch.equal(load_pretrained(tmp_path).eval()(input_ids=X).logits, out)
+
+
+# the hub configs (conf/model/*.yaml): each family's layout at its published dimensions
+# (config.json of the named repository), planned from the config alone as a dry run does
+HUB = {
+    "qwen3_8b": (
+        "Qwen3Config",
+        dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "olmo2_7b": (
+        "Olmo2Config",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=100352,
+        ),
+    ),
+    "gemma2_9b": (
+        "Gemma2Config",
+        dict(
+            hidden_size=3584,
+            intermediate_size=14336,
+            num_hidden_layers=42,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            vocab_size=256000,
+        ),
+    ),
+    "gemma3_1b": (
+        "Gemma3TextConfig",
+        dict(
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_hidden_layers=26,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            vocab_size=262144,
+        ),
+    ),
+    "phi3_mini": (
+        "Phi3Config",
+        dict(
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_hub_config_plans_at_its_real_dimensions(name):
+    """The model config composes, and LLM-Pruner's plan at 20% meets the ratio on the family's
+    real dimensions (config only; with more than one KV head, whole KV groups go too); the
+    parameter count equals a meta-device model's."""
+    import transformers as tf
+
+    from prunelab.sparsity.blocks import meta_model
+    from tests.unit.test_config import compose_cfg
+
+    assert compose_cfg(f"model={name}").model.name == name
+    cls, dims = HUB[name]
+    config = getattr(tf, cls)(**dims)
+    arch = arch_info(config)
+    assert arch.total_params() == sum(p.numel() for p in meta_model(config).parameters())
+    method = _method(
+        {"_target_": "prunelab.methods.llm_pruner.LLMPruner", "keep_first_layers": 4, "keep_last_layers": 2}
+    )
+    plan = make_plan(method, plan_arch(method, config), 0.2)
+    assert abs(plan.achieved - 0.2) <= 0.01 * 0.2
+    attn = sum(n for k, n in plan.remove.items() if k.endswith("attn"))
+    assert (attn > 0) == (arch.layers[0].num_key_value_heads > 1)
