@@ -1,7 +1,8 @@
-"""Resume inside training: every training method, interrupted at a step, rerun, and compared
-with an uninterrupted run (which checkpoints nothing) — bit-identical on the CPU, with the
-steps before the last checkpoint not run again. The real kill (SIGKILL of a CLI job
-during LoRA recovery) is tests/integration/test_train_kill.py.
+"""Resume inside training: every training method is killed at a step (a real SIGKILL of a
+Python process running it: no cleanup, no finally blocks), rerun, and compared with an
+uninterrupted run (which checkpoints nothing) — bit-identical on the CPU, with the steps before
+the last checkpoint not run again. A kill of a whole CLI job during LoRA recovery is
+tests/integration/test_train_kill.py.
 
 pytest -q tests/unit/test_train_resume.py
 """
@@ -10,6 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +30,40 @@ from prunelab.structure.plan import plan_ratio
 from tests.conftest import Recorder, make_model
 from tests.unit.test_recovery import EXAMPLES, tiny
 
+ROOT = Path(__file__).resolve().parents[2]
+_KILL = "PRUNELAB_TEST_SIGKILL"  # set in the child process of ``killed``
+
 
 class Interrupted(Exception):
-    """Stands for a kill: raised from inside a training step."""
+    """Stands for a kill where no process is killed (the helpers called in-process)."""
+
+
+def stop(step: int) -> None:
+    """The kill at ``step``: SIGKILL of this process inside ``killed``'s child, else an exception."""
+    if os.environ.get(_KILL) == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise Interrupted(step)
+
+
+def killed(fn: str, *args: object) -> None:
+    """Run ``fn(*args)`` of this module in a new Python process, which SIGKILLs itself at the
+    step the function's hooks stop at (``stop``); it must have died of that signal."""
+    code = (
+        f"import torch; torch.set_num_threads(1); import tests.unit.test_train_resume as t; t.{fn}(*{args!r})"
+    )
+    env = {**os.environ, _KILL: "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+
+
+def _tok():
+    from transformers import AutoTokenizer
+
+    from prunelab.models.embedded import asset_dir
+
+    return AutoTokenizer.from_pretrained(asset_dir("tiny_llama"))
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +76,14 @@ def one_thread():
 
 def interrupt(monkeypatch, cls: type, name: str, at: int | None) -> list[int]:
     """Wrap the hook method ``cls.name`` (called as ``(model, step, ...)``): the steps it runs
-    at are recorded, and at step ``at`` it raises ``Interrupted`` before doing anything."""
+    at are recorded, and at step ``at`` it is killed (``stop``) before doing anything."""
     steps: list[int] = []
     original = getattr(cls, name)
     original = getattr(original, "__wrapped__", original)  # wrapped again: wrap the method itself
 
     def wrapped(self, model, step, *args):
         if step == at:
-            raise Interrupted(step)
+            stop(step)
         steps.append(step)
         return original(self, model, step, *args)
 
@@ -136,7 +173,7 @@ def _lora(**kw) -> LoraRecovery:
 
 
 class StopAt(Recorder):
-    """A tracker that raises ``Interrupted`` when step ``at``'s training loss is logged."""
+    """A tracker that kills (``stop``) when step ``at``'s training loss is logged."""
 
     def __init__(self, at: int | None = None):
         super().__init__()
@@ -144,11 +181,22 @@ class StopAt(Recorder):
 
     def log(self, data, step=None):
         if "recovery/train_loss" in data and step == self.at:
-            raise Interrupted(step)
+            stop(step)
         super().log(data, step)
 
     def train_steps(self) -> list[int]:
         return [s for s, d in self.logged if "recovery/train_loss" in d]
+
+
+def _lora_norm(self, model, groups):
+    v = float(sum(p.detach().norm() for n, p in model.named_parameters() if "lora_B" in n))
+    return v, {"all": v}
+
+
+def _kill_lora(out: str, worsening: bool) -> None:
+    if worsening:
+        pytest.MonkeyPatch().setattr(LoraRecovery, "_val_losses", _lora_norm)
+    _lora(checkpoint_every=2).fit(tiny(), _tok(), EXAMPLES, EXAMPLES[:3], Path(out), tracker=StopAt(5))
 
 
 @pytest.mark.parametrize("worsening", [False, True], ids=["improving", "worsening"])
@@ -156,18 +204,12 @@ def test_lora_recovery_resumes_from_its_last_checkpoint_bit_identically(
     tok, tmp_path, monkeypatch, worsening
 ):
     if worsening:  # validation gets worse as LoRA grows: the best adapter is the one before the checkpoint
-
-        def lora_norm(self, model, groups):
-            v = float(sum(p.detach().norm() for n, p in model.named_parameters() if "lora_B" in n))
-            return v, {"all": v}
-
-        monkeypatch.setattr(LoraRecovery, "_val_losses", lora_norm)
+        monkeypatch.setattr(LoraRecovery, "_val_losses", _lora_norm)
     ref = _lora(checkpoint_every=0).fit(tiny(), tok, EXAMPLES, EXAMPLES[:3], tmp_path / "ref")
     assert not (tmp_path / "ref" / train_state.STATE_DIR).exists()  # 0: off
 
     out = tmp_path / "run"
-    with pytest.raises(Interrupted):
-        _lora(checkpoint_every=2).fit(tiny(), tok, EXAMPLES, EXAMPLES[:3], out, tracker=StopAt(5))
+    killed("_kill_lora", str(out), worsening)
     assert checkpoint_step(out) == 4
     tracker = StopAt()
     got = _lora(checkpoint_every=2).fit(tiny(), tok, EXAMPLES, EXAMPLES[:3], out, tracker=tracker)
@@ -266,6 +308,24 @@ def _prune(method, out, tok, ratio=0.2):
     return model, method.prune(model, plan, ctx)
 
 
+def _kill_prune(kind: str, out: str) -> None:
+    """The interrupted run of each pruning method's test, killed at the step its test names."""
+    from prunelab.methods.atp.pruner import JointTraining
+    from prunelab.methods.loraprune.pruner import PruneSchedule
+    from prunelab.methods.lorashear.pruner import LHSPGSchedule
+
+    mp, tok = pytest.MonkeyPatch(), _tok()
+    if kind == "loraprune":
+        interrupt(mp, PruneSchedule, "after_backward", at=8)
+        _prune(_loraprune(checkpoint_every=3), Path(out), tok, ratio=0.1)
+    elif kind.startswith("atp:"):
+        interrupt(mp, JointTraining, "before_step", at=5)
+        _prune(_atp(kind.split(":")[1], checkpoint_every=4), Path(out), tok)
+    elif kind == "lorashear":
+        interrupt(mp, LHSPGSchedule, "after_step", at=7)
+        _prune(_lorashear(checkpoint_every=3), Path(out), tok)
+
+
 def _same_pruning(got, ref) -> None:
     (model, masks), (ref_model, ref_masks) = got, ref
     assert masks.keys() == ref_masks.keys() and masks
@@ -282,9 +342,7 @@ def test_loraprune_resumes_masks_scores_and_adapter_bit_identically(tok, tmp_pat
     ref = _prune(ref_method, tmp_path / "ref", tok, ratio=0.1)
 
     out = tmp_path / "run"
-    interrupt(monkeypatch, PruneSchedule, "after_backward", at=8)
-    with pytest.raises(Interrupted):
-        _prune(_loraprune(checkpoint_every=3), out, tok, ratio=0.1)
+    killed("_kill_prune", "loraprune", str(out))
     assert checkpoint_step(out / "prune_train") == 6  # masks grown at steps 2, 4, 6 are in it
     ran = interrupt(monkeypatch, PruneSchedule, "after_backward", at=None)
     method = _loraprune(checkpoint_every=3)
@@ -306,9 +364,7 @@ def test_atp_resumes_generator_decisions_and_adapter_bit_identically(tok, tmp_pa
     assert ref_method.history["frozen_at"] > 4  # the generator still trains at the checkpoint
 
     out = tmp_path / "run"
-    interrupt(monkeypatch, JointTraining, "before_step", at=5)
-    with pytest.raises(Interrupted):
-        _prune(_atp(space, checkpoint_every=4), out, tok)
+    killed("_kill_prune", f"atp:{space}", str(out))
     assert checkpoint_step(out / "prune_train") == 4
     ran = interrupt(monkeypatch, JointTraining, "before_step", at=None)
     method = _atp(space, checkpoint_every=4)
@@ -330,9 +386,7 @@ def test_lorashear_lhspg_resumes_mid_period_bit_identically(tok, tmp_path, monke
     out = tmp_path / "run"
     # periods: selection after steps 2, 5, 8, merges at 5, 8, 11; the checkpoint of step 6 is
     # after a merge (base weights written) and inside the second period
-    interrupt(monkeypatch, LHSPGSchedule, "after_step", at=7)
-    with pytest.raises(Interrupted):
-        _prune(_lorashear(checkpoint_every=3), out, tok)
+    killed("_kill_prune", "lorashear", str(out))
     assert checkpoint_step(out / "prune_train") == 6
     ran = interrupt(monkeypatch, LHSPGSchedule, "after_step", at=None)
     method = _lorashear(checkpoint_every=3)
@@ -342,48 +396,51 @@ def test_lorashear_lhspg_resumes_mid_period_bit_identically(tok, tmp_path, monke
     assert method.history["events"] == ref_method.history["events"]
 
 
-def test_lorashear_recovery_stage_resumes_its_mixture_bit_identically(tok, tmp_path, monkeypatch):
+def _recover_mixture(tok, out: Path, every: int):
+    """A one-stage LoRAShear recovery whose mixture moves at every validation."""
     from prunelab.data.sources import load_source_config
-    from prunelab.methods.lorashear.recovery import DynamicRecovery, Mixture
+    from prunelab.methods.lorashear.recovery import DynamicRecovery
 
-    stages = [
-        {
-            "name": "text",
-            "format": "text",
-            "sources": ["embedded:reference", "embedded:comments"],
-            "max_steps": 6,
-        }
-    ]
-    lora = {
-        **{k: TRAIN[k] for k in ("cutoff_len", "batch_size", "micro_batch_size", "dropout")},
-        "val_size": 4,
-    }
+    stage = {"name": "text", "format": "text", "sources": ["embedded:reference", "embedded:comments"]}
+    lora = {k: TRAIN[k] for k in ("cutoff_len", "batch_size", "micro_batch_size", "dropout")}
+    lora.update(val_size=4, eval_every=2, checkpoint_every=every)
+    rec = DynamicRecovery(stages=[{**stage, "max_steps": 6}], lora=lora)
     data = load_source_config("embedded")
+    model = make_model("llama", 2, layers=2, vocab=2048, max_pos=256, inter=64)
+    ref = rec.reference_losses(model, tok, data)
+    ref["text"]["embedded:comments"] -= 1.0  # the mixture moves at every validation
+    return rec.recover(model, tok, out, None, data, ref)
 
-    def recover(out, every):
-        rec = DynamicRecovery(stages=stages, lora={**lora, "eval_every": 2, "checkpoint_every": every})
-        model = make_model("llama", 2, layers=2, vocab=2048, max_pos=256, inter=64)
-        ref = rec.reference_losses(model, tok, data)
-        ref["text"]["embedded:comments"] -= 1.0  # the mixture moves at every validation
-        return rec.recover(model, tok, out, None, data, ref)
 
-    ref_model = recover(tmp_path / "ref", 0)
+def _count_samples(monkeypatch, at: int | None) -> list[int]:
+    """The steps whose examples the mixture draws; killed (``stop``) at step ``at``."""
+    from prunelab.methods.lorashear.recovery import Mixture
+
     steps: list[int] = []
-    sample = Mixture.sample
+    sample = getattr(Mixture.sample, "__wrapped__", Mixture.sample)
 
-    def counted(self, step, n, at=None):
+    def counted(self, step, n):
         if step == at:
-            raise Interrupted(step)
+            stop(step)
         steps.append(step)
         return sample(self, step, n)
 
-    monkeypatch.setattr(Mixture, "sample", lambda self, step, n: counted(self, step, n, at=5))
-    with pytest.raises(Interrupted):
-        recover(tmp_path / "run", 2)
+    counted.__wrapped__ = sample
+    monkeypatch.setattr(Mixture, "sample", counted)
+    return steps
+
+
+def _kill_mixture(out: str) -> None:
+    _count_samples(pytest.MonkeyPatch(), at=5)
+    _recover_mixture(_tok(), Path(out), 2)
+
+
+def test_lorashear_recovery_stage_resumes_its_mixture_bit_identically(tok, tmp_path, monkeypatch):
+    ref_model = _recover_mixture(tok, tmp_path / "ref", 0)
+    killed("_kill_mixture", str(tmp_path / "run"))
     assert checkpoint_step(tmp_path / "run" / "text") == 4
-    steps.clear()
-    monkeypatch.setattr(Mixture, "sample", lambda self, step, n: counted(self, step, n))
-    got = recover(tmp_path / "run", 2)
+    steps = _count_samples(monkeypatch, at=None)
+    got = _recover_mixture(tok, tmp_path / "run", 2)
     assert steps == [5, 6]
     same_params(got, ref_model)
     hist, ref_hist = (
