@@ -208,7 +208,8 @@ def prune(
     (its calibration split, at the method's own sample count and length); or None: the data
     config ``data`` (default: the run default, ``embedded``), as the CLI would. Methods that
     train while pruning read ``data`` and write their trainer's files to ``output_dir`` (a
-    temporary folder when None). ``overrides``: more command-line overrides composed first
+    temporary folder when None); with an ``output_dir``, a killed call's rerun resumes the
+    training from its last checkpoint (``train.checkpoint_every``). ``overrides``: more command-line overrides composed first
     (``["debug=fast"]``). The result is exactly what the CLI's prune stage produces
     for the same config: same masks, same weights. ``ratio_convention``: a paper's reading of
     ``ratio`` (``linear``: ATP's budget over the prunable linear layers; ``per_layer``: LoRAPrune's
@@ -284,6 +285,10 @@ def prune(
             ratio_tolerance=ratio_tolerance,
         )
         done = apply_method(m, model, plan, ctx)
+        if output_dir:  # finished: a killed call's rerun resumed from it, nothing will again
+            from prunelab.recovery import train_state
+
+            train_state.clear(Path(output_dir) / "prune_train")
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -317,6 +322,7 @@ def recover(
     merge. ``data``: the recovery data (default: the recovery config's). ``masks``: a sparse
     ``PruneResult.masks`` — re-applied after the merge so zeroed weights stay zero."""
     from prunelab.methods import build_dataclass
+    from prunelab.recovery import train_state
     from prunelab.tracking.wandb_logger import NullTracker
 
     _check_choice("recovery", recovery)
@@ -333,6 +339,7 @@ def recover(
     with tempfile.TemporaryDirectory(prefix="prunelab-recover-") as tmp:
         out = Path(output_dir) if output_dir is not None else Path(tmp)
         merged = trainer.recover(model, tokenizer, out, tracker=NullTracker(), keep_masks=masks)
+        train_state.clear(out)  # finished: a killed call's rerun resumed from it, nothing will again
         history = out / "history.json"
         hist = json.loads(history.read_text()) if history.exists() else None
     return RecoverResult(model=merged, history=hist, time_s=time.perf_counter() - t)

@@ -448,3 +448,38 @@ def test_lorashear_recovery_stage_resumes_its_mixture_bit_identically(tok, tmp_p
     )
     assert hist["mixture"] == ref_hist["mixture"] and len(hist["mixture"]) == 4  # steps 0, 2, 4, 6
     assert not (tmp_path / "run" / "text" / train_state.STATE_DIR).exists()  # the finished stage's is gone
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+API = {"overrides": ["debug=fast"], "max_steps": 6, "eval_every": 3}
+
+
+def _kill_api_recover(out: str) -> None:
+    import prunelab
+
+    save = train_state.save
+
+    def save_then_stop(out_dir, step, key, tree):
+        path = save(out_dir, step, key, tree)
+        if step == 4:  # right after the checkpoint of step 4 is committed
+            stop(step)
+        return path
+
+    pytest.MonkeyPatch().setattr(train_state, "save", save_then_stop)
+    prunelab.recover(tiny(), _tok(), output_dir=out, checkpoint_every=2, **API)
+
+
+@pytest.mark.slow  # ~20-35 s: recovery data from the corpus, three trainings
+def test_api_recover_with_an_output_dir_resumes_a_killed_call_and_cleans_up(tok, tmp_path):
+    import prunelab
+
+    ref = prunelab.recover(tiny(), tok, checkpoint_every=0, **API)
+    out = tmp_path / "api"
+    killed("_kill_api_recover", str(out))
+    assert checkpoint_step(out) == 4
+    got = prunelab.recover(tiny(), tok, output_dir=out, checkpoint_every=2, **API)
+    assert got.history["resumed_at"] == [4]
+    assert got.history["train"] == ref.history["train"] and len(ref.history["train"]) == 6
+    same_params(got.model, ref.model)
+    assert not (out / train_state.STATE_DIR).exists()  # the call returned: nothing to resume
