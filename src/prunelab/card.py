@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from prunelab.tracking.rundir import unique_tmp
+
 log = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
@@ -211,7 +213,7 @@ def write_cards(results: dict, run_dir: Path, command: str | None = None) -> lis
         if not (folder / "config.json").exists():
             continue
         path = folder / CARD_NAME
-        tmp = path.with_name(f".{CARD_NAME}.{os.getpid()}.tmp")
+        tmp = unique_tmp(path)
         tmp.write_text(model_card(results, stage, command))
         os.replace(tmp, path)
         written.append(path)

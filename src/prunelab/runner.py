@@ -99,6 +99,13 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         problems.append(bad)
     if not isinstance(cfg.get("push_private", True), bool):
         problems.append(f"push_private={cfg.get('push_private')!r} is not allowed; allowed: true or false")
+    limit = cfg.get("memory_limit_gib")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
+    ):
+        problems.append(
+            f"memory_limit_gib={limit!r} is not allowed; allowed: null (the device's memory) or GiB > 0"
+        )
     if cfg.logger.name not in LOGGERS:
         problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
     problems += check_rundir(cfg.get("rundir"))
@@ -124,18 +131,22 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     if not with_plan:
         return method, recovery, None
-    # Architecture from config.json alone: the plan fails here, before the weights load.
-    return (
-        method,
-        recovery,
-        make_plan(
-            method,
-            plan_arch(method, load_config(cfg.model)),
-            cfg.ratio,
-            cfg.ratio_tolerance,
-            cfg.get("ratio_convention"),
-        ),
+    # Architecture from config.json alone: the plan and the memory fail here, before the weights load.
+    config = load_config(cfg.model)
+    plan = make_plan(
+        method, plan_arch(method, config), cfg.ratio, cfg.ratio_tolerance, cfg.get("ratio_convention")
     )
+    from prunelab.memory import check_memory, report
+
+    stages, total, too_big = check_memory(cfg, config, method)
+    log.info(
+        "estimated peak memory per stage (docs/performance.md, memory model):\n%s", report(stages, total)
+    )
+    if too_big:
+        raise ConfigError(
+            "the run does not fit its device's memory (estimated):\n  - " + "\n  - ".join(too_big)
+        )
+    return method, recovery, plan
 
 
 def plan_arch(method: PruningMethod, config: Any, model: Any = None) -> Any:
@@ -227,6 +238,7 @@ VOLATILE_KEYS = (
     "rundir",
     "push_to_hub",
     "push_private",
+    "memory_limit_gib",
 )
 # keys that change where or how work happens, never its result: not part of a run's identity
 VOLATILE_DOTTED = (
