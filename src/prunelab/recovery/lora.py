@@ -32,6 +32,29 @@ log = logging.getLogger(__name__)
 
 # LLaMA-family linears (LLaMA 1/2/3, Vicuna, Mistral, Qwen2): the only names LoRA may target.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def adapter_targets(requested: tuple[str, ...], names: set[str]) -> tuple[list[str], list[str]]:
+    """(the leaf names peft adapts, the requested names the model lacks). A name the model has
+    only inside a fused projection (Phi-3: q_proj/k_proj/v_proj in qkv_proj, gate_proj/up_proj
+    in gate_up_proj) becomes that projection when all of its parts are requested; with only
+    some of them it is missing (one adapter cannot cover half a weight)."""
+    from prunelab.sparsity.blocks import FUSED
+
+    out: list[str] = []
+    missing: list[str] = []
+    for t in requested:
+        fused = [f for f, parts in FUSED.items() if t in parts and f in names]
+        if t in names:
+            target = t
+        elif fused and all(p in requested for p in FUSED[fused[0]]):
+            target = fused[0]
+        else:
+            missing.append(t)
+            continue
+        if target not in out:
+            out.append(target)
+    return out, missing
 IGNORE_INDEX = -100  # label value cross_entropy skips
 # instruction: Alpaca prompt + answer, loss on the answer (the papers); text: plain next-token
 # windows of the data's text (pretraining-style; what lowers corpus perplexity, e.g. embedded).
@@ -587,7 +610,7 @@ class LoraRecovery:
                 f"recovery.cutoff_len={self.cutoff_len}"
             )
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in self.target_modules if t not in names]
+        targets, missing = adapter_targets(self.target_modules, names)
         if missing:
             raise ConfigError(
                 f"recovery.target_modules: {missing} not in the model; it has "
@@ -623,7 +646,7 @@ class LoraRecovery:
                     r=self.r,
                     lora_alpha=self.alpha,
                     lora_dropout=self.dropout,
-                    target_modules=list(self.target_modules),
+                    target_modules=targets,
                     bias="none",
                     task_type="CAUSAL_LM",
                 ),

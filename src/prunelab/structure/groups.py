@@ -232,6 +232,12 @@ def expand_groups(values: torch.Tensor, m: Member, size: int) -> torch.Tensor:
     return values.repeat(size // m.period) if m.period else values.repeat_interleave(m.width)
 
 
+def select_groups(sel: torch.Tensor, m: Member, size: int) -> torch.Tensor:
+    """Bool over the ``size`` indices of member ``m``'s dim: True at the groups ``sel`` selects
+    (False outside a fused linear's part, unlike ``expand_groups``' keep semantics)."""
+    return ~expand_groups(~sel.bool(), m, size)
+
+
 def masked_params(arch: ArchInfo, masks: Masks) -> int:
     """Parameters of the masked-only groups (``MASKED_ONLY``) that ``masks`` prune: zeroed in
     place, still stored; what a ratio counts as removed beside the physically removed ones."""

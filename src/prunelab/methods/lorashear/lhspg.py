@@ -24,11 +24,11 @@ from torch import nn
 from prunelab.structure import ArchInfo, Unit
 from prunelab.structure.groups import (
     Member,
-    _expand,
     decoder_layers,
     grouped,
     lora_parts,
     lora_slices,
+    select_groups,
     weight_members,
 )
 from prunelab.structure.groups import base_weight as _base
@@ -37,7 +37,7 @@ from prunelab.structure.groups import lora_delta as _delta
 
 def _write(t: torch.Tensor, m: Member, sel: torch.Tensor, values: torch.Tensor) -> None:
     """Write group rows ``values`` [|sel|, elems] back into ``t`` at the groups ``sel`` (bool [n])."""
-    idx = _expand(sel.to(t.device), m.width)
+    idx = select_groups(sel.to(t.device), m, t.shape[m.dim])
     if m.dim == 0:
         t[idx] = values.reshape(-1, t.shape[1]).to(t.dtype)
     else:
@@ -48,8 +48,8 @@ def _write(t: torch.Tensor, m: Member, sel: torch.Tensor, values: torch.Tensor) 
 
 
 def _zero_lora(module: nn.Module, m: Member, sel: torch.Tensor) -> None:
-    idx = _expand(sel, m.width)
     for w in lora_slices(module, m):
+        idx = select_groups(sel, m, w.shape[m.dim])
         if m.dim == 0:
             w[idx.to(w.device)] = 0
         else:
