@@ -55,6 +55,8 @@ def adapter_targets(requested: tuple[str, ...], names: set[str]) -> tuple[list[s
         if target not in out:
             out.append(target)
     return out, missing
+
+
 IGNORE_INDEX = -100  # label value cross_entropy skips
 # instruction: Alpaca prompt + answer, loss on the answer (the papers); text: plain next-token
 # windows of the data's text (pretraining-style; what lowers corpus perplexity, e.g. embedded).

@@ -14,12 +14,6 @@ _QK_NORM_EPS = (
     "narrowing rescales that eps (sqrt(S/H' + eps·H/H')), which would change the head norms on reload"
 )
 
-_FUSED_LORA = (
-    "the methods that train LoRA while pruning (LoRAPrune, LoRAShear, ATP) put adapters on q_proj/k_proj/"
-    "v_proj/gate_proj/up_proj by name and gate or penalise each structure's slice of one adapter per "
-    "module; Phi-3 fuses them (qkv_proj, gate_up_proj) and that is not implemented yet"
-)
-
 
 @dataclass(frozen=True)
 class Family:
@@ -97,11 +91,6 @@ FAMILIES["phi3"] = Family(
     fused_qkv="self_attn.qkv_proj",
     fused_gate_up="mlp.gate_up_proj",
     config_heads=True,
-    refuse={
-        "qk": _FUSED_LORA,
-        "vo": _FUSED_LORA,
-        "train": _FUSED_LORA,
-    },
 )
 FAMILIES["gemma3_text"] = Family(
     norms=FAMILIES["gemma2"].norms,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -138,14 +138,19 @@ def members(arch: ArchInfo, unit: Unit) -> list[Member]:
         return out
     if unit.kind in MASKED_ONLY:  # one channel of every head: strided by head_dim
         d = arch.head_dim
-        if unit.kind == "qk":
-            out = [Member(lin["q"], "weight", 0, 1, d), Member(lin["k"], "weight", 0, 1, d)]
-            if arch.attention_bias:
-                out += [Member(lin["q"], "bias", 0, 1, d), Member(lin["k"], "bias", 0, 1, d)]
-            return out
-        out = [Member(lin["v"], "weight", 0, 1, d), Member(lin["o"], "weight", 1, 1, d)]
+        s = arch.layers[unit.layer]
+        q_rows, kv_rows = s.num_attention_heads * d, s.num_key_value_heads * d
+        part = (
+            {"q": (0, q_rows), "k": (q_rows, kv_rows), "v": (q_rows + kv_rows, kv_rows)}
+            if fam.fused_qkv
+            else {"q": (0, 0), "k": (0, 0), "v": (0, 0)}
+        )
+        roles = ("q", "k") if unit.kind == "qk" else ("v",)
+        out = [Member(lin[r], "weight", 0, 1, d, True, *part[r]) for r in roles]
+        if unit.kind == "vo":
+            out.append(Member(lin["o"], "weight", 1, 1, d))
         if arch.attention_bias:
-            out.append(Member(lin["v"], "bias", 0, 1, d))
+            out += [Member(lin[r], "bias", 0, 1, d, True, *part[r]) for r in roles]
         return out
     if unit.kind == "mlp":
         i = arch.layers[unit.layer].intermediate_size
@@ -225,9 +230,7 @@ def expand_groups(values: torch.Tensor, m: Member, size: int) -> torch.Tensor:
     part of a fused linear, 1 (True: kept, untouched) outside the part."""
     if m.size:
         out = values.new_ones(size)
-        out[m.offset : m.offset + m.size] = expand_groups(
-            values, Member(m.path, m.param, m.dim, m.width), m.size
-        )
+        out[m.offset : m.offset + m.size] = expand_groups(values, replace(m, offset=0, size=0), m.size)
         return out
     return values.repeat(size // m.period) if m.period else values.repeat_interleave(m.width)
 
