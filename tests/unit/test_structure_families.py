@@ -430,3 +430,15 @@ def test_hub_config_plans_at_its_real_dimensions(name):
     assert abs(plan.achieved - 0.2) <= 0.01 * 0.2
     attn = sum(n for k, n in plan.remove.items() if k.endswith("attn"))
     assert (attn > 0) == (arch.layers[0].num_key_value_heads > 1)
+
+
+def test_lora_targets_on_fused_projections():
+    """recovery.target_modules keep their leaf names (q_proj …); on Phi-3 the adapters go on the
+    fused projections that hold them, only when every part is asked for."""
+    from prunelab.recovery.lora import TARGET_MODULES, adapter_targets
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in make_model("phi3", 2, layers=1).named_modules()}
+    assert adapter_targets(TARGET_MODULES, names) == (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], [])
+    assert adapter_targets(("q_proj", "o_proj", "up_proj"), names) == (["o_proj"], ["q_proj", "up_proj"])
+    llama = {n.rsplit(".", 1)[-1] for n, _ in make_model("llama", 2, layers=1).named_modules()}
+    assert adapter_targets(TARGET_MODULES, llama) == (list(TARGET_MODULES), [])
