@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunelab.errors import ConfigError, bad_value
 from prunelab.evaluation.suite import perplexity_sets
 from prunelab.methods.base import PruningMethod
+from prunelab.models.export import check_layout
 from prunelab.recovery import train_state
 from prunelab.structure.plan import check_convention
 from prunelab.tracking.rundir import RunDir, read_json, write_json
@@ -82,6 +83,7 @@ def validate(cfg: DictConfig, with_plan: bool = True):
 
     problems += check_ratio(cfg.ratio, cfg.ratio_tolerance)
     attempt(lambda: check_convention(cfg.get("ratio_convention")))
+    attempt(lambda: check_layout(cfg.get("checkpoint_layout", "padded")))
     method = attempt(lambda: build_method(cfg.method))
     if method is not None and method.trains:
         attempt(lambda: method.check(cfg.data))  # its training data, before any model loads
@@ -739,7 +741,7 @@ def prune(job: Job) -> None:
         )
         done = apply_method(method, m, job.plan, ctx)
         method_time = time.perf_counter() - t_method
-        save_model(m, tok, job.pruned_dir)
+        save_model(m, tok, job.pruned_dir, layout=cfg.get("checkpoint_layout", "padded"))
         if method.sparse:
             from prunelab.sparsity.checkpoint import save_masks
 
@@ -837,7 +839,11 @@ def recover(job: Job) -> None:
                 data_cfg=cfg.data,
                 keep_masks=job.masks() if job.sparse else None,  # LoRA must not refill pruned weights
             )
-        save_model(merged, tok, out / "model")
+        save_model(merged, tok, out / "model", layout=cfg.get("checkpoint_layout", "padded"))
+        if not job.own_recovery:  # the adapter applies to pruned/ as saved (padded there: padded too)
+            from prunelab.models.export import export_adapter
+
+            export_adapter(out / "adapter", job.pruned_dir)
         job.held[out / "model"] = (merged, tok)
         after = {}
         if job.sparse:  # measured on the merged weights, recorded with the stage

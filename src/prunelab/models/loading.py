@@ -2,8 +2,11 @@
 
 A pruned checkpoint is safetensors + config.json. Where every layer keeps one shape, the
 config is a plain transformers config and ``AutoModelForCausalLM.from_pretrained`` loads
-it. Otherwise the config records per-layer shapes (``prunelab_layer_shapes``) and
-``load_pretrained`` (one call) rebuilds each layer to its shape before the weights load.
+it. A model with per-layer shapes is saved in one of two layouts (``models/export.py``,
+docs/checkpoints.md): ``padded`` (default; zero-padded to uniform shapes, a plain checkpoint
+with the same logits; ``load_pretrained`` slices the padding off again) or ``compact`` (the
+per-layer shapes in ``prunelab_layer_shapes``; ``load_pretrained`` rebuilds each layer to
+its shape before the weights load, transformers does with ``trust_remote_code=True``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
+from prunelab.models.export import PADDED_KEY, unpad
 from prunelab.structure.arch import LAYER_SHAPES_KEY, LayerShape
 from prunelab.structure.groups import set_layer_shapes
 
@@ -256,7 +260,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **kwar
     if getattr(config, LAYER_SHAPES_KEY, None):
         cls = pruned_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
         return cls.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
+    if getattr(config, PADDED_KEY, None):
+        unpad(model)
+    return model
 
 
 def load_model(cfg: Any, device: str | torch.device = "cpu"):
@@ -281,11 +288,17 @@ def load_model(cfg: Any, device: str | torch.device = "cpu"):
     return model, tokenizer
 
 
-def save_model(model: nn.Module, tokenizer, out: str | Path, extra: dict | None = None) -> Path:
-    """safetensors + config.json (+ tokenizer); never a pickled model object."""
+def save_model(
+    model: nn.Module, tokenizer, out: str | Path, extra: dict | None = None, layout: str = "padded"
+) -> Path:
+    """safetensors + config.json (+ tokenizer); never a pickled model object. ``layout``: how
+    per-layer shapes are written (``checkpoint_layout``: padded | compact; models/export.py)."""
+    from prunelab.models.export import check_layout, save
+
+    check_layout(layout)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save(model, out, layout)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if extra:

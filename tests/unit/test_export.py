@@ -1,0 +1,226 @@
+"""Pruned checkpoints outside prunelab (docs/checkpoints.md).
+
+Every structured method × family: the saved checkpoint loads with plain
+``AutoModelForCausalLM.from_pretrained`` in a fresh interpreter that never imports prunelab
+(``checkpoint_layout=padded``, and ``compact`` with ``trust_remote_code=True``), and gives the
+in-memory pruned model's logits (≤ 1e-5) and greedy generation through the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from prunelab.models.export import PADDED_KEY, export_adapter
+from prunelab.models.loading import load_pretrained, save_model
+from prunelab.structure import prune_physically
+from prunelab.structure.arch import LAYER_SHAPES_KEY, arch_info
+from tests.conftest import FAMILIES
+from tests.unit.test_methods import METHODS, _pruned
+
+ROWS = {m[0]: m for m in METHODS}
+FAST = [
+    "structured-random",  # the random structured baseline
+    "llm_pruner-element1",  # block mode: heads + channels, per-layer ranking
+    "llm_pruner-global",  # global ranking: per-layer head counts differ
+    "llm_pruner-channel",  # hidden channels
+    "llm_pruner-layers",  # whole layers
+]
+TRAINED = ["loraprune-lora_grad", "lorashear", "atp"]
+X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+NEW_TOKENS = 6
+
+# A fresh interpreter: transformers alone, as a user elsewhere has it.
+CHILD = r"""
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+cases = json.load(open(sys.argv[1]))
+x = load_file(sys.argv[2])["x"]
+out = {}
+for name, (path, remote) in cases.items():
+    kw = {"trust_remote_code": True} if remote else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    with torch.no_grad():
+        out[name + "/logits"] = model(input_ids=x).logits
+        out[name + "/generated"] = model.generate(x, max_new_tokens=int(sys.argv[4]), do_sample=False, pad_token_id=0)
+    out[name + "/class"] = torch.tensor([ord(c) for c in type(model).__name__])
+assert not any(m.startswith("prunelab") for m in sys.modules), "the child imported prunelab"
+save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[3])
+"""
+
+
+def _plain_load(cases: dict[str, tuple[str, bool]], tmp: Path) -> dict[str, torch.Tensor]:
+    """Load each checkpoint in a subprocess without prunelab on the path."""
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    save_file({"x": X}, str(tmp / "x.safetensors"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp / "hf_modules")  # remote code is copied there
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp / "cases.json"),
+            str(tmp / "x.safetensors"),
+            str(tmp / "out.st"),
+            str(NEW_TOKENS),
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(str(tmp / "out.st"))
+
+
+def _expected(model) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {
+            "logits": model(input_ids=X).logits,
+            "generated": model.generate(X, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
+        }
+
+
+def _check_matrix(names: list[str], tmp: Path, compact: tuple[str, ...] = (), families=FAMILIES) -> dict:
+    expected, cases, shapes = {}, {}, {}
+    for name in names:
+        _, cfg, ratio, tol = ROWS[name]
+        for fam in families:
+            family, kv = fam.values[0]
+            case = f"{name}/{fam.id}"
+            model, _, masks = _pruned(cfg, ratio, tol, family=(family, kv), out_dir=tmp / "train" / case)
+            arch = prune_physically(model, masks)
+            shapes[case] = arch
+            expected[case] = _expected(model.eval())
+            layouts = ["padded"] + (["compact"] if name in compact else [])
+            for layout in layouts:
+                d = tmp / layout / case
+                save_model(model, None, d, layout=layout)
+                cases[f"{case}/{layout}"] = (str(d), (d / "modeling_prunelab.py").exists())
+                # prunelab itself reads both layouts back to the compact model
+                back = load_pretrained(d).eval()
+                assert arch_info(back.config) == arch, case
+                assert (back(input_ids=X).logits - expected[case]["logits"]).abs().max() <= 1e-6
+    got = _plain_load(cases, tmp)
+    for key in cases:
+        case = key.rsplit("/", 1)[0]
+        diff = (got[key + "/logits"] - expected[case]["logits"]).abs().max().item()
+        assert diff <= 1e-5, f"{key}: logits differ by {diff}"
+        assert torch.equal(got[key + "/generated"], expected[case]["generated"]), key
+        cls = "".join(map(chr, got[key + "/class"].tolist()))
+        assert cls.removeprefix("Pruned").split("For")[0].lower() in key, (key, cls)
+    return shapes
+
+
+def test_plain_transformers_loads_both_layouts(tmp_path):
+    """The quick version of the table below: per-layer KV-head counts, GQA, Qwen2's biases."""
+    _check_matrix(
+        ["llm_pruner-global"], tmp_path, compact=("llm_pruner-global",), families=[FAMILIES[1], FAMILIES[4]]
+    )
+
+
+@pytest.mark.slow
+def test_structured_checkpoints_load_with_plain_transformers(tmp_path):
+    shapes = _check_matrix(FAST, tmp_path, compact=("llm_pruner-global", "llm_pruner-channel"))
+    # the table covers what it claims: per-layer shapes, per-layer KV-head counts, hidden pruning,
+    # dropped layers, and uniform checkpoints that are plain without any padding
+    assert any(len({s.num_key_value_heads for s in a.layers[1:-1]}) > 1 for a in shapes.values())
+    assert any(not a.uniform() for a in shapes.values())
+    assert any(a.hidden_size < 64 for a in shapes.values())
+    assert any(a.num_layers < 6 for a in shapes.values())
+    cfg = json.loads((tmp_path / "padded/llm_pruner-element1/llama-gqa/config.json").read_text())
+    assert PADDED_KEY in cfg and LAYER_SHAPES_KEY not in cfg and "auto_map" not in cfg
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    layers = cfg[PADDED_KEY][LAYER_SHAPES_KEY]
+    assert (cfg["num_key_value_heads"], cfg["intermediate_size"]) == (
+        max(s["num_key_value_heads"] for s in layers),
+        max(s["intermediate_size"] for s in layers),
+    )
+    # a layer-pruned model (uniform shapes) is a plain checkpoint: nothing padded, nothing recorded
+    cfg = json.loads((tmp_path / "padded/llm_pruner-layers/qwen2-gqa-bias/config.json").read_text())
+    assert PADDED_KEY not in cfg and LAYER_SHAPES_KEY not in cfg and cfg["num_hidden_layers"] < 6
+
+
+@pytest.mark.slow
+def test_trained_structured_methods_load_with_plain_transformers(tmp_path):
+    _check_matrix(TRAINED, tmp_path, compact=("atp",))
+
+
+def test_padding_adds_nothing_but_zeros(tmp_path):
+    """The padded checkpoint holds the compact tensors at their start and zeros elsewhere."""
+    _, cfg, ratio, tol = ROWS["llm_pruner-global"]
+    model, _, masks = _pruned(cfg, ratio, tol, family=("qwen2", 2))
+    prune_physically(model, masks)
+    save_model(model, None, tmp_path)
+    padded = load_file(str(tmp_path / "model.safetensors"))
+    n_padded = 0
+    for name, t in model.state_dict().items():
+        if name not in padded:
+            continue  # the tied lm_head
+        p = padded[name]
+        corner = tuple(slice(0, n) for n in t.shape)
+        assert torch.equal(p[corner], t), name
+        rest = p.clone()
+        rest[corner] = 0
+        assert not rest.any(), name
+        n_padded += p.numel() - t.numel()
+    assert n_padded > 0
+
+
+def test_bad_layout_is_refused(tmp_path):
+    from prunelab.errors import ConfigError
+
+    _, cfg, ratio, tol = ROWS["structured-random"]
+    model, _, masks = _pruned(cfg, ratio, tol)
+    prune_physically(model, masks)
+    with pytest.raises(ConfigError, match=r"checkpoint_layout='packed' is not allowed.*padded, compact"):
+        save_model(model, None, tmp_path, layout="packed")
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ peft adapters (issue 20.5)
+@pytest.mark.parametrize("layout", ["padded", "compact"])
+@pytest.mark.parametrize("fam", [FAMILIES[1], FAMILIES[4]])
+def test_recovery_adapter_loads_with_peft_onto_the_saved_base(layout, fam, tmp_path):
+    """An adapter trained on the compact in-memory model, exported next to the saved pruned
+    checkpoint, loads with ``PeftModel.from_pretrained`` onto it and gives the adapted logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _, cfg, ratio, tol = ROWS["llm_pruner-global"]
+    model, _, masks = _pruned(cfg, ratio, tol, family=fam)
+    prune_physically(model, masks)
+    save_model(model, None, tmp_path / "pruned", layout=layout)
+    base_logits = model(input_ids=X).logits
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
+    )
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    peft_model.eval()
+    adapted = peft_model(input_ids=X).logits
+    assert (adapted - base_logits).abs().max() > 1e-3  # the adapter matters
+    peft_model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
+    assert export_adapter(tmp_path / "adapter", tmp_path / "pruned") == (layout == "padded")
+
+    kw = {"trust_remote_code": True} if layout == "compact" else {}
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", **kw).eval()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert (loaded(input_ids=X).logits - adapted).abs().max() <= 1e-5
+    meta = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert meta["base_model_name_or_path"] == str((tmp_path / "pruned").resolve())
