@@ -125,6 +125,7 @@ BAD = [
     (["model.trust_remote_code='false'"], r"model\.trust_remote_code='false' \(str\) is not allowed"),
     (["model.trust_remote_code=1"], r"model\.trust_remote_code=1 \(int\) is not allowed"),
     (["device=tpu"], r"device='tpu' is not allowed"),
+    (["checkpoint_layout=padd"], r"checkpoint_layout='padd' is not allowed.*padded.*compact"),
     # the layer-wise family's sparsity patterns
     (
         ["method=llm_pruner", "+method.sparsity_pattern=2:4"],
