@@ -172,6 +172,39 @@ def test_padding_adds_nothing_but_zeros(tmp_path):
     assert n_padded > 0
 
 
+@pytest.mark.parametrize("layout", ["padded", "compact"])
+def test_hidden_pruned_checkpoint_keeps_its_logits(layout, tmp_path):
+    """Hidden channels pruned (LLM-Pruner ``mode=channel``, LLaMA with biases): the padded
+    checkpoint pads the hidden size too and rescales the RMSNorms; plain transformers in this
+    process and ``load_pretrained`` both give the pruned model's logits. (A fresh interpreter
+    without prunelab, every family: the slow tables above.)"""
+    from transformers import AutoModelForCausalLM
+
+    _, cfg, ratio, tol = ROWS["llm_pruner-channel"]
+    model, _, masks = _pruned(cfg, ratio, tol, family=("llama_bias", 2))
+    arch = prune_physically(model, masks)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=X).logits
+    save_model(model, None, tmp_path, layout=layout)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    if layout == "padded":
+        # the heads no longer divide the pruned hidden size: padded up to the next multiple
+        heads = saved["num_attention_heads"]
+        assert arch.hidden_size % heads != 0
+        assert saved["hidden_size"] == -(-arch.hidden_size // heads) * heads
+        assert saved[PADDED_KEY]["hidden_size"] == arch.hidden_size
+    else:
+        assert saved["hidden_size"] == arch.hidden_size and "auto_map" in saved
+    kw = {"trust_remote_code": True} if layout == "compact" else {}
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, **kw).eval()
+    back = load_pretrained(tmp_path).eval()
+    assert arch_info(back.config) == arch
+    with torch.no_grad():
+        assert (plain(input_ids=X).logits - expected).abs().max() <= 1e-5
+        assert (back(input_ids=X).logits - expected).abs().max() <= 1e-6
+
+
 def test_bad_layout_is_refused(tmp_path):
     from prunelab.errors import ConfigError
 
@@ -188,8 +221,9 @@ def test_bad_layout_is_refused(tmp_path):
 @pytest.mark.parametrize("fam", [FAMILIES[1], FAMILIES[4]])
 def test_recovery_adapter_loads_with_peft_onto_the_saved_base(layout, fam, tmp_path):
     """Both layouts load with plain transformers in this process (a fresh interpreter without
-    prunelab: the slow tables above), and an adapter trained on the compact in-memory model, exported next to the saved pruned
-    checkpoint, loads with ``PeftModel.from_pretrained`` onto it and gives the adapted logits."""
+    prunelab: the slow tables above), and an adapter trained on the compact in-memory model,
+    exported next to the saved pruned checkpoint, loads with ``PeftModel.from_pretrained`` onto
+    it and gives the adapted logits."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
