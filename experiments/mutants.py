@@ -76,6 +76,21 @@ ATPP = "src/prunelab/methods/atp/pruner.py"
 LGRAD = "src/prunelab/importance/lora_grad.py"
 LRPP = "src/prunelab/methods/loraprune/pruner.py"
 
+EXP = "checkpoint export"
+# the fast tests of test_export.py (node ids: its slow tables load in subprocesses, minutes each)
+T_EXP = tuple(
+    f"tests/unit/test_export.py::{t}"
+    for t in (
+        "test_padding_adds_nothing_but_zeros",
+        "test_hidden_pruned_checkpoint_keeps_its_logits",
+        "test_bad_layout_is_refused",
+        "test_recovery_adapter_loads_with_peft_onto_the_saved_base",
+    )
+)
+EXPF = "src/prunelab/models/export.py"
+REMOTE = "src/prunelab/models/remote_code/modeling_prunelab.py"
+LOADF = "src/prunelab/models/loading.py"
+
 
 def M(module, file, old, new, what, tests, equivalent=""):
     return Mutant(module, file, old, new, what, tests, equivalent)
@@ -949,6 +964,167 @@ MUTANTS: list[Mutant] = [
         "drop = torch.sort(-score, stable=True).indices[: k - have]",
         "the highest-scoring structures masked",
         T_LRP,
+    ),
+    # ------------------------------------------------------------------ checkpoint export (issue 20)
+    M(
+        EXP,
+        EXPF,
+        "out[tuple(slice(0, n) for n in t.shape)] = t",
+        "out[tuple(slice(s - n, s) for n, s in zip(t.shape, shape, strict=True))] = t",
+        "padding at the start of every dimension instead of the end",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "t = p.data[tuple(slice(0, n) for n in shape)].clone()",
+        "t = p.data[tuple(slice(s - n, s) for n, s in zip(shape, p.shape, strict=True))].clone()",
+        "unpad keeps the end of every dimension",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "new[name] = _scaled(t, scale) if name in norms and scale != 1.0 else t",
+        "new[name] = t",
+        "padded RMSNorm weights not rescaled",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "new[name] = _scaled(t, scale) if name in norms and scale != 1.0 else t",
+        "new[name] = _scaled(t, 1 / scale) if name in norms and scale != 1.0 else t",
+        "padded RMSNorm weights scaled by √(H_padded/H)",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "scale = (config.hidden_size / pconf.hidden_size) ** 0.5",
+        "scale = config.hidden_size / pconf.hidden_size",
+        "the norm scale without the square root",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "out.rms_norm_eps = config.rms_norm_eps * hidden / padded_hidden",
+        "out.rms_norm_eps = config.rms_norm_eps",
+        "rms_norm_eps not rescaled in the padded config",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        'if name.endswith(("input_layernorm", "post_attention_layernorm", "model.norm"))',
+        'if name.endswith(("input_layernorm", "post_attention_layernorm"))',
+        "the final norm left out of the rescaled norms",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "if name in norms and scale != 1.0:\n            t = _scaled(t, scale)",
+        "if False:\n            t = _scaled(t, scale)",
+        "unpad does not scale the norms back",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "mod.variance_epsilon = compact.rms_norm_eps",
+        "mod.variance_epsilon = config.rms_norm_eps",
+        "unpad keeps the padded eps in the norms",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "heads = kv * g",
+        "heads = kv",
+        "padded query heads = KV heads (GQA groups lost)",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "padded_hidden = math.ceil(hidden / heads) * heads",
+        "padded_hidden = math.floor(hidden / heads) * heads",
+        "hidden size rounded down to the heads",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "out.intermediate_size = max(s.intermediate_size for s in shapes)",
+        "out.intermediate_size = min(s.intermediate_size for s in shapes)",
+        "MLP padded to the narrowest layer",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "model.lm_head.weight = model.model.embed_tokens.weight\n    # the model's",
+        "pass\n    # the model's",
+        "unpad does not re-tie lm_head to the sliced embeddings",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "mod.out_features, mod.in_features = mod.weight.shape",
+        "mod.in_features, mod.out_features = mod.weight.shape",
+        "unpad records a Linear's in/out features swapped",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "    write_remote_code(out, model.config)\n",
+        "",
+        "the compact layout without its remote code",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "out[key] = _pad(t, torch.Size((t.shape[0], cols))).contiguous()",
+        "out[key] = t.contiguous()",
+        "adapter lora_A not padded",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        'data["base_model_name_or_path"] = str(Path(base_dir).resolve())',
+        "pass",
+        "adapter keeps the in-memory base's name",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        REMOTE,
+        "attn.o_proj = _linear(attn.o_proj, q, h)",
+        "attn.o_proj = _linear(attn.o_proj, kv, h)",
+        "remote code builds o_proj for the KV width",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        REMOTE,
+        "build_layer_shapes(self, config)\n\n\nclass PrunedMistral",
+        "pass\n\n\nclass PrunedMistral",
+        "remote LLaMA class builds the dense shapes",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        LOADF,
+        "        unpad(model)",
+        "        pass",
+        "load_pretrained keeps the padding",
+        T_EXP,
     ),
 ]
 
