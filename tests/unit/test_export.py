@@ -176,13 +176,20 @@ def test_padding_adds_nothing_but_zeros(tmp_path):
 def test_hidden_pruned_checkpoint_keeps_its_logits(layout, tmp_path):
     """Hidden channels pruned (LLM-Pruner ``mode=channel``, LLaMA with biases): the padded
     checkpoint pads the hidden size too and rescales the RMSNorms; plain transformers in this
-    process and ``load_pretrained`` both give the pruned model's logits. (A fresh interpreter
-    without prunelab, every family: the slow tables above.)"""
+    process and ``load_pretrained`` both give the pruned model's logits, and the loaded model
+    takes a LoRA adapter. (A fresh interpreter without prunelab, every family: the slow tables
+    above.)"""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     _, cfg, ratio, tol = ROWS["llm_pruner-channel"]
     model, _, masks = _pruned(cfg, ratio, tol, family=("llama_bias", 2))
     arch = prune_physically(model, masks)
+    # an eps as large as the mean square: a wrongly rescaled eps moves the logits visibly
+    model.config.rms_norm_eps = 0.5
+    for mod in model.modules():
+        if hasattr(mod, "variance_epsilon"):
+            mod.variance_epsilon = 0.5
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=X).logits
@@ -203,6 +210,10 @@ def test_hidden_pruned_checkpoint_keeps_its_logits(layout, tmp_path):
     with torch.no_grad():
         assert (plain(input_ids=X).logits - expected).abs().max() <= 1e-5
         assert (back(input_ids=X).logits - expected).abs().max() <= 1e-6
+        # the loaded compact model takes a LoRA adapter (recovery after a resume): peft sizes
+        # lora_A/B from each Linear's in/out features; lora_B starts at zero, so the same logits
+        lora = get_peft_model(back, LoraConfig(r=2, target_modules=["q_proj", "o_proj", "down_proj"]))
+        assert (lora(input_ids=X).logits - expected).abs().max() <= 1e-6
 
 
 def test_bad_layout_is_refused(tmp_path):
