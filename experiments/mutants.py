@@ -5,7 +5,7 @@ catch it. Every mutant is applied alone to a *copy* of the working tree (``src/`
 with ``-x -q`` and OMP_NUM_THREADS=1, and the mutant counts as killed when they fail. The
 working tree itself is never written.
 
-    python experiments/mutants.py                     # all modules (~10 min on 2 cores)
+    python experiments/mutants.py                     # all modules (~11 min on 2 cores)
     python experiments/mutants.py --module ATP        # one module
     python experiments/mutants.py --check             # every snippet still matches, no tests
     python experiments/mutants.py --json mutants.json # results as JSON too
@@ -13,9 +13,10 @@ working tree itself is never written.
                                                       # which tests kill a given mutant
 
 Modules: importance (Taylor, magnitude, aggregation, selection), sparsity solvers (magnitude,
-Wanda, SparseGPT, ADMM), LHSPG/knowledge/mixer (LoRAShear), ATP generator and pruner, and
-LoRAPrune (the LoRA-gradient estimate and the pruning schedule). Mutants marked
-``equivalent`` are run too but left out of the kill rate (they cannot change any result;
+Wanda, SparseGPT, ADMM), LHSPG/knowledge/mixer (LoRAShear), ATP generator and pruner,
+LoRAPrune (the LoRA-gradient estimate and the pruning schedule), and the checkpoint export
+(issue 20: per-layer checkpoints padded and sliced, adapters padded, the compact layout's
+remote code). Mutants marked ``equivalent`` are run too but left out of the kill rate (they cannot change any result;
 the reason is printed). Runs fork a warm interpreter per mutant (torch, transformers and peft
 imported once, prunelab never imported by the parent), so a mutant costs its tests' run time
 plus ~1 s; ``--spawn`` starts a fresh interpreter per mutant instead (slower, ~10 s more
@@ -802,8 +803,8 @@ MUTANTS: list[Mutant] = [
     M(
         ATP,
         ATPP,
-        'self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, m.width, "hard")))',
-        'self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, m.width, "soft")))',
+        'self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, m, "hard")))',
+        'self.handles.append(mod.base_layer.register_forward_hook(self._hook(u.key, m, "soft")))',
         "soft gates on the frozen path too",
         T_ATP,
     ),
