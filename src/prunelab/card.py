@@ -191,12 +191,32 @@ def _loading(results: dict, stage: str) -> list[str]:
             'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
             "```",
         ]
+    # per-layer shapes: how they were written (models/export.py, docs/checkpoints.md)
+    if (results.get("config") or {}).get("checkpoint_layout", "padded") == "compact":
+        head = [
+            "Layers have different shapes (the first and last layers are kept whole), saved at their",
+            "pruned size with `modeling_prunelab.py` (`checkpoint_layout=compact`): transformers loads",
+            "it with `trust_remote_code=True` (that file runs), prunelab without:",
+        ]
+        plain = (
+            'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", trust_remote_code=True)'
+        )
+    else:
+        head = [
+            "Layers have different shapes (the first and last layers are kept whole), saved zero-padded",
+            "to one shape (`checkpoint_layout=padded`): a plain transformers checkpoint with the pruned",
+            "model's outputs, as large as its largest layer; prunelab slices the padding off:",
+        ]
+        plain = 'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")'
     return [
-        "Layers have different shapes (the first and last layers are kept whole); prunelab loads it:",
+        *head,
         "",
         "```python",
+        "from transformers import AutoModelForCausalLM",
+        plain,
+        "",
         "from prunelab.models.loading import load_pretrained",
-        'model = load_pretrained("<this folder or repo>")',
+        'model = load_pretrained("<this folder or repo>")  # the compact pruned model',
         "```",
     ]
 

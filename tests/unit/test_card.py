@@ -43,6 +43,9 @@ def test_every_checkpoint_gets_a_card_with_the_runs_numbers(finished):
         expected = [results[s]["perplexity"]["embedded"] for s in ("dense", "pruned", "recovered")]
         assert cells == [f"{v:.2f}" for v in expected]
         assert "128-token windows" in text and "method:" in text and "name: llm_pruner" in text
+        # per-layer shapes saved padded (the default): the card loads it with plain transformers
+        assert 'AutoModelForCausalLM.from_pretrained("<this folder or repo>")' in text
+        assert "trust_remote_code" not in text and "zero-padded" in text
     # the command that made it: the run's own overrides (composed here without the CLI)
     assert "recovery: LoRA" in (root / "recovered" / "model" / "README.md").read_text()
 
