@@ -85,6 +85,8 @@ T_EXP = tuple(
         "test_padding_adds_nothing_but_zeros",
         "test_hidden_pruned_checkpoint_keeps_its_logits",
         "test_bad_layout_is_refused",
+        "test_newer_families_load_with_plain_transformers",
+        "test_padding_refused_before_loading_where_inexact",
         "test_recovery_adapter_loads_with_peft_onto_the_saved_base",
     )
 )
@@ -1117,6 +1119,30 @@ MUTANTS: list[Mutant] = [
         "build_layer_shapes(self, config)\n\n\nclass PrunedMistral",
         "pass\n\n\nclass PrunedMistral",
         "remote LLaMA class builds the dense shapes",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        REMOTE,
+        "norm.weight = nn.Parameter(norm.weight.data.new_ones(n))",
+        "pass",
+        "remote code keeps OLMo-2's q/k norms at the dense width",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        'if layout == "padded" and arch.family.proj_norms and "attn" in set(kinds):',
+        'if layout == "padded" and arch.family.proj_norms and "attn" in set(kinds) and False:',
+        "the runner pads OLMo-2 with pruned heads",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "    if arch.family.proj_norms and any(s.num_key_value_heads != kv for s in shapes):",
+        "    if False:",
+        "save pads OLMo-2 with per-layer head counts",
         T_EXP,
     ),
     M(

@@ -135,9 +135,14 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         return method, recovery, None
     # Architecture from config.json alone: the plan and the memory fail here, before the weights load.
     config = load_config(cfg.model)
-    plan = make_plan(
-        method, plan_arch(method, config), cfg.ratio, cfg.ratio_tolerance, cfg.get("ratio_convention")
-    )
+    arch = plan_arch(method, config)
+    if not method.sparse:
+        from prunelab.models.export import check_padding
+
+        check_padding(
+            arch, getattr(method, "search_kinds", method.targets), cfg.get("checkpoint_layout", "padded")
+        )
+    plan = make_plan(method, arch, cfg.ratio, cfg.ratio_tolerance, cfg.get("ratio_convention"))
     from prunelab.memory import check_memory, report
 
     stages, total, too_big = check_memory(cfg, config, method)

@@ -216,6 +216,56 @@ def test_hidden_pruned_checkpoint_keeps_its_logits(layout, tmp_path):
         assert (lora(input_ids=X).logits - expected).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "gemma2", "gemma3"])
+def test_newer_families_load_with_plain_transformers(family, tmp_path):
+    """Qwen3 / Gemma 3 (q/k norms over head_dim), Gemma 2 (soft-capping), OLMo-2 (q/k norms over
+    the whole projection), in this process: padded loads plain, compact with remote code, both
+    give the pruned model's logits; OLMo-2 with per-layer head counts cannot be padded exactly
+    and is refused before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    from prunelab.errors import ConfigError
+
+    _, cfg, ratio, tol = ROWS["llm_pruner-global"]
+    model, _, masks = _pruned(cfg, ratio, tol, family=(family, 2))
+    arch = prune_physically(model, masks)
+    assert len({s.num_key_value_heads for s in arch.layers}) > 1  # per-layer head counts
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=X).logits
+    for layout in ("padded", "compact"):
+        d = tmp_path / layout
+        if layout == "padded" and family == "olmo2":
+            with pytest.raises(
+                ConfigError, match=r"checkpoint_layout='padded' cannot save model_type='olmo2'"
+            ):
+                save_model(model, None, d, layout=layout)
+            assert not (d / "model.safetensors").exists()
+            continue
+        save_model(model, None, d, layout=layout)
+        kw = {"trust_remote_code": True} if layout == "compact" else {}
+        plain = AutoModelForCausalLM.from_pretrained(d, **kw).eval()
+        back = load_pretrained(d).eval()
+        assert arch_info(back.config) == arch
+        with torch.no_grad():
+            assert (plain(input_ids=X).logits - expected).abs().max() <= 1e-5, layout
+            assert (back(input_ids=X).logits - expected).abs().max() <= 1e-6, layout
+
+
+def test_padding_refused_before_loading_where_inexact():
+    """The runner's check (validate, before any weights load): OLMo-2 + pruned heads + padded."""
+    from prunelab.errors import ConfigError
+    from prunelab.models.export import check_padding
+    from tests.conftest import make_model
+
+    olmo = arch_info(make_model("olmo2", 2).config)
+    with pytest.raises(ConfigError, match=r"allowed for this run: checkpoint_layout=compact"):
+        check_padding(olmo, ("attn", "mlp"), "padded")
+    check_padding(olmo, ("attn", "mlp"), "compact")
+    check_padding(olmo, ("mlp",), "padded")  # MLP channels only: every layer keeps its heads
+    check_padding(arch_info(make_model("qwen3", 2).config), ("attn", "mlp"), "padded")
+
+
 def test_bad_layout_is_refused(tmp_path):
     from prunelab.errors import ConfigError
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunelab.errors import bad_value
+from prunelab.errors import ConfigError, bad_value
 from prunelab.structure.arch import LAYER_SHAPES_KEY, LayerShape
 
 LAYOUTS = {
@@ -61,6 +61,23 @@ def check_layout(layout: object, key: str = "checkpoint_layout") -> str:
     return str(layout)
 
 
+def _unpaddable(model_type: str) -> ConfigError:
+    return ConfigError(
+        f"checkpoint_layout='padded' cannot save model_type={model_type!r} with attention heads pruned "
+        "exactly: its q_norm/k_norm take one RMS over all heads of a layer, and zero-padded heads change "
+        "that RMS by an eps a plain config cannot set per layer; allowed for this run: "
+        "checkpoint_layout=compact (prunelab.load_pretrained loads it, transformers with "
+        "trust_remote_code=True)"
+    )
+
+
+def check_padding(arch, kinds, layout: str) -> None:
+    """Refuse, before any model loads, a padded layout that would not give the same logits: a
+    family with whole-projection head norms (OLMo-2) whose heads a method removes per layer."""
+    if layout == "padded" and arch.family.proj_norms and "attn" in set(kinds):
+        raise _unpaddable(arch.model_type)
+
+
 def per_layer(config) -> bool:
     """Whether the config needs more than a plain transformers config (per-layer shapes)."""
     return bool(getattr(config, LAYER_SHAPES_KEY, None))
@@ -80,6 +97,11 @@ def padded_config(config):
         raise ValueError(f"layers differ in query heads per KV head ({sorted(groups)}); cannot pad")
     g = groups.pop()
     kv = max(s.num_key_value_heads for s in shapes)
+    from prunelab.structure.arch import arch_info
+
+    arch = arch_info(config)
+    if arch.family.proj_norms and any(s.num_key_value_heads != kv for s in shapes):
+        raise _unpaddable(arch.model_type)  # the runner refuses this before loading (check_padding)
     heads = kv * g
     hidden = config.hidden_size
     padded_hidden = math.ceil(hidden / heads) * heads  # the config validator: heads divide hidden

@@ -1,6 +1,6 @@
 """prunelab's compact pruned checkpoints for transformers' ``trust_remote_code=True``.
 
-A structured-pruned LLaMA / Mistral / Qwen2 model whose decoder layers differ in their
+A structured-pruned LLaMA / Mistral / Qwen2 / Qwen3 / OLMo-2 / Gemma 2 / Gemma 3 model whose decoder layers differ in their
 number of attention heads, KV heads and MLP channels. ``config.prunelab_layer_shapes`` lists
 each layer's ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size``; the
 layers are the family's own, only their linear layers are built at those sizes. The math is
@@ -10,7 +10,15 @@ load it.
 """
 
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Olmo2ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 
 def _linear(old: nn.Linear, n_in: int, n_out: int) -> nn.Linear:
@@ -26,7 +34,8 @@ def build_layer_shapes(model: nn.Module, config) -> None:
         raise ValueError(
             f"prunelab_layer_shapes has {len(shapes)} entries for {len(model.model.layers)} layers"
         )
-    h, d = config.hidden_size, config.head_dim
+    h = config.hidden_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
     for layer, s in zip(model.model.layers, shapes, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         q, kv, inter = s["num_attention_heads"] * d, s["num_key_value_heads"] * d, s["intermediate_size"]
@@ -35,6 +44,11 @@ def build_layer_shapes(model: nn.Module, config) -> None:
         attn.v_proj = _linear(attn.v_proj, h, kv)
         attn.o_proj = _linear(attn.o_proj, q, h)
         attn.num_key_value_groups = s["num_attention_heads"] // s["num_key_value_heads"]
+        # OLMo-2's q_norm / k_norm span the whole projection (Qwen3's and Gemma 3's: head_dim)
+        for name, n in (("q_norm", q), ("k_norm", kv)):
+            norm = getattr(attn, name, None)
+            if norm is not None and norm.weight.numel() != d:
+                norm.weight = nn.Parameter(norm.weight.data.new_ones(n))
         mlp.gate_proj = _linear(mlp.gate_proj, h, inter)
         mlp.up_proj = _linear(mlp.up_proj, h, inter)
         mlp.down_proj = _linear(mlp.down_proj, inter, h)
@@ -54,6 +68,30 @@ class PrunedMistralForCausalLM(MistralForCausalLM):
 
 
 class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        build_layer_shapes(self, config)
+
+
+class PrunedQwen3ForCausalLM(Qwen3ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        build_layer_shapes(self, config)
+
+
+class PrunedOlmo2ForCausalLM(Olmo2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        build_layer_shapes(self, config)
+
+
+class PrunedGemma2ForCausalLM(Gemma2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        build_layer_shapes(self, config)
+
+
+class PrunedGemma3ForCausalLM(Gemma3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         build_layer_shapes(self, config)
