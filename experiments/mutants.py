@@ -87,6 +87,7 @@ T_EXP = tuple(
         "test_bad_layout_is_refused",
         "test_newer_families_load_with_plain_transformers",
         "test_padding_refused_before_loading_where_inexact",
+        "test_phi3_compact_only",
         "test_recovery_adapter_loads_with_peft_onto_the_saved_base",
     )
 )
@@ -1132,8 +1133,8 @@ MUTANTS: list[Mutant] = [
     M(
         EXP,
         EXPF,
-        'if layout == "padded" and arch.family.proj_norms and "attn" in set(kinds):',
-        'if layout == "padded" and arch.family.proj_norms and "attn" in set(kinds) and False:',
+        'if arch.family.proj_norms and "attn" in kinds:',
+        'if arch.family.proj_norms and "attn" in kinds and False:',
         "the runner pads OLMo-2 with pruned heads",
         T_EXP,
     ),
@@ -1143,6 +1144,22 @@ MUTANTS: list[Mutant] = [
         "    if arch.family.proj_norms and any(s.num_key_value_heads != kv for s in shapes):",
         "    if False:",
         "save pads OLMo-2 with per-layer head counts",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        'if (arch.family.fused_qkv or arch.family.fused_gate_up) and kinds & {"attn", "mlp"}:',
+        'if (arch.family.fused_qkv or arch.family.fused_gate_up) and kinds & {"attn"}:',
+        "the runner pads Phi-3 when only its MLP is pruned",
+        T_EXP,
+    ),
+    M(
+        EXP,
+        EXPF,
+        "    if arch.family.fused_qkv or arch.family.fused_gate_up:\n        raise",
+        "    if False:\n        raise",
+        "save pads Phi-3's fused projections",
         T_EXP,
     ),
     M(

@@ -264,6 +264,33 @@ def test_padding_refused_before_loading_where_inexact():
     check_padding(olmo, ("attn", "mlp"), "compact")
     check_padding(olmo, ("mlp",), "padded")  # MLP channels only: every layer keeps its heads
     check_padding(arch_info(make_model("qwen3", 2).config), ("attn", "mlp"), "padded")
+    phi3 = arch_info(make_model("phi3", 2).config)
+    for kinds in (("attn",), ("mlp",)):
+        with pytest.raises(ConfigError, match=r"model_type='phi3' .*fused qkv_proj / gate_up_proj"):
+            check_padding(phi3, kinds, "padded")
+    check_padding(phi3, ("layer",), "padded")  # whole layers: uniform shapes, a plain checkpoint
+
+
+def test_phi3_compact_only(tmp_path):
+    """Phi-3's fused projections: padded refused (nothing written), compact loads with prunelab
+    (no remote code for it, so no auto_map that would point at a missing class)."""
+    from prunelab.errors import ConfigError
+
+    _, cfg, ratio, tol = ROWS["llm_pruner-global"]
+    model, _, masks = _pruned(cfg, ratio, tol, family=("phi3", 2))
+    arch = prune_physically(model, masks)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=X).logits
+    with pytest.raises(ConfigError, match=r"checkpoint_layout='padded' cannot save model_type='phi3'"):
+        save_model(model, None, tmp_path / "padded")
+    assert not (tmp_path / "padded/model.safetensors").exists()
+    save_model(model, None, tmp_path / "compact", layout="compact")
+    assert "auto_map" not in json.loads((tmp_path / "compact/config.json").read_text())
+    back = load_pretrained(tmp_path / "compact").eval()
+    assert arch_info(back.config) == arch
+    with torch.no_grad():
+        assert (back(input_ids=X).logits - expected).abs().max() <= 1e-6
 
 
 def test_bad_layout_is_refused(tmp_path):

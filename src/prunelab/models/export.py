@@ -61,21 +61,39 @@ def check_layout(layout: object, key: str = "checkpoint_layout") -> str:
     return str(layout)
 
 
-def _unpaddable(model_type: str) -> ConfigError:
+_OLMO2_WHY = (
+    "its q_norm/k_norm take one RMS over all heads of a layer, and zero-padded heads change that RMS by "
+    "an eps a plain config cannot set per layer"
+)
+_FUSED_WHY = "padding its fused qkv_proj / gate_up_proj part by part is not implemented"
+# model types whose compact checkpoints transformers loads with trust_remote_code=True
+REMOTE_CODE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3_text")
+
+
+def _unpaddable(model_type: str, why: str, what: str = "attention heads") -> ConfigError:
+    remote = (
+        "transformers with trust_remote_code=True"
+        if model_type in REMOTE_CODE_TYPES
+        else "not plain transformers"
+    )
     return ConfigError(
-        f"checkpoint_layout='padded' cannot save model_type={model_type!r} with attention heads pruned "
-        "exactly: its q_norm/k_norm take one RMS over all heads of a layer, and zero-padded heads change "
-        "that RMS by an eps a plain config cannot set per layer; allowed for this run: "
-        "checkpoint_layout=compact (prunelab.load_pretrained loads it, transformers with "
-        "trust_remote_code=True)"
+        f"checkpoint_layout='padded' cannot save model_type={model_type!r} with {what} pruned exactly: "
+        f"{why}; allowed for this run: checkpoint_layout=compact (prunelab.load_pretrained loads it; "
+        f"{remote})"
     )
 
 
 def check_padding(arch, kinds, layout: str) -> None:
     """Refuse, before any model loads, a padded layout that would not give the same logits: a
-    family with whole-projection head norms (OLMo-2) whose heads a method removes per layer."""
-    if layout == "padded" and arch.family.proj_norms and "attn" in set(kinds):
-        raise _unpaddable(arch.model_type)
+    family with whole-projection head norms (OLMo-2) whose heads a method removes per layer, or
+    fused projections (Phi-3) whose heads or channels it removes."""
+    kinds = set(kinds)
+    if layout != "padded":
+        return
+    if arch.family.proj_norms and "attn" in kinds:
+        raise _unpaddable(arch.model_type, _OLMO2_WHY)
+    if (arch.family.fused_qkv or arch.family.fused_gate_up) and kinds & {"attn", "mlp"}:
+        raise _unpaddable(arch.model_type, _FUSED_WHY, "attention heads or MLP channels")
 
 
 def per_layer(config) -> bool:
@@ -100,8 +118,11 @@ def padded_config(config):
     from prunelab.structure.arch import arch_info
 
     arch = arch_info(config)
+    # the runner refuses these before loading (check_padding); a model saved through the API too
     if arch.family.proj_norms and any(s.num_key_value_heads != kv for s in shapes):
-        raise _unpaddable(arch.model_type)  # the runner refuses this before loading (check_padding)
+        raise _unpaddable(arch.model_type, _OLMO2_WHY)
+    if arch.family.fused_qkv or arch.family.fused_gate_up:
+        raise _unpaddable(arch.model_type, _FUSED_WHY, "attention heads or MLP channels")
     heads = kv * g
     hidden = config.hidden_size
     padded_hidden = math.ceil(hidden / heads) * heads  # the config validator: heads divide hidden
@@ -228,7 +249,8 @@ def save(model: nn.Module, out: Path, layout: str) -> None:
         padded_model(model).save_pretrained(out, safe_serialization=True)
         return
     model.save_pretrained(out, safe_serialization=True)
-    write_remote_code(out, model.config)
+    if model.config.model_type in REMOTE_CODE_TYPES:  # else prunelab.load_pretrained only
+        write_remote_code(out, model.config)
 
 
 def write_remote_code(out: Path, config) -> None:
