@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.errors import ConfigError
+from prunelab.errors import ConfigError, NonFiniteError
 from prunelab.paths import conf_dir
 from prunelab.runner import VOLATILE_DOTTED, VOLATILE_KEYS, run_identity
 
@@ -132,6 +132,9 @@ def _main(cfg: DictConfig) -> float | None:
             if isinstance(e, ConfigError):
                 log.error("%s", e)
                 sys.exit(2)
+            if isinstance(e, NonFiniteError):  # the message says where and what to do: no traceback
+                log.error("%s", e)
+                sys.exit(1)
             raise
         log.exception("job %s failed; the sweep continues (error.json in its run directory)", run_dir.name)
         _record_failure(run_dir, cfg, e)

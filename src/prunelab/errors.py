@@ -16,3 +16,8 @@ def bad_value(key: str, value: object, allowed: Iterable[object]) -> ConfigError
     close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ";"
     return ConfigError(f"{key}={value!r} is not allowed{hint} allowed: {', '.join(choices)}")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or an infinity where prunelab needs a number (weights, a loss, importance scores,
+    a metric); the message says where it appeared and what to do."""

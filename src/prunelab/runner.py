@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from prunelab.errors import ConfigError, bad_value
 from prunelab.evaluation.suite import perplexity_sets
 from prunelab.methods.base import PruningMethod
 from prunelab.models.export import check_layout
+from prunelab.numerics import check_weights
 from prunelab.recovery import train_state
 from prunelab.structure.plan import check_convention
 from prunelab.tracking.rundir import RunDir, read_json, write_json
@@ -432,6 +434,12 @@ def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Prun
     from prunelab.structure import apply_masks, arch_info, masked_params, prune_physically
 
     masks = method.prune(model, plan, ctx)
+    check_weights(
+        model,
+        f"the model pruned by method={method.name}",
+        "the dense weights were finite, so the method's update produced them (a solver that "
+        "diverged or overflowed at this dtype); try model.dtype=float32 or report it with the config",
+    )
     record = method.record()
     if method.sparse:
         from prunelab.sparsity.checkpoint import mark_config
@@ -669,6 +677,12 @@ def start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Job:
 
 
 # ---------------------------------------------------------------- the stages
+def _finite_metrics(metrics: dict) -> bool:
+    """Whether every perplexity of an evaluation is finite (a dense cache written before
+    non-finite metrics were errors may hold a NaN: it is measured again, and refused)."""
+    return all(math.isfinite(v) for v in (metrics.get("perplexity") or {}).values())
+
+
 def dense_eval(job: Job) -> None:
     """1. The dense model's metrics, cached across runs per (model, weights, eval) config."""
     cfg, resolved = job.cfg, job.resolved
@@ -690,6 +704,8 @@ def dense_eval(job: Job) -> None:
     )
     path = job.cache / "dense" / f"{cfg.model.name}-{key}.json"
     job.dense = read_json(path)  # None: not cached, or a damaged file (recomputed)
+    if job.dense is not None and not _finite_metrics(job.dense):
+        job.dense = None  # cached before non-finite metrics were errors: measured again (and refused)
     if job.dense is not None:
         if job.dense.get("zeroshot"):  # the cache key leaves eval.zeroshot.metric out
             from prunelab.data.sources import plain

@@ -9,8 +9,10 @@ from typing import Any
 
 from torch import nn
 
+from prunelab.errors import NonFiniteError
 from prunelab.evaluation.perplexity import perplexity
 from prunelab.evaluation.zeroshot import reported_average
+from prunelab.numerics import DTYPE_HINT, check_value, watch_outputs
 
 
 def perplexity_sets(cfg: Any, data_cfg: Any = None) -> list[tuple[str, str]]:
@@ -104,13 +106,17 @@ def evaluate(
     for name, split in perplexity_sets(cfg, data_cfg):
         joiner = joiner_of(cfg.perplexity.get("joiner"), name)
         ids = source_for(name, data_cfg, joiner).token_ids(tokenizer, split)
-        out["perplexity"][name] = perplexity(
+        ppl = perplexity(
             model,
             ids,
             cfg.perplexity.seq_len,
             batch_size=cfg.perplexity.batch_size,
             max_windows=cfg.perplexity.max_windows,
             progress=f"perplexity {name} [{label}]",
+        )
+        # the weights were checked when the model was made: this is the forward pass itself
+        out["perplexity"][name] = check_value(
+            ppl, f"evaluation of the {label} model: the perplexity on {name}:{split}", DTYPE_HINT
         )
     out["time_s"]["perplexity"] = time.perf_counter() - t
     if cfg.zeroshot.tasks:
@@ -123,17 +129,24 @@ def evaluate(
             include = build_embedded_tasks(
                 cache_dir / "tasks", seed=cfg.zeroshot.seed, num_examples=cfg.zeroshot.num_examples
             )
-        out["zeroshot"] = evaluate_zeroshot(
-            model,
-            tokenizer,
-            list(cfg.zeroshot.tasks),
-            include_path=include,
-            include_defaults=bool(cfg.zeroshot.include_defaults),
-            limit=cfg.zeroshot.limit,
-            batch_size=cfg.zeroshot.batch_size,
-            max_length=cfg.zeroshot.max_length,
-            num_fewshot=plain(cfg.zeroshot.get("num_fewshot")),
-        )
+        # accuracy from NaN log-likelihoods is a number but no measurement: watch the logits
+        with watch_outputs(model.get_output_embeddings()) as nonfinite:
+            out["zeroshot"] = evaluate_zeroshot(
+                model,
+                tokenizer,
+                list(cfg.zeroshot.tasks),
+                include_path=include,
+                include_defaults=bool(cfg.zeroshot.include_defaults),
+                limit=cfg.zeroshot.limit,
+                batch_size=cfg.zeroshot.batch_size,
+                max_length=cfg.zeroshot.max_length,
+                num_fewshot=plain(cfg.zeroshot.get("num_fewshot")),
+            )
+            if nonfinite():
+                raise NonFiniteError(
+                    f"evaluation of the {label} model: its logits held NaN or inf during the zero-shot tasks "
+                    f"{list(cfg.zeroshot.tasks)}, so their accuracies are not measurements; {DTYPE_HINT}"
+                )
         out["zeroshot"]["reported"] = reported_average(out["zeroshot"], plain(cfg.zeroshot.get("metric")))
         out["time_s"]["zeroshot"] = time.perf_counter() - t
     if cfg.cost.enabled:

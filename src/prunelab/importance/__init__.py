@@ -13,9 +13,12 @@ import torch
 from torch import nn
 
 from prunelab.errors import bad_value
+from prunelab.numerics import check_scores
 from prunelab.structure import ArchInfo, Unit
 from prunelab.structure.groups import Masks
 
+# NaN sorts arbitrarily (+inf is a deliberate "never prune", e.g. protected layers)
+NAN_HINT = "a NaN sorts arbitrarily, so the groups it would remove are noise; its estimator produced it"
 AGGREGATIONS = ("sum", "mean", "max", "prod", "first", "last")
 
 
@@ -50,6 +53,7 @@ def select_masks(scores: dict[str, torch.Tensor], remove: dict[str, int]) -> Mas
 
     Ties are broken by index (stable sort), so equal scores give a deterministic choice.
     """
+    check_scores({k: scores[k] for k in remove}, "the ranking", NAN_HINT, allow_inf=True)
     masks: Masks = {}
     for key, k in remove.items():
         s = scores[key]
@@ -64,6 +68,7 @@ def select_masks(scores: dict[str, torch.Tensor], remove: dict[str, int]) -> Mas
 def select_global(scores: dict[str, torch.Tensor], remove: dict[str, int]) -> Masks:
     """Global ranking: per kind, drop the same total number of groups as ``remove`` asks, but
     the lowest-scoring ones across all its units (each unit keeps at least one group)."""
+    check_scores({k: scores[k] for k in remove}, "the global ranking", NAN_HINT, allow_inf=True)
     masks: Masks = {k: torch.ones(scores[k].numel(), dtype=torch.bool) for k in remove}
     for kind in sorted({k.split(".")[-1] for k in remove}):
         keys = [k for k in remove if k.split(".")[-1] == kind]

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunelab.errors import NonFiniteError
 from prunelab.importance import aggregate
+from prunelab.numerics import DTYPE_HINT
 from prunelab.progress import bar
 from prunelab.structure import ArchInfo, Unit
 from prunelab.structure.groups import grouped, iter_unit_members, member_part
@@ -53,11 +55,13 @@ def gradient_stats(
     g = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     f = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()} if fisher else None
     order = list(params)
+    losses = []  # on the device: checked once after the loop, not synced per batch
     try:
         step = 1 if fisher else micro_batch
         for i in bar(range(0, n, step), desc="calibration gradients", leave=False):
             x = calibration[i : i + step].to(device)
             loss = model(input_ids=x, labels=x).loss
+            losses.append(loss.detach())
             grads = torch.autograd.grad(loss, [params[k] for k in order])
             for k, gr in zip(order, grads, strict=True):
                 gr = gr.float()
@@ -68,6 +72,14 @@ def gradient_stats(
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
         model.train(was_training)
+    bad = (~torch.isfinite(torch.stack(losses))).nonzero().flatten().tolist()
+    if bad:
+        first = bad[0] * step
+        raise NonFiniteError(
+            f"calibration (gradients of the LM loss for importance): the loss of calibration sequences "
+            f"{first}-{min(first + step, n) - 1} of {n} is {float(losses[bad[0]])} ({len(bad)} of "
+            f"{len(losses)} batches non-finite), so no importance can be computed from them; {DTYPE_HINT}"
+        )
     return g, f
 
 

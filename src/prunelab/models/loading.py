@@ -24,6 +24,7 @@ from torch import nn
 
 from prunelab.errors import ConfigError, bad_value
 from prunelab.models.export import PADDED_KEY, unpad
+from prunelab.numerics import check_weights
 from prunelab.structure.arch import LAYER_SHAPES_KEY, LayerShape
 from prunelab.structure.groups import set_layer_shapes
 
@@ -285,6 +286,13 @@ def load_model(cfg: Any, device: str | torch.device = "cpu"):
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # before anything else runs: a NaN weight gives a NaN perplexity and arbitrary pruning
+    check_weights(
+        model,
+        f"the model loaded from model.path={str(cfg.path)!r} (model.dtype={cfg.dtype})",
+        "the checkpoint is damaged or saved from a diverged training run (re-download or re-export it); "
+        "weights beyond float16's range (65504) become inf at model.dtype=float16 (use bfloat16 or float32)",
+    )
     return model, tokenizer
 
 

@@ -25,7 +25,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from prunelab.errors import ConfigError, bad_value
+from prunelab.errors import ConfigError, NonFiniteError, bad_value
+from prunelab.numerics import check_value, check_weights, loss_scaler
 from prunelab.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,49 @@ IGNORE_INDEX = -100  # label value cross_entropy skips
 # instruction: Alpaca prompt + answer, loss on the answer (the papers); text: plain next-token
 # windows of the data's text (pretraining-style; what lowers corpus perplexity, e.g. embedded).
 FORMATS = ("instruction", "text")
+
+
+# what a non-finite training loss, gradient or merged weight usually needs
+TRAIN_HINT = (
+    "the training diverged: lower the learning rate (lr), keep max_grad_norm set, check the training "
+    "data, or train a float16 model at model.dtype=bfloat16 / float32"
+)
+# float16 training: this many overflowing steps in a row mean no loss scale helps
+MAX_OVERFLOW_STREAK = 20
+
+
+class LossScaling:
+    """What dynamic loss scaling did in a float16 training run: the steps it skipped because
+    the scaled gradient overflowed (the scale halves each time); too many in a row stop the
+    run (the gradient overflows at any scale: the training diverged)."""
+
+    def __init__(self, prefix: str, steps: int) -> None:
+        self.prefix, self.steps = prefix, steps
+        self.skipped: list[int] = []
+        self.streak = 0
+
+    def update(self, step: int, scaler: torch.amp.GradScaler) -> None:
+        """``scaler.update()`` after the step; a scale that went down means the step was skipped."""
+        before = scaler.get_scale()
+        scaler.update()
+        overflow = scaler.get_scale() < before
+        self.streak = self.streak + 1 if overflow else 0
+        if overflow:
+            self.skipped.append(step)
+            log.info(
+                "%s: step %d skipped (float16 gradient overflow); loss scale now %g",
+                self.prefix,
+                step,
+                scaler.get_scale(),
+            )
+        if self.streak >= MAX_OVERFLOW_STREAK:
+            raise NonFiniteError(
+                f"{self.prefix} training: the float16 gradient overflowed at {self.streak} steps in a row "
+                f"(to step {step}/{self.steps}; loss scale now {scaler.get_scale():g}); {TRAIN_HINT}"
+            )
+
+    def summary(self, scaler: torch.amp.GradScaler) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped, "final_scale": scaler.get_scale()}
 
 
 class Tracker(Protocol):
@@ -677,6 +721,11 @@ class LoraRecovery:
         merged, diff = merge_lora(peft_model, check)
         if keep_masks is not None:
             history["remask"] = remask(merged, keep_masks, check)
+        check_weights(
+            merged,
+            f"the model after {self.log_prefix} training (the adapter of step {history['best_step']} merged)",
+            TRAIN_HINT,
+        )
         history.update(
             merge_max_abs_diff=diff,
             num_train_examples=len(train),
@@ -748,9 +797,14 @@ class LoraRecovery:
         }
         best_state = None
         since_best = 0
+        scaler = loss_scaler(model)  # float16 models: dynamic loss scaling, else a no-op
+        scaling = LossScaling(self.log_prefix, steps)
 
         def validate(step: int) -> float:
             v, per = self._val_losses(model, val_batches)
+            check_value(
+                v, f"{self.log_prefix} training: the validation loss at step {step}/{steps}", TRAIN_HINT
+            )
             named = set(per) != {"all"}  # validation given per group (e.g. per data source)
             point = {"step": step, "loss": v, **({"per_group": per} if named else {})}
             hist["val"].append(point)
@@ -850,16 +904,27 @@ class LoraRecovery:
             total = 0.0
             for b in micro:
                 loss = loss_sum(model, b) / count
-                loss.backward()
+                scaler.scale(loss).backward()  # (float16 models only: scaled, see loss_scaler)
                 total += float(loss.detach())
                 tokens += int(b["attention_mask"].sum())
+            # the loss was synced for the log anyway: a NaN/inf stops here, before any update
+            check_value(total, f"{self.log_prefix} training: the loss of step {step}/{steps}", TRAIN_HINT)
+            scaler.unscale_(opt)
+            trained = [p for g in opt.param_groups for p in g["params"]]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
+            overflow = not math.isfinite(float(norm))  # one sync per step, none per micro-batch
+            if overflow and not scaler.is_enabled():
+                raise NonFiniteError(
+                    f"{self.log_prefix} training: the gradient of the LoRA parameters at step {step}/{steps} "
+                    f"is {float(norm)} although the loss {total:.4g} is finite; {TRAIN_HINT}"
+                )
             if hooks.after_backward is not None:  # (LoRAPrune's scores see the unclipped gradients)
                 hooks.after_backward(model, step, steps)
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm
-                )
-            opt.step()
+            if self.max_grad_norm is not None and not overflow:
+                torch.nn.utils.clip_grads_with_norm_(trained, self.max_grad_norm, norm)
+            scaler.step(opt)  # float16: skipped when the scaled gradient overflowed
+            if scaler.is_enabled():
+                scaling.update(step, scaler)
             if hooks.after_step is not None:
                 hooks.after_step(model, step, steps)
             train_time += time.perf_counter() - t0
@@ -898,6 +963,8 @@ class LoraRecovery:
                 break
         bar.close()
         hist["steps_run"] = len(hist["train"])
+        if scaler.is_enabled():
+            hist["loss_scaling"] = scaling.summary(scaler)
         if not val_batches:  # nothing to choose by: the last state is the result
             hist["best_step"] = hist["steps_run"]
         hist.update(train_time_s=train_time, train_tokens=tokens, tokens_per_s=tokens / max(train_time, 1e-9))

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunelab.errors import bad_value
+from prunelab.errors import NonFiniteError, bad_value
+from prunelab.numerics import DTYPE_HINT
 from prunelab.progress import bar
 from prunelab.sparsity.blocks import block_linears, decoder_layers, leaf, resolve_modules
 from prunelab.sparsity.solvers import InputStats, reconstruction_error
@@ -415,6 +416,15 @@ def prune_layerwise(
                     if shared is not None:
                         with shared.hooked(block):
                             run_block(block, inputs, kwargs)
+                        for site, st in shared.stats.items():  # Σx² is NaN/inf iff some input is
+                            if not bool(torch.isfinite(st.col_sq).all()):
+                                readers = [p for p in targets if shared.site.get(p) == site]
+                                raise NonFiniteError(
+                                    f"{desc}: the calibration statistics of the input of block {i}'s "
+                                    f"{', '.join(readers)} hold NaN or inf "
+                                    f"({'the embeddings' if i == 0 else f'blocks 0-{i - 1}, as pruned,'} give "
+                                    f"non-finite activations on the calibration data); {DTYPE_HINT}"
+                                )
                     for n, path in enumerate(targets):
                         lin = linears[path]
                         st = shared.stats_of(path) if shared is not None else None
@@ -422,6 +432,12 @@ def prune_layerwise(
                         if errors:
                             w = w.clone()  # .float() of an fp32 weight is the weight itself
                         new, keep, info = solve(leaf(path), w, st)
+                        if not bool(torch.isfinite(new).all()):
+                            raise NonFiniteError(
+                                f"{desc}: the solver's new weight of {prefix}.{i}.{path}.weight holds NaN or "
+                                "inf although its inputs and statistics are finite (a numerically failed "
+                                "solve): raise method.damping (sparsegpt, admm), or prune at model.dtype=float32"
+                            )
                         lin.weight.copy_(new.to(lin.weight.dtype))
                         key = f"{prefix}.{i}.{path}.weight"
                         masks[key] = keep.cpu()

@@ -69,7 +69,16 @@ from prunelab.methods import (
     sub_config,
 )
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
-from prunelab.recovery.lora import Feature, TrainHooks, collate, loss_sum, pad_id_of, target_count
+from prunelab.numerics import check_value
+from prunelab.recovery.lora import (
+    TRAIN_HINT,
+    Feature,
+    TrainHooks,
+    collate,
+    loss_sum,
+    pad_id_of,
+    target_count,
+)
 from prunelab.structure import ArchInfo, Unit, arch_info, masked_params, units
 from prunelab.structure.groups import (
     Masks,
@@ -522,6 +531,9 @@ class JointTraining:
                 lm = self.lm_loss(peft_model, self.generator_batches(batches))
                 bl = budget_loss(kept_fraction(hard, self.weights, self.prunable), self.target)
                 (lm + m.budget_weight * bl).backward()
+            lm_loss = check_value(  # (synced for the log anyway) before the generator's update
+                float(lm.detach()), f"atp generator step {step}/{steps}: the LM loss", TRAIN_HINT
+            )
             if self.schedule == "official":
                 torch.nn.utils.clip_grad_norm_(self.gen.parameters(), OFFICIAL_CLIP)
             self.gen_opt.step()
@@ -534,7 +546,7 @@ class JointTraining:
             freeze = self.count_quiet(step, det_loss, sampled)
             entry = {
                 "step": step,
-                "lm_loss": float(lm.detach()),
+                "lm_loss": lm_loss,
                 "budget_loss": det_loss,
                 "sampled_budget_loss": sampled,
                 "generator_lr": lr,
@@ -547,7 +559,7 @@ class JointTraining:
                     {
                         "atp/budget_loss": det_loss,
                         "atp/kept_params": r,
-                        "atp/generator_lm_loss": float(lm.detach()),
+                        "atp/generator_lm_loss": lm_loss,
                         **{f"atp/kept/{k}": v for k, v in entry["kept"].items()},
                     },
                     step=step,

@@ -9,7 +9,8 @@ The loop (the shared LoRA trainer with two hooks):
   to o_proj / down_proj — both the frozen and the LoRA path, so a masked structure
   contributes nothing, exactly as if removed;
 - after every backward pass, structure scores from ``importance`` are smoothed by a moving
-  average Ī ← β·Ī + (1 − β)·I (non-finite updates skipped);
+  average Ī ← β·Ī + (1 − β)·I (a float16 model's overflow steps skipped, as loss scaling
+  skips them; otherwise non-finite scores are an error);
 - every ``prune_freq`` optimizer steps the target follows a cubic schedule from 0 (until
   ``warmup`` of the run) to the plan's per-layer counts (from ``1 − cooldown`` of the run);
   the lowest-scoring still-kept structures of each prunable layer are masked — masks only
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prunelab.errors import ConfigError, bad_value
+from prunelab.errors import ConfigError, NonFiniteError, bad_value
 from prunelab.importance.lora_grad import ESTIMATORS, unit_scores
 from prunelab.methods import (
     COUPLED_MODULES,
@@ -40,7 +41,8 @@ from prunelab.methods import (
     lora_targets,
     method_trainer,
 )
-from prunelab.recovery.lora import TrainHooks
+from prunelab.numerics import trains_in_fp16
+from prunelab.recovery.lora import TRAIN_HINT, TrainHooks
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
@@ -94,7 +96,8 @@ class PruneSchedule:
         self.masks: Masks = {u.key: torch.ones(u.n, dtype=torch.bool) for u in todo}
         self.ema: dict[str, torch.Tensor] = {}
         self.log: list[dict] = []
-        self.skipped = 0  # non-finite score updates left out of the average
+        self.skipped = 0  # non-finite score updates left out of the average (float16 overflow steps)
+        self.fp16 = False  # set in setup: only a float16 model's overflowing steps may be skipped
         self._base_grads: list[torch.Tensor] = []
         self._handles: list[Any] = []
 
@@ -109,6 +112,7 @@ class PruneSchedule:
         """Mask each pruned structure's inputs to o_proj / down_proj; for ``taylor``, let the
         base weights take gradients (the comparison: true gradients)."""
         layers, arch = decoder_layers(peft_model), self.arch
+        self.fp16 = trains_in_fp16(peft_model)
         for u in self.todo:
             if u.kind == "attn":  # a KV group's query heads are consecutive o_proj input blocks
                 mod, width = layers[u.layer].self_attn.o_proj, arch.group_size(u.layer) * arch.head_dim
@@ -138,7 +142,12 @@ class PruneSchedule:
         round(cubic_fraction · plan count) per unit."""
         for k, s in scores.items():
             if not torch.isfinite(s).all():
-                self.skipped += 1
+                if not self.fp16:  # float32/bfloat16: the loop refused non-finite gradients already
+                    raise NonFiniteError(
+                        f"loraprune training: the {self.importance} importance scores of unit {k} at step "
+                        f"{step}/{steps} hold {int(torch.isnan(s).sum())} NaN and {int(torch.isinf(s).sum())} inf of {s.numel()}; {TRAIN_HINT}"
+                    )
+                self.skipped += 1  # float16: the step whose gradient overflowed (loss scaling skips it too)
                 continue
             self.ema[k] = s if k not in self.ema else self.beta * self.ema[k] + (1 - self.beta) * s
         if step % self.prune_freq and step != steps:

@@ -21,6 +21,7 @@ from torch import nn
 from prunelab.evaluation.perplexity import next_token_nll_sum
 from prunelab.importance import select_masks
 from prunelab.importance.magnitude import MagnitudeImportance
+from prunelab.numerics import DTYPE_HINT, check_value
 from prunelab.structure import ArchInfo, apply_masks, units
 from prunelab.structure.groups import iter_unit_members
 
@@ -127,6 +128,9 @@ def knowledge_distribution(
             for t, copy in saved:  # restore exactly before the next probe
                 t.copy_(copy)
     score = {k: sum(v.values()) / len(v) for k, v in deviations.items()}
+    check_value(base, "lorashear knowledge analysis: the perplexity of the unpruned model", DTYPE_HINT)
+    for k, v in score.items():  # which groups are unprunable is decided by sorting these
+        check_value(v, f"lorashear knowledge analysis: the perplexity deviation of group {k}", DTYPE_HINT)
     n_keep = math.ceil(gamma * len(score) - 1e-9)
     unprunable = sorted(score, key=lambda k: -score[k])[:n_keep]
     model.train(was_training)

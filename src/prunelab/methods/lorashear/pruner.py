@@ -60,7 +60,8 @@ from prunelab.methods import (
     sub_config,
 )
 from prunelab.methods.lorashear.recovery import DynamicRecovery
-from prunelab.recovery.lora import TrainHooks
+from prunelab.numerics import check_scores
+from prunelab.recovery.lora import TRAIN_HINT, TrainHooks
 from prunelab.structure import Unit, arch_info, units
 from prunelab.structure.groups import Masks
 from prunelab.structure.plan import PrunePlan, plan_ratio, prunable_layers
@@ -379,6 +380,11 @@ class LoRAShear(PruningMethod):
                 scores = [normalised_sum(t, scale) for t in terms]
             else:
                 scores = [group_norms(model, arch, u, effective=True) for u in mine]
+            check_scores(
+                {u.key: sc for u, sc in zip(mine, scores, strict=True)},
+                f"lorashear's LHSPG selection ({self.lhspg.saliency} saliency of the {kind} groups)",
+                TRAIN_HINT,
+            )
             owner = torch.cat([torch.full((u.n,), i) for i, u in enumerate(mine)])
             index = torch.cat([torch.arange(u.n) for u in mine])
             flat = torch.cat(

@@ -21,6 +21,7 @@ from prunelab.importance import AGGREGATIONS, select_global, select_masks
 from prunelab.importance.magnitude import MagnitudeImportance
 from prunelab.importance.random import RandomImportance
 from prunelab.methods.base import PruneContext, PruningMethod
+from prunelab.numerics import DTYPE_HINT, check_scores
 from prunelab.structure import ArchInfo, arch_info, units
 from prunelab.structure.groups import Masks, base_model
 from prunelab.structure.plan import PrunePlan, prunable_layers
@@ -89,14 +90,25 @@ class StructuredPruner(PruningMethod):
             scores = self.layer_scores(model, arch, plan.prunable_layers, calibration)
             return select_masks({"layers": scores}, {"layers": plan.remove["layers"]})
         todo = [u for u in units(arch, self.targets) if u.key in plan.remove]
-        scores = self.estimator().scores(model, arch, todo, calibration)
+        scores = self.scores(model, arch, todo, calibration)
         pick = select_global if self.ranking == "global" else select_masks
         return pick(scores, plan.remove)
+
+    def scores(self, model: nn.Module, arch: ArchInfo, todo: list, calibration) -> dict[str, torch.Tensor]:
+        """The estimator's group scores; a NaN or inf among them is an error (it would rank arbitrarily)."""
+        scores = self.estimator().scores(model, arch, todo, calibration)
+        check_scores(
+            scores,
+            f"method={self.name} importance={self.importance}",
+            "the model's weights were finite at load, so its gradients or activations overflowed "
+            "on the calibration data; " + DTYPE_HINT,
+        )
+        return scores
 
     def layer_scores(self, model, arch: ArchInfo, layers: list[int], calibration) -> torch.Tensor:
         """A layer's score sums its attention and MLP group scores; protected layers score +inf."""
         todo = [u for u in units(arch, ("attn", "mlp")) if u.layer in layers]
-        s = self.estimator().scores(model, arch, todo, calibration)
+        s = self.scores(model, arch, todo, calibration)
         out = torch.full((arch.num_layers,), float("inf"))
         for i in layers:
             out[i] = s[f"{i}.attn"].sum() + s[f"{i}.mlp"].sum()
