@@ -2,8 +2,8 @@
 metrics stops the run with a ``NonFiniteError`` that says where and what to do, instead of a
 NaN perplexity in results.json or pruning decisions taken by sorting NaNs.
 
-The checks are cheap by construction: one ``isfinite`` reduction per tensor and one host
-sync per device for a whole model (``check_weights``); scalars the code already turned
+The checks are cheap by construction: one reduction (a sum) per tensor and one host sync
+per device for a whole model (``check_weights``); scalars the code already turned
 into Python floats (logged losses, perplexities) are checked as they are.
 
 fp16 training: ``loss_scaler`` decides whether a training loop scales its loss (dynamic
@@ -34,23 +34,33 @@ def _count(t: torch.Tensor) -> str:
     return f"{nan} NaN and {inf} inf of {t.numel()} values"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN and no infinity. Screened by its sum (a NaN or an infinity
+    always makes the sum non-finite, and a sum is ~30x faster than ``isfinite`` on a CPU);
+    only a non-finite sum (or a finite tensor whose sum overflows) is checked element-wise."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating tensor holding a NaN or an infinity, else None: one
-    ``isfinite`` reduction per tensor, one host sync per device (not one per tensor)."""
+    sum per tensor, one host sync per device (not one per tensor), and an element-wise check
+    only of the tensors whose sum is not finite."""
     names: dict[torch.device, list[str]] = {}
-    flags: dict[torch.device, list[torch.Tensor]] = {}
-    order = []
+    sums: dict[torch.device, list[torch.Tensor]] = {}
+    tensors = {}
     for name, t in named:
         if not t.is_floating_point() or t.numel() == 0:
             continue
         names.setdefault(t.device, []).append(name)
-        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
-        order.append(name)
-    bad: set[str] = set()
-    for dev, fl in flags.items():
-        ok = torch.stack(fl).cpu()
-        bad.update(n for n, good in zip(names[dev], ok.tolist(), strict=True) if not good)
-    return next((n for n in order if n in bad), None)
+        sums.setdefault(t.device, []).append(t.detach().sum().float())  # inf/NaN survive the cast
+        tensors[name] = t
+    suspects: set[str] = set()
+    for dev, sm in sums.items():
+        finite = torch.isfinite(torch.stack(sm)).cpu().tolist()
+        suspects.update(n for n, ok in zip(names[dev], finite, strict=True) if not ok)
+    return next(
+        (n for n in tensors if n in suspects and not bool(torch.isfinite(tensors[n].detach()).all())), None
+    )
 
 
 def check_weights(model: nn.Module, what: str, hint: str) -> None:
@@ -85,13 +95,13 @@ def check_scores(scores: Mapping[str, torch.Tensor], what: str, hint: str, allow
 
 @contextlib.contextmanager
 def watch_outputs(module: nn.Module) -> Iterator[Callable[[], bool]]:
-    """While inside, every output of ``module`` (a model's ``lm_head``) adds one ``isfinite``
-    reduction to a flag that stays on the device (no host sync per forward); the yielded
+    """While inside, every output of ``module`` (a model's ``lm_head``) adds one reduction
+    (a float32 sum: non-finite when any logit is, or beyond 3e38) to a flag that stays on the device (no host sync per forward); the yielded
     function reads it once: True when some output held a NaN or an infinity."""
     flag: list[torch.Tensor] = []
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        bad = ~torch.isfinite(out).all()
+        bad = ~torch.isfinite(out.sum(dtype=torch.float32))  # NaN/inf make the sum non-finite
         flag[:] = [bad if not flag else flag[0] | bad]
 
     handle = module.register_forward_hook(hook)

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunelab.errors import NonFiniteError, bad_value
-from prunelab.numerics import DTYPE_HINT
+from prunelab.numerics import DTYPE_HINT, all_finite
 from prunelab.progress import bar
 from prunelab.sparsity.blocks import block_linears, decoder_layers, leaf, resolve_modules
 from prunelab.sparsity.solvers import InputStats, reconstruction_error
@@ -432,7 +432,7 @@ def prune_layerwise(
                         if errors:
                             w = w.clone()  # .float() of an fp32 weight is the weight itself
                         new, keep, info = solve(leaf(path), w, st)
-                        if not bool(torch.isfinite(new).all()):
+                        if not all_finite(new):
                             raise NonFiniteError(
                                 f"{desc}: the solver's new weight of {prefix}.{i}.{path}.weight holds NaN or "
                                 "inf although its inputs and statistics are finite (a numerically failed "
