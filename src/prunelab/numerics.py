@@ -95,9 +95,10 @@ def check_scores(scores: Mapping[str, torch.Tensor], what: str, hint: str, allow
 
 @contextlib.contextmanager
 def watch_outputs(module: nn.Module) -> Iterator[Callable[[], bool]]:
-    """While inside, every output of ``module`` (a model's ``lm_head``) adds one reduction
-    (a float32 sum: non-finite when any logit is, or beyond 3e38) to a flag that stays on the device (no host sync per forward); the yielded
-    function reads it once: True when some output held a NaN or an infinity."""
+    """While inside, every output of ``module`` (a model's ``lm_head``) adds one reduction (a
+    float32 sum: non-finite when any logit is, or beyond 3e38) to a flag that stays on the
+    device (no host sync per forward); the yielded function reads it once: True when some
+    output held a NaN or an infinity."""
     flag: list[torch.Tensor] = []
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
