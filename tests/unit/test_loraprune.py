@@ -251,9 +251,8 @@ def test_prune_schedule_moving_average_and_cubic_growth_as_in_the_paper():
     s2 = torch.tensor([1.0, 2, 3, 4, 5, 6]) * 2
     sch.update({"1.mlp": s1}, step=1, steps=steps)  # 1 % prune_freq: scores only
     assert torch.equal(sch.ema["1.mlp"], s1) and bool(sch.masks["1.mlp"].all())
-    sch.fp16 = (
-        True  # a float16 model: the step whose gradient overflowed is skipped, as loss scaling skips it
-    )
+    # a float16 model: the step whose gradient overflowed is skipped, as loss scaling skips it
+    sch.fp16 = True
     sch.update({"1.mlp": torch.tensor([float("nan")] * 6)}, step=1, steps=steps)
     assert sch.skipped == 1 and torch.equal(sch.ema["1.mlp"], s1)
     sch.fp16 = False

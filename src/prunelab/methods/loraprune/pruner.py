@@ -145,7 +145,8 @@ class PruneSchedule:
                 if not self.fp16:  # float32/bfloat16: the loop refused non-finite gradients already
                     raise NonFiniteError(
                         f"loraprune training: the {self.importance} importance scores of unit {k} at step "
-                        f"{step}/{steps} hold {int(torch.isnan(s).sum())} NaN and {int(torch.isinf(s).sum())} inf of {s.numel()}; {TRAIN_HINT}"
+                        f"{step}/{steps} hold {int(torch.isnan(s).sum())} NaN and "
+                        f"{int(torch.isinf(s).sum())} inf of {s.numel()}; {TRAIN_HINT}"
                     )
                 self.skipped += 1  # float16: the step whose gradient overflowed (loss scaling skips it too)
                 continue
