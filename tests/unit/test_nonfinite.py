@@ -18,7 +18,7 @@ from prunelab.errors import NonFiniteError
 from prunelab.models.embedded import asset_dir
 from prunelab.numerics import check_weights, loss_scaler, watch_outputs
 from prunelab.paths import conf_dir
-from tests.conftest import make_model
+from tests.conftest import Recorder, make_model
 from tests.unit.test_recovery import EXAMPLES, quick, tiny
 
 BAD = "model.layers.2.mlp.up_proj.weight"
@@ -88,9 +88,10 @@ def test_the_cli_reports_a_nan_weight_without_a_traceback(tmp_path):
         text=True,
         timeout=300,
     )
-    assert p.returncode == 1, p.stderr[-3000:]
-    assert f"non-finite weights in the model loaded from model.path={str(folder)!r}" in p.stderr
-    assert BAD in p.stderr and "Traceback" not in p.stderr
+    out = p.stdout + p.stderr  # (hydra's job logging writes to stdout)
+    assert p.returncode == 1, out[-3000:]
+    assert f"non-finite weights in the model loaded from model.path={str(folder)!r}" in out
+    assert BAD in out and "Traceback" not in out
 
 
 def test_check_weights_names_the_first_bad_tensor_and_passes_a_finite_model():
@@ -257,6 +258,82 @@ def test_a_method_that_leaves_non_finite_weights_is_stopped_before_saving():
         NonFiniteError, match=r"model pruned by method=structured: model\.layers\.0\.self_attn"
     ):
         apply_method(Diverging(targets=("attn", "mlp")), model, plan, SimpleNamespace(calibration=None))
+
+
+def test_lorashear_knowledge_analysis_refuses_a_nan_perplexity():
+    """The unprunable groups are chosen by sorting perplexity deviations: NaN ones are refused."""
+    from prunelab.methods.lorashear.knowledge import knowledge_distribution
+    from prunelab.structure import arch_info
+
+    model = make_model()
+    ids = torch.randint(0, 128, (2 * 32,), generator=torch.Generator().manual_seed(0))
+    arch = arch_info(model.config)
+    probe = dict(seq_len=32, layers=[1], ratios=(0.5,), kinds=("mlp",))
+    assert knowledge_distribution(model, arch, ids, **probe).unprunable  # finite: no error
+    nan_after(model.model.layers[2].mlp)
+    with pytest.raises(
+        NonFiniteError, match=r"lorashear knowledge analysis: the perplexity of the unpruned model is nan"
+    ):
+        knowledge_distribution(model, arch, ids, **probe)
+
+
+@pytest.mark.parametrize("scope", ["global", "unit"])
+@pytest.mark.parametrize("saliency", ["lora_aware", "magnitude"])
+def test_lorashear_lhspg_selection_refuses_nan_saliency_naming_the_unit(scope, saliency):
+    """A NaN in one LoRA factor (intermediate channel 7 of layer 1's MLP) is named by unit,
+    in both selection scopes, before any ranking (the global one would spread it to every unit)."""
+    from prunelab.structure import arch_info, units
+    from tests.unit.test_lorashear import _lorashear, _peft_model
+
+    pm = _peft_model()
+    arch = arch_info(pm.base_model.model.config)
+    todo = units(arch, ("mlp",))
+    method = _lorashear(lhspg={"scope": scope, "saliency": saliency}, knowledge={"enabled": False})
+    select = method._select_global if scope == "global" else method._select
+    want = {"mlp": 4} if scope == "global" else {u.key: 2 for u in todo}
+
+    def fresh():
+        return {u.key: torch.zeros(u.n, dtype=torch.bool) for u in todo}
+
+    redundant = fresh()
+    select(pm, arch, todo, redundant, want)
+    assert sum(int(m.sum()) for m in redundant.values()) == (4 if scope == "global" else 2 * len(todo))
+    with torch.no_grad():
+        pm.base_model.model.model.layers[1].mlp.up_proj.lora_B["default"].weight[7, 0] = float("nan")
+    with pytest.raises(
+        NonFiniteError, match=rf"LHSPG selection \({saliency} saliency.*unit 1\.mlp has [1-9]"
+    ):
+        select(pm, arch, todo, fresh(), want)
+
+
+def test_atp_generator_step_refuses_a_nan_lm_loss(tmp_path, tok):
+    """ATP's generator step has its own LM loss (the LoRA step's is checked by the trainer): a
+    NaN there stops the run at that step, before the generator is updated from it."""
+    from prunelab.data.sources import load_source_config
+    from prunelab.methods import PruneContext
+    from prunelab.structure import arch_info
+    from prunelab.structure.plan import plan_ratio
+    from tests.unit.test_atp import _atp
+
+    model = make_model("llama", 2, layers=4, vocab=2048, max_pos=256, inter=128)
+    # training forwards only (validation runs without gradients): the generator's comes first
+    model.lm_head.register_forward_hook(
+        lambda m, a, out: out * float("nan") if torch.is_grad_enabled() else out
+    )
+    arch = arch_info(model.config)
+    method = _atp()
+    plan = plan_ratio(arch, 0.2, ("attn", "mlp"), method.layers(arch.num_layers), 0.05)
+    ctx = PruneContext(
+        tok,
+        None,
+        0,
+        data_cfg=load_source_config("embedded"),
+        out_dir=tmp_path / "t",
+        tracker=Recorder(),
+        run_dir=tmp_path,
+    )
+    with pytest.raises(NonFiniteError, match=r"atp generator step 1/\d+: the LM loss is nan"):
+        method.prune(model, plan, ctx)
 
 
 # ------------------------------------------------------------------ training

@@ -358,6 +358,9 @@ class LoRAShear(PruningMethod):
                 s = saliency(model, arch, u)
             else:
                 s = group_norms(model, arch, u, effective=True)
+            check_scores(
+                {u.key: s}, f"lorashear's LHSPG selection ({self.lhspg.saliency} saliency)", TRAIN_HINT
+            )
             s = s.masked_fill(redundant[u.key], math.inf)
             redundant[u.key][torch.sort(s, stable=True).indices[: want[u.key] - have]] = True
 
@@ -374,17 +377,16 @@ class LoRAShear(PruningMethod):
             have = sum(int(redundant[u.key].sum()) for u in mine)
             if target <= have:
                 continue
+            what = f"lorashear's LHSPG selection ({self.lhspg.saliency} saliency of the {kind} groups)"
             if self.lhspg.saliency == "lora_aware":
                 terms = [saliency_terms(model, arch, u) for u in mine]
+                # checked before the global normalisation, which would spread one unit's NaN to all
+                check_scores({u.key: t for u, t in zip(mine, terms, strict=True)}, what, TRAIN_HINT)
                 scale = torch.stack([t.max(dim=1).values for t in terms]).max(dim=0).values
                 scores = [normalised_sum(t, scale) for t in terms]
             else:
                 scores = [group_norms(model, arch, u, effective=True) for u in mine]
-            check_scores(
-                {u.key: sc for u, sc in zip(mine, scores, strict=True)},
-                f"lorashear's LHSPG selection ({self.lhspg.saliency} saliency of the {kind} groups)",
-                TRAIN_HINT,
-            )
+                check_scores({u.key: sc for u, sc in zip(mine, scores, strict=True)}, what, TRAIN_HINT)
             owner = torch.cat([torch.full((u.n,), i) for i, u in enumerate(mine)])
             index = torch.cat([torch.arange(u.n) for u in mine])
             flat = torch.cat(
