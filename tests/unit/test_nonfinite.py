@@ -5,6 +5,7 @@ scales its loss. Each test fails if its check is removed (no exception, or an un
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def test_a_poisoned_weight_stops_the_run_before_anything_else(tmp_path, value, c
     assert f"model.path={str(folder)!r}" in msg and "re-download or re-export" in msg
     assert not list((tmp_path / "cache").rglob("*.json"))  # no dense evaluation was cached
     assert not (tmp_path / "run" / "results.json").exists()
+    error = json.loads((tmp_path / "run" / "error.json").read_text())  # the failure is recorded
+    assert error["type"] == "NonFiniteError" and BAD in error["message"]
 
 
 @pytest.mark.slow
@@ -497,8 +500,6 @@ def test_float16_training_skips_an_overflowing_step_and_goes_on(tok, tmp_path):
     bad = Corrupt("grad", at=2)
     out = tmp_path / "fp16"
     merged = rec.fit_features(tiny().half(), tok, train, train[:2], out, hooks=bad.hooks())
-    import json
-
     hist = json.loads((out / "history.json").read_text())
     assert hist["loss_scaling"] == {"skipped_steps": [2], "final_scale": 2.0**15}
     assert all(torch.equal(bad.states[2][n], bad.states[1][n]) for n in bad.states[1])  # step 2 skipped
