@@ -520,3 +520,54 @@ def test_float16_gradients_that_overflow_at_every_scale_stop_the_run(tok, tmp_pa
         NonFiniteError, match=r"overflowed at 3 steps in a row \(to step 4/4; loss scale now 8192\)"
     ):
         rec.fit_features(tiny().half(), tok, train, train[:2], tmp_path, hooks=bad.hooks())
+
+
+class Interrupted(Exception):
+    """Stands for a kill (tests/unit/test_train_resume.py kills real processes)."""
+
+
+class OverflowAt(Recorder):
+    """A tracker that makes the gradient through layer 1's MLP inf during step ``at`` (switched
+    on when step ``at - 1``'s loss is logged) and interrupts when step ``stop``'s loss is logged."""
+
+    def __init__(self, model, at: int, stop: int | None = None) -> None:
+        super().__init__()
+        self.at, self.stop, self.on = at, stop, False
+
+        def hook(m, a, out):
+            if self.on and out.requires_grad:
+                out.register_hook(lambda g: g * float("inf"))
+
+        model.model.layers[1].mlp.register_forward_hook(hook)
+
+    def log(self, data, step=None):
+        if "recovery/train_loss" in data:
+            if step == self.stop:
+                raise Interrupted(step)
+            self.on = step + 1 == self.at
+        super().log(data, step)
+
+
+def test_float16_training_resumes_its_loss_scale(tok, tmp_path):
+    """A float16 training killed after an overflow step resumes with the halved scale and the
+    skipped step on record: the same history and adapter as an uninterrupted run."""
+    rec = quick(max_steps=5, lr=1e-3, checkpoint_every=1)
+    train, _, _ = rec._tokenize(tok, EXAMPLES, [])
+    ref_model = tiny().half()
+    ref = rec.fit_features(
+        ref_model, tok, train, train[:2], tmp_path / "ref", tracker=OverflowAt(ref_model, 2)
+    )
+    out = tmp_path / "run"
+    first = tiny().half()
+    with pytest.raises(Interrupted):  # killed in step 4: the checkpoint of step 3 is kept
+        rec.fit_features(first, tok, train, train[:2], out, tracker=OverflowAt(first, 2, stop=4))
+    again = tiny().half()
+    got = rec.fit_features(again, tok, train, train[:2], out, tracker=OverflowAt(again, 2))
+    hist, ref_hist = (json.loads((d / "history.json").read_text()) for d in (out, tmp_path / "ref"))
+    assert hist["resumed_at"] == [3]
+    assert ref_hist["loss_scaling"] == {"skipped_steps": [2], "final_scale": 2.0**15}
+    assert hist["loss_scaling"] == ref_hist["loss_scaling"]
+    assert hist["train"] == ref_hist["train"]
+    assert all(
+        torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values(), strict=True)
+    )

@@ -106,6 +106,14 @@ class LossScaling:
     def summary(self, scaler: torch.amp.GradScaler) -> dict[str, Any]:
         return {"skipped_steps": self.skipped, "final_scale": scaler.get_scale()}
 
+    def state(self, scaler: torch.amp.GradScaler) -> dict[str, Any]:
+        """For a training-state checkpoint: the scaler's scale and growth counter, and this record."""
+        return {"scaler": scaler.state_dict(), "skipped": list(self.skipped), "streak": self.streak}
+
+    def load_state(self, scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+        scaler.load_state_dict(state["scaler"])
+        self.skipped, self.streak = list(state["skipped"]), int(state["streak"])
+
 
 class Tracker(Protocol):
     def log(self, data: dict[str, Any], step: int) -> None: ...
@@ -851,6 +859,8 @@ class LoraRecovery:
                 "sampler": g.get_state(),
                 "rng": train_state.rng_state(device),
                 "hooks": hooks.state() if hooks.state is not None else None,
+                # float16: the loss scale and its growth counter shape the steps to come
+                "loss_scaling": scaling.state(scaler) if scaler.is_enabled() else None,
             }
 
         loaded = train_state.load(out_dir, key) if every else None
@@ -863,6 +873,8 @@ class LoraRecovery:
             load_lora_state(model, tree["lora"])
             train_state.load_optimizer_state(opt, tree["optimizer"])
             g.set_state(tree["sampler"])
+            if scaler.is_enabled() and tree.get("loss_scaling") is not None:
+                scaling.load_state(scaler, tree["loss_scaling"])
             if hooks.load_state is not None:
                 hooks.load_state(tree["hooks"])
             train_state.set_rng_state(tree["rng"], device)  # last: nothing draws before the next step
@@ -910,7 +922,7 @@ class LoraRecovery:
             # the loss was synced for the log anyway: a NaN/inf stops here, before any update
             check_value(total, f"{self.log_prefix} training: the loss of step {step}/{steps}", TRAIN_HINT)
             scaler.unscale_(opt)
-            trained = [p for g in opt.param_groups for p in g["params"]]
+            trained = [p for grp in opt.param_groups for p in grp["params"]]
             norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
             overflow = not math.isfinite(float(norm))  # one sync per step, none per micro-batch
             if overflow and not scaler.is_enabled():
