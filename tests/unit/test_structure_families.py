@@ -442,3 +442,20 @@ def test_lora_targets_on_fused_projections():
     assert adapter_targets(("q_proj", "o_proj", "up_proj"), names) == (["o_proj"], ["q_proj", "up_proj"])
     llama = {n.rsplit(".", 1)[-1] for n, _ in make_model("llama", 2, layers=1).named_modules()}
     assert adapter_targets(TARGET_MODULES, llama) == (list(TARGET_MODULES), [])
+
+
+def test_docs_family_table_names_every_described_family():
+    """docs/models.md's "Model families" table has a row for every family the structure layer
+    describes, and every family this file tests is one of them."""
+    from pathlib import Path
+
+    from prunelab.structure.arch import FAMILIES
+
+    doc = (Path(__file__).parents[2] / "docs" / "models.md").read_text()
+    table = doc[doc.index("## Model families") : doc.index("## How to add a model family")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    for mt in FAMILIES:
+        assert any(f"`{mt}`" in row.split("|")[1] for row in rows), mt
+    tested = {"gemma3": "gemma3_text"}
+    for name, _ in TABLE_FAMILIES:
+        assert tested.get(name, name) in FAMILIES
