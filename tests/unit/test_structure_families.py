@@ -459,3 +459,37 @@ def test_docs_family_table_names_every_described_family():
     tested = {"gemma3": "gemma3_text"}
     for name, _ in TABLE_FAMILIES:
         assert tested.get(name, name) in FAMILIES
+
+
+def test_loraprune_trains_the_olmo2_it_prunes():
+    """LoRAPrune masks a head at o_proj's input while it trains; on OLMo-2 that alone would leave
+    the head's q/k in the whole-projection RMS of the kept heads (without the norm hooks the
+    logits here differ from the pruned model's by 0.38). Its hooks mask the norms' inputs too:
+    the model it trains equals the masked (== physically pruned) model, and ``remove``
+    restores the eps."""
+    from peft import LoraConfig, get_peft_model
+
+    from prunelab.methods.loraprune.pruner import PruneSchedule
+    from prunelab.structure.groups import Unit
+
+    model = make_model("olmo2", 4, layers=2)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    pm.eval()
+    keep = torch.tensor([True, False, True, True])
+    masked = copy.deepcopy(pm)
+    apply_masks(masked, {"0.attn": keep})
+    ref = masked(input_ids=X).logits
+    before = pm(input_ids=X).logits
+    arch = arch_info(model.config)
+    sched = PruneSchedule(arch, [Unit(0, "attn", 4)], {"0.attn": 1}, "lora_grad", 0.9, 1, 0.0, 0.0)
+    sched.masks["0.attn"] = keep.clone()
+    sched.setup(pm)
+    assert (pm(input_ids=X).logits - ref).abs().max().item() <= 1e-5
+    sched.remove()
+    assert pm.base_model.model.model.layers[0].self_attn.q_norm.variance_epsilon == model.config.rms_norm_eps
+    assert torch.equal(pm(input_ids=X).logits, before)

@@ -100,6 +100,7 @@ class PruneSchedule:
         self.fp16 = False  # set in setup: only a float16 model's overflowing steps may be skipped
         self._base_grads: list[torch.Tensor] = []
         self._handles: list[Any] = []
+        self._norms: list[tuple[nn.Module, float]] = []  # (norm, its eps) to restore
 
     def _mask_inputs(self, key: str, width: int):
         def hook(module, args):
@@ -122,6 +123,8 @@ class PruneSchedule:
             # base layer (the module left after merge_and_unload: the merge check stays masked)
             self._handles.append(mod.base_layer.register_forward_pre_hook(self._mask_inputs(u.key, width)))
             self._handles.append(mod.register_forward_pre_hook(self._mask_inputs(u.key, width)))
+            if u.kind == "attn" and arch.family.proj_norms:
+                self._mask_proj_norms(layers[u.layer].self_attn, u, arch)
         if self.importance == "taylor":
             for u in self.todo:
                 for m in weight_members(arch, u):
@@ -130,6 +133,25 @@ class PruneSchedule:
                     if not w.requires_grad:
                         w.requires_grad_(True)
                         self._base_grads.append(w)
+
+    def _mask_proj_norms(self, attn: nn.Module, u: Any, arch: Any) -> None:
+        """OLMo-2's q_norm/k_norm average over every head: a head masked only at o_proj would
+        still weigh in the RMS of the kept ones, so the model trained would not be the model
+        pruned. Mask the norms' inputs too, with the eps that makes masked == removed
+        (``prunelab.structure.groups``, whole-projection norms); restored by ``remove``."""
+        d, g = arch.head_dim, arch.group_size(u.layer)
+        for name, width in zip(arch.family.proj_norms, (g * d, d), strict=False):
+            norm = getattr(attn, name)
+            eps = norm.variance_epsilon
+            self._norms.append((norm, eps))
+
+            def hook(module, args, key=u.key, width=width, eps=eps):
+                keep = self.masks[key]
+                module.variance_epsilon = eps * float(keep.sum()) / keep.numel()
+                m = keep.repeat_interleave(width).to(args[0].device, args[0].dtype)
+                return (args[0] * m, *args[1:])
+
+            self._handles.append(norm.register_forward_pre_hook(hook))
 
     def after_backward(self, peft_model: nn.Module, step: int, steps: int) -> None:
         self.update(unit_scores(peft_model, self.arch, self.todo, self.importance), step, steps)
@@ -201,6 +223,9 @@ class PruneSchedule:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for norm, eps in self._norms:
+            norm.variance_epsilon = eps
+        self._norms.clear()
         for w in self._base_grads:
             w.requires_grad_(False)
             w.grad = None
