@@ -93,7 +93,9 @@ def _expected(model) -> dict[str, torch.Tensor]:
         }
 
 
-def _check_matrix(names: list[str], tmp: Path, compact: tuple[str, ...] = (), families=FAMILIES) -> dict:
+def _check_matrix(
+    names: list[str], tmp: Path, compact: tuple[str, ...] = (), families=FAMILIES, padded: bool = True
+) -> dict:
     expected, cases, shapes = {}, {}, {}
     for name in names:
         _, cfg, ratio, tol = ROWS[name]
@@ -104,7 +106,7 @@ def _check_matrix(names: list[str], tmp: Path, compact: tuple[str, ...] = (), fa
             arch = prune_physically(model, masks)
             shapes[case] = arch
             expected[case] = _expected(model.eval())
-            layouts = ["padded"] + (["compact"] if name in compact else [])
+            layouts = (["padded"] if padded else []) + (["compact"] if name in compact else [])
             for layout in layouts:
                 d = tmp / layout / case
                 save_model(model, None, d, layout=layout)
@@ -149,6 +151,18 @@ def test_structured_checkpoints_load_with_plain_transformers(tmp_path):
 @pytest.mark.slow
 def test_trained_structured_methods_load_with_plain_transformers(tmp_path):
     _check_matrix(TRAINED, tmp_path, compact=("atp",))
+
+
+@pytest.mark.slow
+def test_newer_families_in_a_fresh_interpreter(tmp_path):
+    """Qwen3, Gemma 2 and Gemma 3 in both layouts, OLMo-2 compact (padded is refused), loaded
+    without prunelab: logits and greedy generation through the KV cache."""
+    fams = [pytest.param((f, 2), id=f) for f in ("qwen3", "gemma2", "gemma3")]
+    _check_matrix(["llm_pruner-global"], tmp_path / "a", compact=("llm_pruner-global",), families=fams)
+    olmo = [pytest.param(("olmo2", 2), id="olmo2")]
+    _check_matrix(
+        ["llm_pruner-global"], tmp_path / "b", compact=("llm_pruner-global",), families=olmo, padded=False
+    )
 
 
 def test_padding_adds_nothing_but_zeros(tmp_path):

@@ -173,8 +173,10 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def padded_model(model: nn.Module) -> nn.Module:
-    """A plain model (its parameters on ``model``'s device) with ``model``'s outputs: every
-    tensor zero-padded at its end to the padded config's shape; shares unpadded tensors."""
+    """A plain model to save (its parameters on ``model``'s device; non-persistent buffers such
+    as RoPE's ``inv_freq`` stay on the meta device, so it runs only once saved and loaded) with
+    ``model``'s outputs: every tensor zero-padded at its end to the padded config's shape;
+    shares unpadded tensors."""
     config = model.config
     pconf = padded_config(config)
     cls = _causal_lm_class(config)
