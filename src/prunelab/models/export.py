@@ -70,6 +70,13 @@ _FUSED_WHY = "padding its fused qkv_proj / gate_up_proj part by part is not impl
 REMOTE_CODE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3_text")
 
 
+def _hidden_why(arch) -> str:
+    return (
+        "the padded config's head count must divide the hidden size, so padding pruned heads widens the "
+        f"hidden size, which this family cannot do exactly: {arch.family.refuse['hidden']}"
+    )
+
+
 def _unpaddable(model_type: str, why: str, what: str = "attention heads") -> ConfigError:
     remote = (
         "transformers with trust_remote_code=True"
@@ -126,6 +133,11 @@ def padded_config(config):
     heads = kv * g
     hidden = config.hidden_size
     padded_hidden = math.ceil(hidden / heads) * heads  # the config validator: heads divide hidden
+    if padded_hidden != hidden and "hidden" in arch.family.refuse:
+        # every layer lost heads (none kept whole: keep_first/last_layers=0), so the padded head
+        # count does not divide hidden and the hidden size would be padded, which this family
+        # cannot do exactly; known only now, after pruning (the plan does not say which layers)
+        raise _unpaddable(arch.model_type, _hidden_why(arch))
     out = copy.deepcopy(config)
     delattr(out, LAYER_SHAPES_KEY)
     setattr(
