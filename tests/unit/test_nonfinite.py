@@ -6,6 +6,7 @@ scales its loss. Each test fails if its check is removed (no exception, or an un
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -571,3 +572,65 @@ def test_float16_training_resumes_its_loss_scale(tok, tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values(), strict=True)
     )
+
+
+def _atp_run(tmp_path, tok, half: bool, monkeypatch):
+    """ATP for 6 steps on a tiny model whose generator step 1 gets an inf gradient (through
+    layer 1's MLP, during the generator's LM loss only)."""
+    from prunelab.data.sources import load_source_config
+    from prunelab.methods import PruneContext
+    from prunelab.methods.atp.pruner import JointTraining
+    from prunelab.structure import arch_info
+    from prunelab.structure.plan import plan_ratio
+    from tests.unit.test_atp import ATP_TRAIN, _atp
+
+    model = make_model("llama", 2, layers=4, vocab=2048, max_pos=256, inter=128)
+    model = model.half() if half else model
+    calls = []
+
+    def hook(m, a, out):
+        if calls == [1] and torch.is_grad_enabled() and out.requires_grad:
+            out.register_hook(lambda g: g * float("inf"))
+
+    model.model.layers[1].mlp.register_forward_hook(hook)
+    real = JointTraining.lm_loss
+
+    def lm_loss(self, peft_model, batches):  # the generator step's loss only
+        calls.append(len(calls) + 1)
+        try:
+            return real(self, peft_model, batches)
+        finally:
+            calls[:] = [0]  # hooks fire once only (any later call: not 1)
+
+    monkeypatch.setattr(JointTraining, "lm_loss", lm_loss)
+    arch = arch_info(model.config)
+    method = _atp(train={**ATP_TRAIN, "max_steps": 6, "eval_every": 3})
+    plan = plan_ratio(arch, 0.2, ("attn", "mlp"), method.layers(arch.num_layers), 0.05)
+    ctx = PruneContext(
+        tok,
+        None,
+        0,
+        data_cfg=load_source_config("embedded"),
+        out_dir=tmp_path / "t",
+        tracker=Recorder(),
+        run_dir=tmp_path,
+    )
+    method.prune(model, plan, ctx)
+    return method.history
+
+
+def test_atp_generator_gradient_inf_is_an_error_in_float32(tmp_path, tok, monkeypatch):
+    with pytest.raises(
+        NonFiniteError, match=r"atp generator step 1/\d+: the generator's gradient is (inf|nan)"
+    ):
+        _atp_run(tmp_path, tok, False, monkeypatch)
+
+
+def test_atp_generator_step_is_loss_scaled_in_float16(tmp_path, tok, monkeypatch):
+    """float16: the generator's loss is scaled like the LoRA step's; the overflowing generator
+    step 1 is skipped (scale halved) and the run goes on with finite decisions."""
+    h = _atp_run(tmp_path, tok, True, monkeypatch)
+    assert h["generator_loss_scaling"] == {"skipped_steps": [1], "final_scale": 2.0**15}
+    steps = [e for e in h["decisions"] if "lm_loss" in e]  # (the log also holds the freeze event)
+    assert len(steps) > 1 and all(math.isfinite(e["lm_loss"]) for e in steps)
+    assert all(math.isfinite(v) for e in steps for v in e["kept"].values())

@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prunelab.errors import ConfigError, bad_value
+from prunelab.errors import ConfigError, NonFiniteError, bad_value
 from prunelab.methods import (
     COUPLED_MODULES,
     PruneContext,
@@ -69,7 +69,7 @@ from prunelab.methods import (
     sub_config,
 )
 from prunelab.methods.atp.generator import ENCODERS, DecisionGenerator
-from prunelab.numerics import check_value
+from prunelab.numerics import check_value, loss_scaler
 from prunelab.recovery.lora import (
     TRAIN_HINT,
     Feature,
@@ -357,6 +357,9 @@ class JointTraining:
             todo, arch.num_layers, g.dim, g.heads, g.layers, g.encoder, g.temperature, g.offset, method.seed
         ).to(device)
         self.gen_opt = torch.optim.AdamW(self.gen.parameters(), lr=g.lr, weight_decay=0.0)
+        # float16 models: the generator's loss is scaled as the LoRA step's is (set in setup)
+        self.gen_scaler = torch.amp.GradScaler(device.type, enabled=False)
+        self.gen_skipped: list[int] = []  # float16: generator steps skipped on a gradient overflow
         self.gates = _Gates(arch, todo)
         self.state: dict[str, Any] = {
             "frozen": None,
@@ -382,7 +385,7 @@ class JointTraining:
             "heldout": len(self.heldout) if self.heldout is not None else None,
         }
         return TrainHooks(
-            setup=self.gates.install,
+            setup=self.setup,
             before_step=self.before_step,
             after_step=self.after_step,
             sample=self.sample if self.lora_indices is not None else None,
@@ -391,6 +394,11 @@ class JointTraining:
             load_state=self.load_resume_state,
             key=key,
         )
+
+    def setup(self, peft_model: nn.Module) -> None:
+        """Adapters attached: the gates go in; a float16 model gets a generator loss scaler."""
+        self.gates.install(peft_model)
+        self.gen_scaler = loss_scaler(peft_model)
 
     def resume_state(self) -> dict[str, Any]:
         """What the joint training carries from step to step besides LoRA: the generator, its
@@ -407,6 +415,8 @@ class JointTraining:
             "lora_rng": self._lora_rng.get_state(),
             "heldout_order": self._order,
             "heldout_rng": self._heldout_rng.get_state(),
+            "generator_scaler": self.gen_scaler.state_dict() if self.gen_scaler.is_enabled() else None,
+            "generator_skipped": self.gen_skipped,
         }
 
     def load_resume_state(self, state: dict[str, Any]) -> None:
@@ -422,6 +432,9 @@ class JointTraining:
         self._lora_rng.set_state(state["lora_rng"])
         self._order = list(state["heldout_order"])
         self._heldout_rng.set_state(state["heldout_rng"])
+        if self.gen_scaler.is_enabled() and state.get("generator_scaler") is not None:
+            self.gen_scaler.load_state_dict(state["generator_scaler"])
+        self.gen_skipped = list(state.get("generator_skipped", []))
 
     def sample(self, step: int, n: int) -> list[int]:
         """The LoRA step's training indices: epoch-wise permutations of the indices not held out
@@ -530,13 +543,30 @@ class JointTraining:
             with self.model_mode(peft_model):
                 lm = self.lm_loss(peft_model, self.generator_batches(batches))
                 bl = budget_loss(kept_fraction(hard, self.weights, self.prunable), self.target)
-                (lm + m.budget_weight * bl).backward()
+                sc = self.gen_scaler  # float16: scaled (the gradient crosses float16 activations)
+                sc.scale(lm + m.budget_weight * bl).backward()
             lm_loss = check_value(  # (synced for the log anyway) before the generator's update
                 float(lm.detach()), f"atp generator step {step}/{steps}: the LM loss", TRAIN_HINT
             )
+            sc.unscale_(self.gen_opt)
+            if not sc.is_enabled():  # float16 skips an overflowing step below; elsewhere it is an error
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.gen.parameters() if p.grad is not None]
+                )
+                if not math.isfinite(float(norm)):
+                    raise NonFiniteError(
+                        f"atp generator step {step}/{steps}: the generator's gradient is {float(norm)} "
+                        f"although the LM loss {lm_loss:.4g} is finite; {TRAIN_HINT}"
+                    )
             if self.schedule == "official":
                 torch.nn.utils.clip_grad_norm_(self.gen.parameters(), OFFICIAL_CLIP)
-            self.gen_opt.step()
+            before = sc.get_scale() if sc.is_enabled() else None
+            sc.step(self.gen_opt)  # float16: skipped when the scaled gradient overflowed
+            if sc.is_enabled():
+                sc.update()
+                if sc.get_scale() < before:
+                    self.gen_skipped.append(step)
+                    _log.info("atp generator step %d skipped (float16 gradient overflow)", step)
             for p in lora:
                 p.requires_grad_(True)
             det = self.deterministic()
@@ -753,6 +783,16 @@ class ATP(PruningMethod):
             "heldout_examples": len(heldout) if heldout is not None else 0,
             "target_kept_fraction": target,
             "frozen_at": state["frozen_at"],
+            **(
+                {
+                    "generator_loss_scaling": {
+                        "skipped_steps": joint.gen_skipped,
+                        "final_scale": joint.gen_scaler.get_scale(),
+                    }
+                }
+                if joint.gen_scaler.is_enabled()
+                else {}
+            ),
             "freeze_forced": state["forced"],
             "budget_flips": state["flips"],
             "decisions": log,
