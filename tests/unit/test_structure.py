@@ -142,9 +142,11 @@ def test_uniform_pruned_model_loads_with_plain_transformers(inputs, tmp_path):
 
 
 def test_per_layer_checkpoint_refuses_plain_silent_reinit(tmp_path):
+    """A compact per-layer checkpoint (the padded default loads plainly: test_export.py) is not
+    silently re-initialised by plain transformers without its remote code: it fails."""
     model = make_model("llama", 4)
     prune_physically(model, {"0.mlp": torch.arange(96) < 50})
-    save_model(model, None, tmp_path)
+    save_model(model, None, tmp_path, layout="compact")
     with pytest.raises(RuntimeError):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
