@@ -387,9 +387,10 @@ def run(
     ``config``: a list of overrides (the run directory is then named exactly as the CLI
     names it, under ``output_root/runs``) or a composed config (``compose``), whose run
     directory defaults to ``output_root/runs/api-<config hash>``. With ``dry_run=true`` the
-    config is only validated (nothing loads) and None is returned."""
+    config is only checked as the real run checks it before its weights load (nothing loads
+    or downloads) and None is returned."""
     from prunelab.cli import _run_dir_name
-    from prunelab.runner import _hash, run_identity, validate
+    from prunelab.runner import _hash, check, run_identity
     from prunelab.runner import run as _run
 
     if isinstance(config, DictConfig):
@@ -403,9 +404,6 @@ def run(
         if run_dir is None:
             run_dir = Path(cfg.output_root) / "runs" / _run_dir_name(_overrides_dirname(overrides))
     if cfg.dry_run:
-        from prunelab.preflight import preflight
-
-        validate(cfg, with_plan=False)
-        preflight(cfg)
+        check(cfg, dry_run=True)  # what the real run refuses before its weights load
         return None
     return RunResult(_run(cfg, Path(run_dir), group=group))

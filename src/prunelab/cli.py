@@ -111,12 +111,10 @@ def _main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
     if cfg.get("dry_run"):  # validate only: no model loads, nothing downloads
-        from prunelab.preflight import preflight
-        from prunelab.runner import validate
+        from prunelab.runner import check
 
-        try:
-            validate(cfg, with_plan=False)
-            preflight(cfg)  # device, folders, hub ids (offline: says what it could not check)
+        try:  # what a real run refuses before its weights load (offline: says what it could not check)
+            check(cfg, dry_run=True)
         except ConfigError as e:
             log.error("%s", e)
             if multirun:

@@ -21,3 +21,11 @@ def bad_value(key: str, value: object, allowed: Iterable[object]) -> ConfigError
 class NonFiniteError(RuntimeError):
     """A NaN or an infinity where prunelab needs a number (weights, a loss, importance scores,
     a metric); the message says where it appeared and what to do."""
+
+
+def unknown_key(node: str, key: object, allowed: Iterable[object]) -> ConfigError:
+    """``data.max_rows.trainx is not a key of data.max_rows; did you mean 'train'? allowed: train``."""
+    choices = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(key), choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return ConfigError(f"{node}.{key} is not a key of {node}{hint} allowed: {', '.join(choices)}")

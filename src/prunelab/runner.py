@@ -27,11 +27,10 @@ from prunelab.methods.base import PruningMethod
 from prunelab.models.export import check_layout
 from prunelab.numerics import check_weights
 from prunelab.recovery import train_state
-from prunelab.structure.plan import check_convention
+from prunelab.structure.plan import check_convention, check_keep
 from prunelab.tracking.rundir import RunDir, read_json, write_json
 
 log = logging.getLogger(__name__)
-LOGGERS = ("wandb", "none")
 
 
 # ---------------------------------------------------------------- validation (no model loads)
@@ -68,13 +67,15 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     """Check every group of the config; return (method, recovery, plan). Raises one ConfigError
     listing every problem found. ``with_plan=False`` (a dry run) stops before reading the model's
     config.json, so hub configs validate without a download (plan: None)."""
+    from prunelab.config_types import aliases, check_types
     from prunelab.data.sources import build_source
     from prunelab.evaluation.suite import check_eval_config
     from prunelab.methods import build_dataclass, build_method
-    from prunelab.models.loading import check_model_config, load_config
+    from prunelab.models.loading import check_model_config
+    from prunelab.tracking.wandb_logger import check_logger
 
     problems: list[str] = []
-    method = None
+    method = recovery = None
 
     def attempt(fn):
         try:
@@ -83,42 +84,71 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             problems.append(str(e))
             return None
 
-    problems += check_ratio(cfg.ratio, cfg.ratio_tolerance)
-    attempt(lambda: check_convention(cfg.get("ratio_convention")))
-    attempt(lambda: check_layout(cfg.get("checkpoint_layout", "padded")))
-    method = attempt(lambda: build_method(cfg.method))
-    if method is not None and method.trains:
+    # Types first, every key (prunelab.config_types); a node with a mistyped key skips its own
+    # checks below, which would only report the same value again (under an interpolated name).
+    try:
+        typed = check_types(cfg)
+    except Exception as e:  # an interpolation that does not resolve (${oc.env:…}, a typo)
+        raise ConfigError(f"invalid config: {type(e).__name__}: {e}") from e
+    problems += [message for _, message in typed]
+    bad = {key for key, _ in typed}
+    bad |= {alias for alias, source in aliases(cfg).items() if source in bad}
+    # the checks below read values only: resolve the interpolations once, not at every read
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+    def ok(*keys: str) -> bool:
+        return not any(b == k or b.startswith(k + ".") for b in bad for k in keys)
+
+    if ok("ratio", "ratio_tolerance"):
+        problems += check_ratio(cfg.ratio, cfg.ratio_tolerance)
+    if ok("ratio_convention"):
+        attempt(lambda: check_convention(cfg.get("ratio_convention")))
+    if ok("checkpoint_layout"):
+        attempt(lambda: check_layout(cfg.get("checkpoint_layout", "padded")))
+    if ok("method"):
+        method = attempt(lambda: build_method(cfg.method))
+    for key in ("keep_first_layers", "keep_last_layers"):
+        if method is not None and hasattr(method, key):
+            attempt(lambda key=key: check_keep(f"method.{key}", getattr(method, key)))
+    if method is not None and method.trains and ok("data"):
         attempt(lambda: method.check(cfg.data))  # its training data, before any model loads
-    attempt(lambda: check_model_config(cfg.model))
-    attempt(lambda: build_source(cfg.data).check())
-    attempt(lambda: check_eval_config(cfg.eval, cfg.data))
-    recovery = None
-    if cfg.recovery.name != "none":  # Hydra already refused unknown recovery options
+    if ok("model"):
+        attempt(lambda: check_model_config(cfg.model))
+    if ok("data"):
+        attempt(lambda: build_source(cfg.data).check())
+    if ok("eval", "data"):
+        attempt(lambda: check_eval_config(cfg.eval, cfg.data))
+    if cfg.recovery.name != "none" and ok("recovery"):  # Hydra already refused unknown recovery options
         recovery = attempt(lambda: build_dataclass(cfg.recovery, "recovery"))
-        if recovery is not None:
-            attempt(recovery.check)
+        if recovery is not None and ok("data"):
+            attempt(lambda: recovery.check(cfg.data))
     from prunelab.card import check_repo_id
 
-    if (bad := check_repo_id(cfg.get("push_to_hub"))) is not None:
-        problems.append(bad)
-    if not isinstance(cfg.get("push_private", True), bool):
+    if ok("push_to_hub") and (bad_repo := check_repo_id(cfg.get("push_to_hub"))) is not None:
+        problems.append(bad_repo)
+    if ok("push_private") and not isinstance(cfg.get("push_private", True), bool):
         problems.append(f"push_private={cfg.get('push_private')!r} is not allowed; allowed: true or false")
     limit = cfg.get("memory_limit_gib")
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
+    if (
+        ok("memory_limit_gib")
+        and limit is not None
+        and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0)
     ):
         problems.append(
             f"memory_limit_gib={limit!r} is not allowed; allowed: null (the device's memory) or GiB > 0"
         )
-    if cfg.logger.name not in LOGGERS:
-        problems.append(str(bad_value("logger", cfg.logger.name, LOGGERS)))
-    problems += check_rundir(cfg.get("rundir"))
+    if ok("logger"):
+        attempt(lambda: check_logger(cfg.logger))
+    if ok("rundir"):
+        problems += check_rundir(cfg.get("rundir"))
     timeout = cfg.logger.get("init_timeout_s")
-    if cfg.logger.name == "wandb" and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    if (
+        ok("logger")
+        and cfg.logger.name == "wandb"
+        and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0)
     ):
         problems.append(f"logger.init_timeout_s={timeout!r} must be a number of seconds > 0")
-    if cfg.device != "auto" and not str(cfg.device).startswith(("cpu", "cuda", "mps")):
+    if ok("device") and cfg.device != "auto" and not str(cfg.device).startswith(("cpu", "cuda", "mps")):
         problems.append(str(bad_value("device", cfg.device, ("auto", "cpu", "cuda", "cuda:N", "mps"))))
     sparse = method is not None and method.sparse
     if (
@@ -133,9 +163,20 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    for key in ("recovery.val_size", "method.train.val_size", "method.recovery.lora.val_size"):
+        if OmegaConf.select(cfg, key) == 0 and (key != "recovery.val_size" or recovery is not None):
+            # allowed (LoRAPrune's official run merges its last adapter), but never silently
+            log.warning("%s=0: no validation, so the best adapter is not chosen: the last one is merged", key)
     if not with_plan:
         return method, recovery, None
-    # Architecture from config.json alone: the plan and the memory fail here, before the weights load.
+    return method, recovery, plan_checked(cfg, method, recovery)
+
+
+def plan_checked(cfg: DictConfig, method: PruningMethod, recovery: Any) -> Any:
+    """The plan, from the model's config.json alone (no weights), and what the config.json rules
+    out for this config (``model_problems``): ConfigError before the weights load."""
+    from prunelab.models.loading import load_config
+
     config = load_config(cfg.model)
     arch = plan_arch(method, config)
     if not method.sparse:
@@ -145,6 +186,9 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             arch, getattr(method, "search_kinds", method.targets), cfg.get("checkpoint_layout", "padded")
         )
     plan = make_plan(method, arch, cfg.ratio, cfg.ratio_tolerance, cfg.get("ratio_convention"))
+    problems = model_problems(cfg, method, recovery, plan, arch, config)
+    if problems:
+        raise ConfigError("invalid config for this model:\n  - " + "\n  - ".join(problems))
     from prunelab.memory import check_memory, report
 
     stages, total, too_big = check_memory(cfg, config, method)
@@ -155,7 +199,105 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         raise ConfigError(
             "the run does not fit its device's memory (estimated):\n  - " + "\n  - ".join(too_big)
         )
-    return method, recovery, plan
+    return plan
+
+
+def model_problems(
+    cfg: DictConfig, method: PruningMethod, recovery: Any, plan: Any, arch: Any, config: Any
+) -> list[str]:
+    """What the model's config.json rules out: sequences longer than its positions, LoRA ranks
+    larger than the layers they adapt (after pruning, for the recovery)."""
+    problems = []
+    positions = getattr(config, "max_position_embeddings", None)
+    where = f"model.path={str(cfg.model.path)!r}"
+    lengths = [
+        ("eval.perplexity.seq_len", cfg.eval.perplexity.seq_len),
+        ("eval.zeroshot.max_length", cfg.eval.zeroshot.max_length if cfg.eval.zeroshot.tasks else None),
+        ("eval.cost.seq_len", cfg.eval.cost.seq_len if cfg.eval.cost.enabled else None),
+    ]
+    if method.needs_calibration:
+        own = method.calibration_seq_len is not None
+        key = "method.calibration_seq_len" if own else "data.calibration.seq_len"
+        lengths.append((key, method.calibration_seq_len if own else cfg.data.calibration.seq_len))
+    if recovery is not None:
+        lengths.append(("recovery.cutoff_len", recovery.cutoff_len))
+    trainer = getattr(method, "trainer", None)
+    if trainer is not None:
+        lengths.append(("method.train.cutoff_len", trainer.cutoff_len))
+    if isinstance(positions, int):
+        for key, n in lengths:
+            if n is not None and n > positions:
+                problems.append(
+                    f"{key}={n} is longer than the model's positions ({where}: max_position_embeddings="
+                    f"{positions}); allowed: ≤ {positions}"
+                )
+    if trainer is not None:  # adapters on the dense model
+        problems += _rank_problems("method.train.r", trainer, arch, {})
+    if recovery is not None:  # adapters on the pruned model
+        problems += _rank_problems("recovery.r", recovery, arch, getattr(plan, "remove", {}) or {})
+    return problems
+
+
+def _linear_sizes(arch: Any, remove: dict) -> list[tuple[int, str, int]]:
+    """(layer, leaf name, min(in, out)) of every block linear, after ``remove`` (structured
+    plans); a :class:`LinearArch` (families prunelab has no structure for) is read as is."""
+    if not hasattr(arch, "hidden_size"):  # sparse_arch of an unknown family: shapes from the module tree
+        return [
+            (i, path.rsplit(".", 1)[-1], min(o, n))
+            for i in range(arch.num_layers)
+            for path, (o, n) in arch.linear_shapes(i).items()
+        ]
+    hidden = arch.hidden_size - remove.get("hidden", 0)
+    out = []
+    for i, s in enumerate(arch.layers):
+        kv = s.num_key_value_heads - remove.get(f"{i}.attn", 0)
+        heads = kv * (s.num_attention_heads // s.num_key_value_heads)
+        inter = s.intermediate_size - remove.get(f"{i}.mlp", 0)
+        dims = {
+            "q_proj": (hidden, heads * arch.head_dim),
+            "k_proj": (hidden, kv * arch.head_dim),
+            "v_proj": (hidden, kv * arch.head_dim),
+            "o_proj": (heads * arch.head_dim, hidden),
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }
+        out += [(i, name, min(d)) for name, d in dims.items()]
+    return out
+
+
+def _rank_problems(key: str, trainer: Any, arch: Any, remove: dict) -> list[str]:
+    """A LoRA rank above min(in, out) of a linear it adapts (the shapes after ``remove``)."""
+    targets = set(trainer.target_modules)
+    sizes = [(n, i, name) for i, name, n in _linear_sizes(arch, remove) if name in targets and n > 0]
+    if not sizes:
+        return []
+    smallest, layer, name = min(sizes)
+    if trainer.r > smallest:
+        return [
+            f"{key}={trainer.r} is larger than the smallest layer it adapts (layer {layer}'s {name}: "
+            f"{smallest} features); allowed: ≤ {smallest}"
+        ]
+    return []
+
+
+def check(cfg: DictConfig, dry_run: bool = False) -> tuple[Any, Any, Any]:
+    """Everything refused before the weights load, the same for a dry run and a real one:
+    the config (``validate``), the machine (``preflight``: device, folders, hub ids), then the
+    plan and what the model's config.json rules out. A dry run reads config.json only where it
+    is local (``local_config``: nothing downloads); plan: None when it did not."""
+    from prunelab.models.loading import local_config
+    from prunelab.preflight import preflight
+
+    validate(cfg, with_plan=False)  # config errors first: they need nothing from the hub
+    preflight(cfg)
+    if dry_run and not local_config(cfg.model):
+        log.info(
+            "dry run: model.path=%r is not on this machine: the plan is checked when the run starts",
+            str(cfg.model.path),
+        )
+        return validate(cfg, with_plan=False)
+    return validate(cfg)
 
 
 def plan_arch(method: PruningMethod, config: Any, model: Any = None) -> Any:
@@ -615,12 +757,9 @@ STAGE_WORK = {"recover": ("recovered",)}
 def start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Job:
     """Validate (every problem at once, before any model loads), preflight (device, folders,
     hub ids), take the run directory's lock and open it."""
-    from prunelab.preflight import preflight
     from prunelab.tracking.lock import RunLock
 
-    validate(cfg, with_plan=False)  # config errors first: they need nothing from the hub
-    preflight(cfg)
-    method, recovery, plan = validate(cfg)
+    method, recovery, plan = check(cfg)
     recovery, own, why = choose_recovery(cfg, method, recovery)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     identity = run_identity(resolved)

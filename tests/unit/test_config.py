@@ -136,7 +136,10 @@ BAD = [
         ["method=sparsegpt", "method.activations=ssd"],
         r"method\.activations='ssd'.*allowed.*auto, memory, disk",
     ),
-    (["method=admm", "method.activation_budget_mb=-1"], r"method\.activation_budget_mb=-1 must be ≥ 0"),
+    (
+        ["method=admm", "method.activation_budget_mb=-1"],
+        r"method\.activation_budget_mb=-1 is out of range; allowed: ≥ 0",
+    ),
     (
         ["model=synthetic_110m", "model.path=synthetic:llama_1t"],
         r"model\.path='synthetic:llama_1t'.*allowed.*synthetic:llama_110m",
@@ -299,3 +302,88 @@ def test_the_loader_itself_refuses_a_non_boolean_trust_remote_code():
     with pytest.raises(ConfigError, match=r"model\.trust_remote_code='no' \(str\)"):
         loading.load_config(cfg)
     assert loading.trusts_remote_code(OmegaConf.create({"trust_remote_code": False})) is False
+
+
+REMOTE_CODE = """
+import os
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+Path(os.environ["PRUNELAB_REMOTE_CODE_MARKER"]).write_text("the model folder's code ran")
+
+
+class RemoteConfig(LlamaConfig):
+    model_type = "prunelab_remote"
+"""
+
+
+@pytest.mark.parametrize("flag", [False, "no", "false", 1, True])
+def test_a_model_folders_code_runs_only_for_a_real_true(flag, tmp_path, monkeypatch):
+    """A folder whose config.json maps to its own Python code (``auto_map``): its code runs
+    only with ``trust_remote_code=true`` (the boolean); ``false`` is refused by transformers,
+    a string or a number by prunelab, and in neither case does the code run. The last case
+    (a real true) shows that the marker would catch the code running."""
+    import json
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from prunelab.models.embedded import asset_dir
+
+    folder = tmp_path / "remote"
+    shutil.copytree(asset_dir("tiny_llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="prunelab_remote", auto_map={"AutoConfig": "remote.RemoteConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "remote.py").write_text(REMOTE_CODE)
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("PRUNELAB_REMOTE_CODE_MARKER", str(marker))
+    node = {"path": str(folder), "revision": None, "trust_remote_code": flag, "dtype": "float32"}
+    if flag is True:
+        loading.load_config(OmegaConf.create(node))
+        assert marker.exists()
+        return
+    with pytest.raises(ConfigError, match=r"model\.trust_remote_code"):
+        loading.load_config(OmegaConf.create(node))
+    assert not marker.exists()
+
+
+class _Marker:
+    """Unpickling this writes a file (what a hostile pickle could do instead)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "unpickled"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickled_weights_are_never_loaded(tmp_path):
+    """A folder whose only weights are a pickle (pytorch_model.bin) is refused before anything
+    reads it, by validation and by the loader itself; transformers alone would read it (the
+    control at the end: it opens the .bin, which is what the refusal prevents)."""
+    import pickle
+    import shutil
+
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from prunelab.models.embedded import asset_dir
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(asset_dir("tiny_llama"), folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Marker(str(marker))))
+    node = OmegaConf.create(
+        {"path": str(folder), "revision": None, "trust_remote_code": False, "dtype": "float32"}
+    )
+    with pytest.raises(ConfigError, match=r"model\.path=.*pickled weights only \(pytorch_model\.bin\)"):
+        loading.check_model_config(OmegaConf.merge(node, {"attn_implementation": None}))
+    with pytest.raises(ConfigError, match=r"pickled weights only"):
+        loading.load_pretrained(folder)
+    assert not marker.exists()
+    with pytest.raises(Exception, match=r"(?i)pickl|weights_only|pytorch_model"):
+        AutoModelForCausalLM.from_pretrained(str(folder))  # without prunelab's refusal: the .bin is opened

@@ -273,7 +273,7 @@ def test_unknown_key_and_bad_values():
         S.build_source({**cfg_dict, "local_file": "x.parquet"})
     with pytest.raises(ConfigError, match=re.escape("data.calibration.seq_len=0")):
         S.build_source({**cfg_dict, "calibration": {"num_samples": 4, "seq_len": 0}})
-    with pytest.raises(ConfigError, match=re.escape("data.local_files='validaton'")):
+    with pytest.raises(ConfigError, match=re.escape("data.local_files.validaton is not a key")):
         S.build_source({**cfg_dict, "local_files": {"validaton": str(WIKI_TEST)}})
     with pytest.raises(ConfigError, match=re.escape("data._target_")):
         S.build_source({**cfg_dict, "_target_": "os.system"})

@@ -276,6 +276,9 @@ def _cfg(folder, tmp_path, *extra):
         "logger=none",
         f"output_root={tmp_path}",
         "recovery=none",
+        # within the tiny models' 64 positions (longer windows are refused before loading)
+        "eval.perplexity.seq_len=64",
+        "data.calibration.seq_len=64",
         *extra,
     ]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):

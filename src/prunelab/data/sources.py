@@ -15,6 +15,7 @@ instruction data, ``{instruction, input, output}`` examples (``instruction_examp
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -26,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from prunelab.data.corpus import SOURCES, SPLITS, Document, documents
-from prunelab.errors import ConfigError, bad_value
+from prunelab.errors import ConfigError, bad_value, unknown_key
 from prunelab.paths import conf_dir
 
 # Names shipped in conf/data/; a user's own conf/data/<name>.yaml adds to them.
@@ -276,7 +277,7 @@ class HubText:
         text_field: str | None = "text",
         joiner: str = "\n\n",
         splits: Mapping[str, str] | None = None,
-        data_files: Any = None,
+        data_files: str | list[str] | Mapping[str, str | list[str]] | None = None,
         local_files: Mapping[str, str] | None = None,
         calibration: Mapping[str, Any] | Calibration | None = None,
         text_format: str | None = None,
@@ -307,19 +308,19 @@ class HubText:
         splits = dict(plain(splits) or {s: s for s in SPLITS})
         for key in splits:
             if key not in SPLITS:
-                raise bad_value("data.splits", key, SPLITS)
+                raise unknown_key("data.splits", key, SPLITS)
         self.splits: dict[str, str] = splits
         self.data_files = plain(data_files)
         local_files = dict(plain(local_files) or {})
         for key in local_files:
             if key not in splits:
-                raise bad_value("data.local_files", key, list(splits))
+                raise unknown_key("data.local_files", key, list(splits))
         self.local_files: dict[str, str] = local_files
         max_rows = plain(max_rows)
         if isinstance(max_rows, Mapping):
             for key in max_rows:
                 if key not in splits:
-                    raise bad_value("data.max_rows", key, list(splits))
+                    raise unknown_key("data.max_rows", key, list(splits))
         elif max_rows is not None and (not isinstance(max_rows, int) or max_rows <= 0):
             raise ConfigError(f"data.max_rows={max_rows!r} must be null, a positive int or {{split: int}}")
         self.max_rows = max_rows
@@ -483,7 +484,11 @@ def build_source(cfg: Any) -> TextSource:
         raise bad_value("data._target_", target, [f"{_MODULE}.{c}" for c in _CLASSES])
     for key in cfg:
         if key not in _KEYS[short]:
-            raise bad_value("data key", key, _KEYS[short])
+            close = difflib.get_close_matches(str(key), _KEYS[short], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ";"
+            raise ConfigError(
+                f"data.{key} is not a key of data={name}{hint} allowed: {', '.join(sorted(_KEYS[short]))}"
+            )
     # in_domain_eval (a domain dataset: runs also report perplexity on its test split) is read
     # by the evaluation, not by the source
     if not isinstance(cfg.get("in_domain_eval", False), bool):

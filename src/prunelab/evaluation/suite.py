@@ -73,16 +73,26 @@ def check_joiner(spec: Any, names: list[str]) -> None:
 
 
 def check_eval_config(cfg: Any, data_cfg: Any = None) -> None:
-    from prunelab.errors import ConfigError
+    from prunelab.data.corpus import SPLITS
+    from prunelab.errors import ConfigError, bad_value
     from prunelab.evaluation.zeroshot import check_tasks
 
     if not isinstance(cfg.get("semi_structured", False), bool):
         raise ConfigError(f"eval.semi_structured={cfg.semi_structured!r} must be true or false")
 
     sets = perplexity_sets(cfg, data_cfg)
+    if not sets and not cfg.zeroshot.tasks and not cfg.cost.enabled:
+        raise ConfigError(
+            "eval: nothing to evaluate (eval.perplexity.datasets=[], eval.zeroshot.tasks=[], "
+            "eval.cost.enabled=false); allowed: at least one of them"
+        )
     check_joiner(cfg.perplexity.get("joiner"), [n for n, _ in sets])
-    for name, _split in sets:
-        source_for(name, data_cfg).check()
+    for name, split in sets:
+        source = source_for(name, data_cfg)
+        source.check()
+        splits = list(getattr(source, "splits", None) or SPLITS)
+        if split not in splits:
+            raise bad_value("eval.perplexity.datasets", f"{name}:{split}", [f"{name}:{s}" for s in splits])
     if cfg.zeroshot.tasks:
         from prunelab.data.sources import plain
         from prunelab.evaluation.zeroshot import check_metric, shots_of

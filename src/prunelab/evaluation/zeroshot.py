@@ -313,13 +313,34 @@ _METRIC_ALLOWED = (
 def check_metric(metric: str | dict | None, tasks: Sequence[str]) -> None:
     """``eval.zeroshot.metric``: which recorded metric each task contributes to the reported
     average (the papers differ: LLM-Pruner's tables use acc_norm for HellaSwag, ARC-c, OBQA)."""
-    if metric is None or (isinstance(metric, str) and metric):
+    if metric is None:
         return
-    if not isinstance(metric, dict) or not all(isinstance(v, str) and v for v in metric.values()):
+    if isinstance(metric, str) and metric:
+        chosen = {str(t): metric for t in tasks}
+    elif not isinstance(metric, dict) or not all(isinstance(v, str) and v for v in metric.values()):
         raise ConfigError(f"{_METRIC_KEY}={metric!r} is not allowed; allowed: {_METRIC_ALLOWED}")
-    extra = sorted(set(metric) - set(tasks))
-    if extra:
-        raise ConfigError(f"{_METRIC_KEY} names {extra}, not in eval.zeroshot.tasks {list(tasks)}")
+    else:
+        extra = sorted(set(metric) - set(tasks))
+        if extra:
+            raise ConfigError(f"{_METRIC_KEY} names {extra}, not in eval.zeroshot.tasks {list(tasks)}")
+        chosen = metric
+    for (
+        task,
+        name,
+    ) in chosen.items():  # the tasks whose metrics are known: refused before, not after, the evaluation
+        known = recorded_metrics(task)
+        if known and name not in known:
+            key = _METRIC_KEY if isinstance(metric, str) else f"{_METRIC_KEY}.{task}"
+            raise bad_value(key, name, known)
+
+
+def recorded_metrics(task: str) -> tuple[str, ...]:
+    """The metrics a known task records (embedded and the papers' tasks); () for any other."""
+    if task in ("boolq", "winogrande"):  # lm-eval's configs of these record acc only
+        return ("acc",)
+    if task in PAPER_TASKS or task in embedded_task_names():
+        return ("acc", "acc_norm")
+    return ()
 
 
 def metric_of(metric: str | dict | None, task: str) -> str:

@@ -141,6 +141,12 @@ def method_trainer(
 
     if isinstance(train, DictConfig):
         train = OmegaConf.to_container(train, resolve=True)
+    allowed = [f.name for f in fields(LoraRecovery)]
+    unknown = sorted(set(dict(train)) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not a key of {key}; allowed: those of recovery=lora ({', '.join(allowed)})"
+        )
     try:
         trainer = LoraRecovery(**{"name": name, "seed": seed, **dict(train), **fixed})
     except TypeError as e:

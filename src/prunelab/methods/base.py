@@ -51,6 +51,9 @@ class PruningMethod(ABC):
     name: str
     targets: tuple[str, ...]  # structure kinds ("attn", "mlp", "layer", "hidden") or ("linear",)
 
+    # --- nested config nodes read as classes of their own (prunelab.config_types types them)
+    sub_configs: ClassVar[dict[str, type]] = {}
+
     # --- what kind of method it is
     sparse: ClassVar[bool] = False  # True: zeroes weights (layer-wise family); the plan is sparsity
     trains: ClassVar[bool] = False  # True: fine-tunes LoRA while pruning (gets data, a folder, a tracker)

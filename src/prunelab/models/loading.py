@@ -82,12 +82,50 @@ def trusts_remote_code(cfg: Any) -> bool:
     return value
 
 
+def check_attn_implementation(value: Any) -> None:
+    """``model.attn_implementation``: null (transformers' default), a kernel transformers has
+    registered (eager, sdpa, flash_attention_2, …; ``ALL_ATTENTION_FUNCTIONS``) or a hub kernel
+    ``org/repo[@rev][:name]`` (transformers' ``is_kernel``); else from_pretrained refuses it only
+    after the checkpoint was opened."""
+    if value is None:
+        return
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    allowed = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if value in allowed or is_kernel(value):
+        return
+    raise bad_value("model.attn_implementation", value, [*allowed, "null", "<org>/<repo> (a hub kernel)"])
+
+
+# weight files read through pickle (torch.load): prunelab never loads them
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weights_format(key: str, folder: str | Path) -> None:
+    """A local model folder must hold safetensors weights: one with pickled weights only
+    (``pytorch_model.bin``) is refused, since loading them would unpickle (and transformers
+    would fall back to them when no safetensors file exists)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise ConfigError(
+            f"{key}={str(folder)!r} holds pickled weights only ({', '.join(pickled[:3])}): prunelab loads "
+            "safetensors only, never a pickle (loading one can run code); allowed: a folder with *.safetensors "
+            "weights (convert once, in an environment you trust, with model.save_pretrained(folder))"
+        )
+
+
 def check_model_config(cfg: Any) -> None:
     """Cheap checks on a model config node (no download, no weights)."""
     trusts_remote_code(cfg)
     if cfg.dtype not in DTYPES:
         raise bad_value("model.dtype", cfg.dtype, DTYPES)
+    check_attn_implementation(cfg.get("attn_implementation"))
     path = str(cfg.path)
+    check_weights_format("model.path", path)
     if path.startswith(EMBEDDED_PREFIX):
         resolve_path(path)
     elif path.startswith(SYNTHETIC_PREFIX):
@@ -223,13 +261,63 @@ def hub_commit(repo: str, revision: str | None, repo_type: str = "model") -> str
     return sha if COMMIT_SHA.fullmatch(sha) else None
 
 
+def local_config(cfg: Any) -> bool:
+    """Whether the model's config.json can be read without a download or a build: an embedded
+    model, a local folder, a synthetic or packaged model already built, or a hub id whose
+    config.json is in the local hub cache. A dry run plans (and checks the plan) only then."""
+    path = str(cfg.path)
+    if path.startswith(EMBEDDED_PREFIX):
+        return True
+    if path.startswith(SYNTHETIC_PREFIX):
+        from prunelab.models import synthetic
+
+        return (synthetic.root() / path[len(SYNTHETIC_PREFIX) :] / "model.safetensors").exists()
+    if path.startswith(PACKAGED_PREFIX):
+        from prunelab.models import packaged
+
+        return (packaged.folder_for(path[len(PACKAGED_PREFIX) :]) / "config.json").is_file()
+    if Path(path).expanduser().exists():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(path, "config.json", revision=cfg.get("revision"))
+    except Exception:  # not a valid repo id: refused when the run reads it
+        return False
+    return isinstance(found, str)
+
+
 def load_config(cfg: Any):
+    """The model's transformers config from config.json alone (no weights). A local folder whose
+    config.json is missing, empty or broken is a ConfigError naming ``model.path``."""
     from transformers import AutoConfig
 
+    path = resolve_path(str(cfg.path))
     with hub_errors(cfg):
-        return AutoConfig.from_pretrained(
-            resolve_path(str(cfg.path)), revision=cfg.revision, trust_remote_code=trusts_remote_code(cfg)
-        )
+        try:
+            return AutoConfig.from_pretrained(
+                path, revision=cfg.revision, trust_remote_code=trusts_remote_code(cfg)
+            )
+        except ConfigError:
+            raise
+        except Exception as e:
+            if "contains custom code" in str(e):  # transformers' refusal without trust_remote_code
+                raise ConfigError(
+                    f"model.path={str(cfg.path)!r} needs its own Python code (config.json's auto_map), which "
+                    f"runs only with model.trust_remote_code=true; it is {trusts_remote_code(cfg)}. Allowed: "
+                    "model.trust_remote_code=true (the boolean) once you have read that code, or a model "
+                    "transformers supports natively"
+                ) from e
+            if not Path(path).expanduser().is_dir():
+                raise
+            file = Path(path).expanduser() / "config.json"
+            what = (
+                "has no config.json" if not file.is_file() else "has a config.json transformers cannot read"
+            )
+            raise ConfigError(
+                f"model.path={str(cfg.path)!r} {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "allowed: a model folder with a valid config.json (as save_pretrained writes it), or a hub id"
+            ) from e
 
 
 def pruned_class(base: type) -> type:
@@ -249,20 +337,34 @@ def pruned_class(base: type) -> type:
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
-    """Load any prunelab checkpoint (dense, uniformly or per-layer pruned) or hub model."""
+    """Load any prunelab checkpoint (dense, uniformly or per-layer pruned) or hub model, from
+    safetensors only: ``use_safetensors=True`` stops transformers falling back to a pickled
+    ``pytorch_model.bin`` (a hub repo without safetensors is refused, naming it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    check_weights_format("model.path", path)
+    kwargs["trust_remote_code"] = kwargs.get("trust_remote_code", False) is True
+    if "gguf_file" not in kwargs:  # a GGUF file is parsed by the gguf package, not unpickled
+        kwargs["use_safetensors"] = True
     config = AutoConfig.from_pretrained(
-        str(path),
-        revision=kwargs.get("revision"),
-        trust_remote_code=kwargs.get("trust_remote_code", False) is True,
+        str(path), revision=kwargs.get("revision"), trust_remote_code=kwargs["trust_remote_code"]
     )
-    if getattr(config, LAYER_SHAPES_KEY, None):
-        cls = pruned_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
-        return cls.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
-    if getattr(config, PADDED_KEY, None):
+    cls = (
+        pruned_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+        if getattr(config, LAYER_SHAPES_KEY, None)
+        else AutoModelForCausalLM
+    )
+    try:
+        model = cls.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
+    except OSError as e:
+        if "safetensors" not in str(e) or not ("no file named" in str(e) or "does not appear" in str(e)):
+            raise
+        raise ConfigError(
+            f"model.path={str(path)!r} has no safetensors weights: prunelab loads safetensors only, never a "
+            f"pickle (loading one can run code); allowed: a model with *.safetensors weights ({e})"
+        ) from e
+    if cls is AutoModelForCausalLM and getattr(config, PADDED_KEY, None):
         unpad(model)
     return model
 

@@ -35,6 +35,17 @@ class PrunePlan:
         return asdict(self)
 
 
+def check_keep(key: str, value: Any) -> None:
+    """``method.keep_first_layers`` / ``keep_last_layers``: a fraction of depth in [0, 1) or a
+    layer count ≥ 0 (a float ≥ 1 is neither)."""
+    fraction = isinstance(value, float) and 0.0 <= value < 1.0
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if not (fraction or count):
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; allowed: a fraction of depth in [0, 1) or a layer count >= 0"
+        )
+
+
 def prunable_layers(num_layers: int, keep_first: float | int, keep_last: float | int) -> list[int]:
     """Layers open to pruning. Fractions of depth are rounded up (LLaMA-7B: 4/32 and 2/32 keep
     the first 4 and the last 2 of 32, and the first and last of 8); ints are layer counts."""

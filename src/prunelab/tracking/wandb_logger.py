@@ -15,8 +15,46 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import netrc
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from prunelab.errors import ConfigError, bad_value
+
+LOGGERS = ("wandb", "none")
+MODES = ("offline", "online", "disabled", "shared")  # wandb.init's modes (less the legacy aliases)
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B has a key to log in with, as wandb looks for one: ``WANDB_API_KEY`` (or an
+    identity token file), else the netrc entry of the W&B host (``wandb login`` writes it)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    try:
+        return netrc.netrc(path).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_logger(cfg: Any) -> None:
+    """Cheap checks of the ``logger`` node: a known logger and mode, and a key for online mode
+    (otherwise wandb stops the job to ask for one, or fails after the model loaded)."""
+    if cfg.name not in LOGGERS:
+        raise bad_value("logger.name", cfg.name, LOGGERS)
+    if cfg.name == "none":
+        return
+    if cfg.mode not in MODES:
+        raise bad_value("logger.mode", cfg.mode, MODES)
+    if cfg.mode == "online" and not wandb_credentials():
+        raise ConfigError(
+            "logger.mode='online' needs a W&B API key and none was found (WANDB_API_KEY, or `wandb login`'s "
+            "netrc entry); allowed without one: logger.mode=offline (sync later with `wandb sync`) or logger=none"
+        )
+
 
 log = logging.getLogger(__name__)
 

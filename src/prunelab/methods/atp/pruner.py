@@ -73,6 +73,7 @@ from prunelab.numerics import check_value, loss_scaler
 from prunelab.recovery.lora import (
     TRAIN_HINT,
     Feature,
+    LoraRecovery,
     TrainHooks,
     collate,
     loss_sum,
@@ -633,6 +634,7 @@ class ATP(PruningMethod):
 
     sparse: ClassVar[bool] = False
     trains: ClassVar[bool] = True
+    sub_configs: ClassVar[dict[str, type]] = {"generator": GeneratorConfig, "train": LoraRecovery}
     then_recover: ClassVar[bool] = False  # the joint training is the recovery (one stage)
     needs_calibration: ClassVar[bool] = False
 

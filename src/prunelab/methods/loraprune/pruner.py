@@ -42,7 +42,7 @@ from prunelab.methods import (
     method_trainer,
 )
 from prunelab.numerics import trains_in_fp16
-from prunelab.recovery.lora import TRAIN_HINT, TrainHooks
+from prunelab.recovery.lora import TRAIN_HINT, LoraRecovery, TrainHooks
 from prunelab.structure import arch_info, units
 from prunelab.structure.groups import Masks, decoder_layers, weight_members
 from prunelab.structure.plan import PrunePlan, prunable_layers
@@ -248,6 +248,7 @@ class LoRAPrune(PruningMethod):
 
     sparse: ClassVar[bool] = False
     trains: ClassVar[bool] = True  # fine-tunes while pruning: needs data, an output dir, a tracker
+    sub_configs: ClassVar[dict[str, type]] = {"train": LoraRecovery}
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -61,7 +61,7 @@ from prunelab.methods import (
 )
 from prunelab.methods.lorashear.recovery import DynamicRecovery
 from prunelab.numerics import check_scores
-from prunelab.recovery.lora import TRAIN_HINT, TrainHooks
+from prunelab.recovery.lora import TRAIN_HINT, LoraRecovery, TrainHooks
 from prunelab.structure import Unit, arch_info, units
 from prunelab.structure.groups import Masks
 from prunelab.structure.plan import PrunePlan, plan_ratio, prunable_layers
@@ -273,6 +273,12 @@ class LoRAShear(PruningMethod):
     sparse: ClassVar[bool] = False
     trains: ClassVar[bool] = True
     has_own_recovery: ClassVar[bool] = True  # part 4 replaces the `recovery` group's stage
+    sub_configs: ClassVar[dict[str, type]] = {
+        "knowledge": KnowledgeConfig,
+        "lhspg": LHSPGConfig,
+        "recovery": DynamicRecovery,
+        "train": LoraRecovery,
+    }
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -182,6 +182,8 @@ class DynamicRecovery:
     stages: list[dict] = field(default_factory=_default_stages)
     lora: dict[str, Any] = field(default_factory=dict)  # keys of recovery=lora, over LORA_DEFAULTS
     seed: int = 0
+
+    sub_configs: ClassVar[dict[str, type]] = {"lora": LoraRecovery}
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool) or not isinstance(self.dynamic, bool):
