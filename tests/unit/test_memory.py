@@ -201,7 +201,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_with_options(tmp_path):
     assert "method.activations=disk" in msg
     # the same run within a larger limit passes the memory check (the plan is returned)
     assert validate(_cfg(*base, "memory_limit_gib=64"))[2] is not None
-    with pytest.raises(ConfigError, match=r"memory_limit_gib='lots' is not allowed"):
+    with pytest.raises(ConfigError, match=r"memory_limit_gib='lots' \(str\) is not allowed"):
         validate(_cfg(*base, "memory_limit_gib=lots"), with_plan=False)
 
 
