@@ -297,7 +297,30 @@ def check(cfg: DictConfig, dry_run: bool = False) -> tuple[Any, Any, Any]:
             str(cfg.model.path),
         )
         return validate(cfg, with_plan=False)
-    return validate(cfg)
+    checked = validate(cfg)
+    _check_eval_texts(cfg, local_only=dry_run)
+    return checked
+
+
+def _check_eval_texts(cfg: DictConfig, local_only: bool) -> None:
+    """The perplexity windows against the evaluation texts in the model's own tokens, before the
+    weights load (only the tokenizer loads; a dry run reads only texts already on the machine)."""
+    if not list(cfg.eval.perplexity.get("datasets") or []):
+        return
+    from transformers import AutoTokenizer
+
+    from prunelab.evaluation.suite import check_texts
+    from prunelab.models.loading import hub_errors, resolve_path, trusts_remote_code
+
+    with hub_errors(cfg.model):
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_path(str(cfg.model.path)),
+            revision=cfg.model.revision,
+            trust_remote_code=trusts_remote_code(cfg.model),
+        )
+    problems = check_texts(cfg.eval, cfg.data, tokenizer, local_only)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def plan_arch(method: PruningMethod, config: Any, model: Any = None) -> Any:

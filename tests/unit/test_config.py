@@ -387,3 +387,36 @@ def test_pickled_weights_are_never_loaded(tmp_path):
     assert not marker.exists()
     with pytest.raises(Exception, match=r"(?i)pickl|weights_only|pytorch_model"):
         AutoModelForCausalLM.from_pretrained(str(folder))  # without prunelab's refusal: the .bin is opened
+
+
+def test_eval_window_longer_than_the_text_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """A test text of a few tokens with eval windows of 128 (within the model's 256 positions):
+    refused from the text in the model's own tokens, before any weights load — today's check of
+    seq_len against the positions alone would let it through to a failure after loading."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prunelab.runner import check
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+    short = tmp_path / "wiki-test.parquet"
+    pq.write_table(pa.table({"text": [" = Tiny = \n", " a short test text .\n"]}), short)
+    overrides = [
+        "data=wikitext2",
+        f"data.local_files={{train: {fixtures / 'wikitext2-train-00000-of-00001.parquet'}, test: {short}}}",
+        "eval.perplexity.datasets=[wikitext2:test]",
+        "eval.perplexity.seq_len=128",
+        f"output_root={tmp_path}",
+    ]
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(loading, "load_pretrained", no_weights)
+    with pytest.raises(
+        ConfigError,
+        match=r"eval\.perplexity\.seq_len=128 is longer than the text of wikitext2:test \((\d+) tokens",
+    ):
+        check(compose_cfg(*overrides))
+    # a window that fits the text passes the same check
+    check(compose_cfg(*overrides[:-1], "eval.perplexity.seq_len=4"))

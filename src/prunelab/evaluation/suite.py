@@ -44,6 +44,28 @@ def source_for(name: str, data_cfg: Any = None, joiner: str | None = None):
     return source
 
 
+def check_texts(cfg: Any, data_cfg: Any, tokenizer: Any, local_only: bool = False) -> list[str]:
+    """Problems with ``eval.perplexity.seq_len`` against the evaluation texts themselves: each
+    text must hold at least one window in this tokenizer's tokens. Run before the weights load
+    (the tokenizer and the texts are cheap); ``local_only`` (a dry run): only the texts that are
+    on this machine without a download (the embedded corpus)."""
+    from prunelab.data.sources import EmbeddedText
+
+    seq_len = int(cfg.perplexity.seq_len)
+    problems = []
+    for name, split in perplexity_sets(cfg, data_cfg):
+        source = source_for(name, data_cfg, joiner_of(cfg.perplexity.get("joiner"), name))
+        if local_only and not isinstance(source, EmbeddedText):
+            continue
+        n = int(source.token_ids(tokenizer, split).numel())
+        if n < seq_len:
+            problems.append(
+                f"eval.perplexity.seq_len={seq_len} is longer than the text of {name}:{split} "
+                f"({n} tokens with this model's tokenizer): not one window; allowed: at most {n}"
+            )
+    return problems
+
+
 def joiner_of(spec: Any, name: str) -> str | None:
     """The row joiner of eval dataset ``name`` under ``eval.perplexity.joiner``: null = the data
     config's own (``data.joiner``), a string for every hub text, or ``{dataset: joiner}``."""
