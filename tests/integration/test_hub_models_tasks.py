@@ -54,6 +54,12 @@ MODEL_REPOS = {
         False,
     ),
     "Qwen/Qwen2-7B": ("qwen2", {"num_key_value_heads": 2}, "bfloat16", False),
+    # the families of issue 21 (gated as on the hub: Gemma)
+    "Qwen/Qwen3-8B-Base": ("qwen3", {"num_key_value_heads": 2}, "bfloat16", False),
+    "allenai/OLMo-2-1124-7B": ("olmo2", {}, "bfloat16", False),
+    "google/gemma-2-9b": ("gemma2", {"num_key_value_heads": 2}, "bfloat16", True),
+    "google/gemma-3-1b-pt": ("gemma3_text", {"num_key_value_heads": 1}, "bfloat16", True),
+    "microsoft/Phi-3-mini-4k-instruct": ("phi3", {}, "bfloat16", False),
 }
 
 
@@ -76,22 +82,24 @@ HUB_MODELS = hub_model_configs()
 
 def _save_tiny_model(dest: Path, family: str, overrides: dict, dtype: str) -> None:
     import torch
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    import transformers
 
     classes = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": "Llama",
+        "mistral": "Mistral",
+        "qwen2": "Qwen2",
+        "qwen3": "Qwen3",
+        "olmo2": "Olmo2",
+        "gemma2": "Gemma2",
+        "gemma3_text": "Gemma3Text",
+        "phi3": "Phi3",
     }
-    config_cls, model_cls = classes[family]
-    rope_theta = overrides.pop("rope_theta", 10000.0)
+    prefix = classes[family]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix.replace('Text', '')}ForCausalLM")
+    rope_theta = overrides.pop("rope_theta", None)
+    if rope_theta is not None:  # only where a repo sets its own (the families' defaults otherwise)
+        overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
     config = config_cls(
         vocab_size=2048,  # the embedded tokenizer's
         hidden_size=32,
@@ -103,8 +111,8 @@ def _save_tiny_model(dest: Path, family: str, overrides: dict, dtype: str) -> No
         max_position_embeddings=256,
         bos_token_id=0,
         eos_token_id=0,
+        pad_token_id=0,  # the families' own defaults (OLMo-2's 100277, Phi-3's 32000) lie outside the tiny vocabulary
         tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         **overrides,
     )
     torch.manual_seed(0)
