@@ -49,6 +49,9 @@ DECLARED: dict[str, Any] = {
     "logger.init_timeout_s": float,
     "model.revision": str | None,
     "model.attn_implementation": str | None,  # null: transformers' default kernel
+    "model.device_map": str | dict | None,  # a strategy or {module prefix: device} (models/placement.py)
+    "model.max_memory": dict | None,
+    "model.offload_folder": str | None,
     "logger.entity": str | None,
     "eval.perplexity.datasets": list[str],
     "eval.perplexity.joiner": str | dict[str, str] | None,

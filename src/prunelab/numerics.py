@@ -66,8 +66,14 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 def check_weights(model: nn.Module, what: str, hint: str) -> None:
     """Raise ``NonFiniteError`` naming the first parameter or buffer of ``model`` with a NaN
     or an infinity. ``what``: which model, at which stage; ``hint``: what to do."""
-    tensors = dict(model.named_parameters())
-    tensors.update((n, b) for n, b in model.named_buffers() if n not in tensors)
+    from prunelab.models.placement import materialized, offloaded_units
+
+    # a dispatched model: its offloaded modules one at a time (the rest are meta tensors here)
+    for unit in offloaded_units(model):
+        with materialized(unit, "cpu", write_back=False):
+            check_weights(unit, what, hint)
+    tensors = {n: p for n, p in model.named_parameters() if p.device.type != "meta"}
+    tensors.update((n, b) for n, b in model.named_buffers() if n not in tensors and b.device.type != "meta")
     name = first_nonfinite(tensors.items())
     if name is not None:
         raise NonFiniteError(

@@ -114,6 +114,13 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         attempt(lambda: method.check(cfg.data))  # its training data, before any model loads
     if ok("model"):
         attempt(lambda: check_model_config(cfg.model))
+    if ok("model", "device"):
+        from prunelab.models.placement import check_placement
+
+        node = OmegaConf.to_container(cfg.model)
+        problems += check_placement(
+            node.get("device_map"), node.get("max_memory"), node.get("offload_folder"), cfg.device
+        )
     if ok("data"):
         attempt(lambda: build_source(cfg.data).check())
     if ok("eval", "data"):
@@ -231,6 +238,11 @@ def model_problems(
                     f"{key}={n} is longer than the model's positions ({where}: max_position_embeddings="
                     f"{positions}); allowed: ≤ {positions}"
                 )
+    device_map = cfg.model.get("device_map")
+    if isinstance(device_map, DictConfig):  # an explicit map must place the whole model
+        from prunelab.models.placement import check_coverage
+
+        problems += check_coverage(OmegaConf.to_container(device_map), config)
     if trainer is not None:  # adapters on the dense model
         problems += _rank_problems("method.train.r", trainer, arch, {})
     if recovery is not None:  # adapters on the pruned model
@@ -396,6 +408,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _run_device(cfg: DictConfig) -> torch.device:
+    """``device``, or with a device map the map's main device (where its inputs go)."""
+    dm = cfg.model.get("device_map")
+    if dm is None:
+        return pick_device(str(cfg.device))
+    from prunelab.models.placement import main_device
+
+    return main_device(OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm)
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -424,6 +446,9 @@ VOLATILE_DOTTED = (
     "recovery.checkpoint_every",  # how often the training state is saved for a resume
     "method.train.checkpoint_every",
     "method.recovery.lora.checkpoint_every",
+    "model.device_map",  # where the weights live (accelerate), not what they compute
+    "model.max_memory",
+    "model.offload_folder",
 )
 
 
@@ -596,9 +621,21 @@ class Pruned:
 def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Pruned:
     """Prune ``model`` in place with ``method`` (the CLI's prune stage and ``prunelab.prune``
     both run exactly this): structured methods are removed physically, sparse ones zeroed."""
+    from prunelab.models.placement import is_dispatched, materialized
     from prunelab.structure import apply_masks, arch_info, masked_params, prune_physically
 
-    masks = method.prune(model, plan, ctx)
+    # A dispatched model (model.device_map): the layer-wise engine materializes one block at a
+    # time itself; weight-only scores (l1/l2/random) and the physical removal, which edits every
+    # module at once (the hidden size runs through all of them), see the whole model
+    # materialized on the CPU, every change written back into accelerate's offload store.
+    dispatched = is_dispatched(model)
+
+    def whole(write_back: bool = True) -> Any:
+        return materialized(model, "cpu", write_back) if dispatched else contextlib.nullcontext()
+
+    weights_only = not method.sparse and not method.needs_calibration and not method.trains
+    with whole() if weights_only else contextlib.nullcontext():
+        masks = method.prune(model, plan, ctx)
     check_weights(
         model,
         f"the model pruned by method={method.name}",
@@ -609,14 +646,16 @@ def apply_method(method: PruningMethod, model: Any, plan: Any, ctx: Any) -> Prun
     if method.sparse:
         from prunelab.sparsity.checkpoint import mark_config
 
-        record["sparsity"] = _sparsity_record(model, masks, plan, method)
+        with whole(write_back=False):
+            record["sparsity"] = _sparsity_record(model, masks, plan, method)
         mark_config(model, {k: record["sparsity"][k] for k in ("method", "pattern", "scope", "sparsity")})
         new_arch = plan_arch(method, model.config, model)
         masked = 0
     else:
         masked = masked_params(arch_info(model.config), masks)
-        apply_masks(model, masks)
-        new_arch = prune_physically(model, masks)
+        with whole():
+            apply_masks(model, masks)
+            new_arch = prune_physically(model, masks)
     return Pruned(masks, method.final_plan or plan, new_arch, record, masked)
 
 
@@ -721,8 +760,33 @@ class Job:
     @property
     def offload(self) -> bool:
         """method.offload: the dense model stays in CPU memory; pruning moves one block at a
-        time to the device and evaluation moves the whole model there."""
-        return self.method.offload and self.device.type != "cpu"
+        time to the device and evaluation moves the whole model there. Not with a device map:
+        accelerate places (and offloads) the model then."""
+        return self.method.offload and self.device.type != "cpu" and self.device_map is None
+
+    @property
+    def device_map(self) -> Any:
+        """model.device_map as plain data (None: the whole model on ``device``)."""
+        dm = self.cfg.model.get("device_map")
+        return OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm
+
+    def placement(self) -> dict | None:
+        """``from_pretrained``'s device-map keywords for one model load (a fresh offload folder
+        each time: accelerate would reuse another model's offloaded weights); None without a map."""
+        if self.device_map is None:
+            return None
+        from prunelab.models.placement import fresh_folder, load_kwargs
+
+        mm = self.cfg.model.get("max_memory")
+        mm = OmegaConf.to_container(mm) if isinstance(mm, DictConfig) else mm
+        root = self.cfg.model.get("offload_folder") or self.rd.root / "offload"
+        return load_kwargs(self.device_map, mm, fresh_folder(root))
+
+    def place(self, model: Any) -> Any:
+        """``model`` where the run computes: on ``device``, or left where accelerate put it."""
+        from prunelab.models.placement import place
+
+        return place(model, self.device)
 
     @property
     def cache(self) -> Path:
@@ -736,7 +800,9 @@ class Job:
         if self.dense_pair is None:
             from prunelab.models.loading import load_model
 
-            self.dense_pair = load_model(self.cfg.model, "cpu" if self.offload else self.device)
+            self.dense_pair = load_model(
+                self.cfg.model, "cpu" if self.offload else self.device, placement=self.placement()
+            )
         return self.dense_pair
 
     def stage_model(self, model_dir: Path, take: bool = False) -> tuple:
@@ -746,7 +812,7 @@ class Job:
 
         from prunelab.models.loading import load_pretrained
 
-        model = load_pretrained(model_dir, **_load_kwargs(self.cfg)).to(self.device)
+        model = self.place(load_pretrained(model_dir, **_load_kwargs(self.cfg), **(self.placement() or {})))
         return model, AutoTokenizer.from_pretrained(model_dir)
 
     def masks(self) -> dict:
@@ -817,7 +883,7 @@ def start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Job:
             rd=rd,
             resolved=resolved,
             tracker=_tracker(cfg, rd.root, resolved, group, key=_hash(identity)),
-            device=pick_device(str(cfg.device)),
+            device=_run_device(cfg),
             group=group,
             lock=lock,
         )
@@ -885,7 +951,7 @@ def dense_eval(job: Job) -> None:
         log.info("dense evaluation")
         t = time.perf_counter()
         m, tok = job.dense_model()
-        job.dense = evaluate(m.to(job.device), tok, cfg.eval, job.cache, "dense", cfg.data)
+        job.dense = evaluate(job.place(m), tok, cfg.eval, job.cache, "dense", cfg.data)
         if job.offload:
             m.to("cpu")
         write_json(path, job.dense)
@@ -933,7 +999,7 @@ def prune(job: Job) -> None:
             save_file(
                 {k: v.to(torch.uint8) for k, v in done.masks.items()}, str(job.rd.root / "masks.safetensors")
             )
-        job.held[job.pruned_dir] = (m.to(job.device), tok)
+        job.held[job.pruned_dir] = (job.place(m), tok)
         job.dense_pair = None  # pruned in place: it is the pruned model now
         rec = job.rd.finish(
             "prune",
@@ -945,6 +1011,8 @@ def prune(job: Job) -> None:
                 "time_s": time.perf_counter() - t,
                 "method_time_s": method_time,
                 **done.record,
+                # where accelerate placed the model (model.device_map), module prefix -> device
+                **({"device_map": {k: str(v) for k, v in m.hf_device_map.items()}} if job.device_map else {}),
             },
         )
         train_state.clear(job.rd.root / "prune_train")  # the stage is done: no resuming inside it

@@ -180,6 +180,45 @@ BAD = [
     ),
     (["eval.perplexity.joiner={wikitext2: x}"], r"eval\.perplexity\.joiner names \['wikitext2'\]"),
     (["eval.zeroshot.metric={boolq: acc_norm}"], r"eval\.zeroshot\.metric names \['boolq'\]"),
+    # model.device_map / max_memory / offload_folder (models/placement.py)
+    (
+        ["model.device_map=everywhere"],
+        r"model\.device_map='everywhere' is not allowed; allowed: null, auto, balanced",
+    ),
+    (
+        ["model.device_map=3"],
+        r"model\.device_map=3 \(int\) is not allowed; allowed: a string or a mapping or null",
+    ),
+    (
+        ["model.device_map={model: tpu, lm_head: cpu}"],
+        r"model\.device_map\.model='tpu' is not allowed; allowed: cpu, disk, a GPU index",
+    ),
+    (
+        ["model.device_map={model: 0, lm_head: cpu}"],
+        r"model\.device_map\.model names GPU 0 but this machine has no CUDA device",
+    ),
+    (["model.device_map={model: cpu}"], r"model\.device_map does not place the whole model.*lm_head"),
+    (
+        ["model.device_map={model: cpu, lm_hed: cpu}"],
+        r"model\.device_map\.lm_hed is not a module of this model",
+    ),
+    (
+        ["model.device_map=auto", "model.max_memory={cpu: lots}"],
+        r"model\.max_memory\.cpu='lots' is not allowed; allowed: a size",
+    ),
+    (
+        ["model.device_map=auto", "model.max_memory={disk: 1GiB}"],
+        r"model\.max_memory: device 'disk' is not allowed",
+    ),
+    (["model.max_memory={cpu: 1GiB}"], r"model\.max_memory=.* is set but model\.device_map is null"),
+    (
+        ["model.device_map=auto", "device=cpu"],
+        r"device='cpu' together with model\.device_map='auto'.*allowed: device=auto",
+    ),
+    (
+        ["model.device_map=auto", "model.offload_folder=/etc/passwd/offload"],
+        r"model\.offload_folder='/etc/passwd/offload' is below '/etc/passwd', which is not a folder.*allowed: a folder",
+    ),
 ]
 
 

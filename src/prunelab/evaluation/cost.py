@@ -54,7 +54,13 @@ def peak_rss_mb() -> float:
 def _inputs(model: nn.Module, seq_len: int, batch_size: int, vocab: int | None) -> torch.Tensor:
     vocab = vocab or base_model(model).config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(next(model.parameters()).device)
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(_input_device(model))
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    from prunelab.models.placement import input_device
+
+    return input_device(model)
 
 
 def _timer(device: torch.device):

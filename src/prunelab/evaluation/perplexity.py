@@ -36,7 +36,9 @@ def window_nll(
     if max_windows:
         n = min(n, max_windows)
     windows = ids[: n * seq_len].view(n, seq_len)
-    device = next(model.parameters()).device
+    from prunelab.models.placement import input_device
+
+    device = input_device(model)  # a dispatched model: where accelerate sends its inputs
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

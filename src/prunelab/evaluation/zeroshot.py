@@ -438,6 +438,10 @@ def make_lm(model, tokenizer, *, batch_size: int = 32, max_length: int = 256):
             # ("", sentence) then overwrites the ending task's (start, " end"), same tokens.
             logits_cache=False,
         )
+    from prunelab.models.placement import input_device, is_dispatched
+
+    if is_dispatched(model):  # HFLM took model.device (its first parameter's: meta when offloaded)
+        lm._device = input_device(model)
     if head is not None and head.weight is not head_weight:
         # HFLM calls model.tie_weights(): undo it for a model whose head was untied on purpose.
         head.weight = head_weight

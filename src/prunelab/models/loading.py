@@ -365,12 +365,16 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **kwar
             f"pickle (loading one can run code); allowed: a model with *.safetensors weights ({e})"
         ) from e
     if cls is AutoModelForCausalLM and getattr(config, PADDED_KEY, None):
-        unpad(model)
+        from prunelab.models.placement import materialized
+
+        with materialized(model, "cpu"):  # a dispatched model: its offloaded weights sliced too
+            unpad(model)
     return model
 
 
-def load_model(cfg: Any, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a model config node."""
+def load_model(cfg: Any, device: str | torch.device = "cpu", placement: dict | None = None):
+    """(model, tokenizer) from a model config node. ``placement``: ``from_pretrained``'s
+    device-map keywords (``models.placement.load_kwargs``): the model is dispatched, not moved."""
     from transformers import AutoTokenizer
 
     path = resolve_path(str(cfg.path))
@@ -381,7 +385,10 @@ def load_model(cfg: Any, device: str | torch.device = "cpu"):
             revision=cfg.revision,
             trust_remote_code=trusts_remote_code(cfg),
             attn_implementation=cfg.attn_implementation,
-        ).to(device)
+            **(placement or {}),
+        )
+        if not placement:
+            model = model.to(device)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=trusts_remote_code(cfg)
@@ -408,7 +415,16 @@ def save_model(
     check_layout(layout)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save(model, out, layout)
+    from prunelab.models.export import per_layer
+    from prunelab.models.placement import is_dispatched, materialized
+
+    # a dispatched model: transformers' save_pretrained reads offloaded weights from accelerate's
+    # store one shard at a time; the padded layout rebuilds the model, so it is materialized (CPU)
+    if is_dispatched(model) and per_layer(model.config):
+        with materialized(model, "cpu", write_back=False):
+            save(model, out, layout)
+    else:
+        save(model, out, layout)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if extra:

@@ -16,6 +16,12 @@ when it is used, so memory does not grow with n at all; ``auto`` picks ``memory`
 those 2 × n × T × H values fit in ``activation_budget_mb`` and ``disk`` beyond. The model
 may stay on the CPU (``offload``): each block moves to ``device`` while it is processed
 and goes back afterwards, so a model larger than the accelerator can be pruned on it.
+
+A model dispatched by accelerate (``model.device_map``; ``models/placement.py``) is not moved:
+each block is processed on the device it lives on (its execution device; an offloaded
+block's weights are materialized there for the duration and the pruned weights written back
+into the offload store), and each batch's inputs follow it there — as Wanda's own code does
+for the models that span several GPUs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunelab.errors import NonFiniteError, bad_value
+from prunelab.models.placement import execution_device, input_device, is_dispatched, materialized
 from prunelab.numerics import DTYPE_HINT, all_finite
 from prunelab.progress import bar
 from prunelab.sparsity.blocks import block_linears, decoder_layers, leaf, resolve_modules
@@ -74,6 +81,30 @@ def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
     finally:
         for m, home in zip(modules, homes, strict=True):
             m.to(home)
+
+
+@contextlib.contextmanager
+def block_on_device(block: nn.Module, device: torch.device, dispatched: bool) -> Iterator[torch.device]:
+    """Where one block is processed: on ``device`` (moved there and back, :func:`on_device`),
+    or, in a dispatched model, where accelerate placed it (its offloaded weights materialized
+    and written back on exit). Yields that device."""
+    if dispatched:
+        with materialized(block):
+            yield execution_device(block)
+    else:
+        with on_device([block], device):
+            yield device
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors of ``value`` (nested tuples, lists, dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 ACTIVATION_STORES = ("auto", "memory", "disk")
@@ -241,13 +272,16 @@ def capture_inputs(
     # A forward set on the instance (accelerate's hooks set one) is put back afterwards.
     own = [b.__dict__.get("forward") for b in blocks]
     stem = [m for m in parent.children() if m is not blocks]
+    dispatched = is_dispatched(model)
+    where = input_device(model) if dispatched else device
     try:
         for i, b in enumerate(blocks):
             b.forward = recorder(i)
-        with on_device(stem, device):
+        # a dispatched model's embeddings run where accelerate put them (their hooks load them)
+        with contextlib.nullcontext() if dispatched else on_device(stem, device):
             for batch in _batches(calibration, batch_size):
                 with contextlib.suppress(_Captured):
-                    model(input_ids=batch.to(device), use_cache=False)
+                    model(input_ids=batch.to(where), use_cache=False)
     finally:
         for b, f in zip(blocks, own, strict=True):
             if f is None:
@@ -263,9 +297,14 @@ def run_block(
     inputs: ActivationStore,
     kwargs: list[dict[str, Any]],
     outputs: ActivationStore | None = None,
+    device: torch.device | None = None,
 ) -> None:
-    """Run every stored batch through ``block``; keep the outputs in ``outputs`` if given."""
+    """Run every stored batch through ``block``; keep the outputs in ``outputs`` if given.
+    ``device``: where the block computes (a dispatched model's block: each batch's hidden
+    states and keyword arguments follow it there)."""
     for x, kw in zip(inputs, kwargs, strict=True):
+        if device is not None:
+            x, kw = x.to(device), _to(kw, device)
         out = block(x, **kw)
         if outputs is not None:
             outputs.append(out[0] if isinstance(out, tuple) else out)
@@ -279,10 +318,11 @@ def propagate(
     """The last block's outputs, block by block as the engine computes them (for checks)."""
     captured = capture_inputs(model, calibration, device, batch_size)
     inputs = captured.store
+    dispatched = is_dispatched(model)
     for i, block in enumerate(decoder_layers(model)[1]):
-        with on_device([block], device):
+        with block_on_device(block, device, dispatched) as dev:
             outputs = ActivationStore("memory", device)
-            run_block(block, inputs, captured.kwargs(i), outputs)
+            run_block(block, inputs, captured.kwargs(i), outputs, dev if dispatched else None)
             inputs = outputs
     return list(inputs)
 
@@ -403,19 +443,21 @@ def prune_layerwise(
             spare = store("b")
         last = max(layers)
         todo = set(layers)
+        dispatched = is_dispatched(model)
         for i in bar(range(last + 1), desc=desc, unit="block", leave=False):
             block = blocks[i]
             kwargs = captured.kwargs(i) if captured is not None else None
-            with on_device([block], device):
+            with block_on_device(block, device, dispatched) as dev:
+                follow = dev if dispatched else None  # the inputs follow a dispatched block
                 if i in todo:
                     linears = block_linears(block)
                     targets = resolve_modules(modules, list(linears), where)
                     shared = (
-                        SharedInputs(linears, targets, gram or errors, device) if inputs is not None else None
+                        SharedInputs(linears, targets, gram or errors, dev) if inputs is not None else None
                     )
                     if shared is not None:
                         with shared.hooked(block):
-                            run_block(block, inputs, kwargs)
+                            run_block(block, inputs, kwargs, device=follow)
                         for site, st in shared.stats.items():  # Σx² is NaN/inf iff some input is
                             if not bool(torch.isfinite(st.col_sq).all()):
                                 readers = [p for p in targets if shared.site.get(p) == site]
@@ -450,7 +492,7 @@ def prune_layerwise(
                             shared.release(path, targets[n + 1 :])  # its last reader is solved: free XᵀX
                     del shared
                 if inputs is not None and i < last:  # the pruned block feeds the next one
-                    run_block(block, inputs, kwargs, spare)
+                    run_block(block, inputs, kwargs, spare, follow)
                     inputs.clear()
                     inputs, spare = spare, inputs
         if inputs is not None:
