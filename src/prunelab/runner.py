@@ -168,6 +168,8 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             f'magnitude with method.sparsity_pattern="2:4"); this run is method={cfg.method.name}'
             + (f" with sparsity_pattern={method.pattern}" if sparse else "")
         )
+    if ok("model") and cfg.model.get("device_map") is not None:
+        problems += dispatch_problems(cfg, method, recovery)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     for key in ("recovery.val_size", "method.train.val_size", "method.recovery.lora.val_size"):
@@ -177,6 +179,38 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     if not with_plan:
         return method, recovery, None
     return method, recovery, plan_checked(cfg, method, recovery)
+
+
+def dispatch_problems(cfg: DictConfig, method: PruningMethod | None, recovery: Any) -> list[str]:
+    """What does not run on a model dispatched by accelerate (``model.device_map``) yet: the
+    stages that take gradients or train (Taylor scores, LoRA while pruning, LoRA recovery) and
+    the 2:4 kernels. Dense/pruned evaluation, the layer-wise methods and the structured
+    methods with weight-only scores do (docs/performance.md, "Large models")."""
+    dm = cfg.model.device_map
+    where = f"with model.device_map={OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm!r}"
+    problems = []
+    if method is not None and (method.trains or (not method.sparse and method.needs_calibration)):
+        what = (
+            "trains LoRA while pruning"
+            if method.trains
+            else f"scores with gradients (method.importance={method.importance})"
+        )
+        allowed = "a layer-wise method, or structured/llm_pruner with a weight-only importance (l1, l2, magnitude, random)"
+        problems.append(
+            f"method={cfg.method.name} {what}, which does not run on a dispatched model yet ({where}); "
+            f"allowed: {allowed}, or model.device_map=null"
+        )
+    if recovery is not None:
+        problems.append(
+            f"recovery={cfg.recovery.name} (LoRA training) does not run on a dispatched model yet ({where}); "
+            "allowed: recovery=none, or model.device_map=null"
+        )
+    if cfg.eval.get("semi_structured"):
+        problems.append(
+            f"eval.semi_structured=true swaps in 2:4 kernels, which do not run on a dispatched model ({where}); "
+            "allowed: eval.semi_structured=false, or model.device_map=null"
+        )
+    return problems
 
 
 def plan_checked(cfg: DictConfig, method: PruningMethod, recovery: Any) -> Any:
@@ -918,7 +952,8 @@ def dense_eval(job: Job) -> None:
         return
     key = _hash(
         {
-            "model": resolved["model"],
+            # where the weights live never changes the numbers (and keys made before these existed stay valid)
+            "model": {k: v for k, v in resolved["model"].items() if f"model.{k}" not in VOLATILE_DOTTED},
             "weights": model_fingerprint(cfg.model),
             "eval": _eval_key(resolved["eval"]),
             # eval sets named like the run's data are read through its node (local_files)

@@ -24,15 +24,21 @@ EXPLICIT = [
     "model.layers.2: cpu, model.layers.3: disk, model.layers.4: disk, model.layers.5: cpu, "
     "model.layers.6: disk, model.layers.7: disk, model.norm: disk, model.rotary_emb: cpu, lm_head: cpu}"
 ]
+# the input embedding (and the head tied to it) on disk: no real tensor where the inputs enter
+EMBEDDING_ON_DISK = [
+    "model.device_map={model.embed_tokens: disk, model.layers: cpu, model.norm: cpu, model.rotary_emb: cpu, "
+    "lm_head: disk}"
+]
 CASES = {
     "magnitude": (["method=magnitude", "ratio=0.5"], AUTO),
     "wanda": (
         ["method=wanda", "ratio=0.5", "eval.zeroshot.tasks=[prunelab_order]", "eval.zeroshot.limit=16"],
-        AUTO,
+        EMBEDDING_ON_DISK,
     ),
+    "admm": (["method=admm", "ratio=0.5", "method.iterations=4", "method.mask_iterations=2"], AUTO),
     "sparsegpt": (["method=sparsegpt", "ratio=0.5", "method.sparsity_pattern=2:4"], EXPLICIT),
     "structured": (
-        ["method=structured", "method.importance=magnitude", "method.norm=2", "ratio=0.2"],
+        ["method=structured", "method.importance=random", "ratio=0.2"],
         EXPLICIT,
     ),
     "llm_pruner_channel": (

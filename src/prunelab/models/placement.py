@@ -353,6 +353,11 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- offloaded weights
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
+
+
 def offloaded_units(model: nn.Module) -> list[nn.Module]:
     """The modules whose weights accelerate keeps offloaded (CPU or disk), in module order."""
     return [m for m in model.modules() if any(h.offload for h in _align_hooks(m))]
@@ -421,26 +426,46 @@ def materialized(
 
     A module *inside* an offloaded unit (one Linear of an offloaded block) is not found from
     below: pass the unit or an ancestor (the block, or the model)."""
-    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils import find_tied_parameters, retie_parameters, set_module_tensor_to_device
 
     units = [(m, h) for m in module.modules() for h in _align_hooks(m) if h.offload]
+    if not units:
+        yield module
+        return
+    # tied weights (a head tied to the embedding) are one Parameter: materializing each module
+    # separately would untie them (a checkpoint saved then would hold the head twice)
+    tied = find_tied_parameters(module)
+    originals: dict[tuple[int, str], torch.Tensor] = {}  # the meta tensors, put back on exit
     done: list[tuple[nn.Module, Any, list[str]]] = []
     try:
         for m, h in units:
             target = _device(device if device is not None else h.execution_device or "cpu")
             names = _tensor_names(m, h)
             for name in names:
+                originals[(id(m), name)] = _get(m, name)
                 value = h.weights_map[name]
                 # a copy: disk values are read-only memory maps, CPU ones the store itself
                 set_module_tensor_to_device(m, name, target, value=value.to(target, copy=True))
             h.offload = False  # the hook neither reloads nor drops them while we hold them
             done.append((m, h, names))
+        retie_parameters(module, tied)
+        if hasattr(module, "tie_weights"):
+            # a whole transformers model: accelerate's hooks untie offloaded tied weights at every
+            # forward (each module reloads its own copy); tied again as its config says
+            module.tie_weights()
         yield module
     finally:
         for m, h, names in done:
             for name in names:
-                owner, _, leaf = name.rpartition(".")
+                value = _get(m, name)
                 if write_back:
-                    _write_back(h.weights_map, name, getattr(m.get_submodule(owner), leaf))
-                set_module_tensor_to_device(m, name, "meta")
+                    _write_back(h.weights_map, name, value)
+                old = originals[(id(m), name)]
+                if old.shape == value.shape:  # the very meta tensor: ties to other modules survive
+                    owner, _, leaf = name.rpartition(".")
+                    sub = m.get_submodule(owner)
+                    (sub._parameters if leaf in sub._parameters else sub._buffers)[leaf] = old
+                else:
+                    set_module_tensor_to_device(m, name, "meta")
             h.offload = True
+        retie_parameters(module, tied)
