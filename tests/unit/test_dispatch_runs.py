@@ -91,3 +91,9 @@ def test_dispatched_run_equals_single_device_run(case, tmp_path):
     placed = json.loads((spread_dir / "stages" / "prune.json").read_text())["device_map"]
     assert set(placed.values()) == {"cpu", "disk"}, placed
     assert (spread_dir / "offload").is_dir()
+    # a resumed run evaluates the pruned checkpoint loaded from disk straight into the device map
+    # (a per-layer-shaped one is sliced out of its padding on the dispatched model)
+    (spread_dir / "stages" / "eval.json").unlink()
+    again, _ = _run(tmp_path, "dispatched", [*method, *placement])
+    assert "prune" in again["resumed_stages"] and "eval" not in again["resumed_stages"]
+    _same_metrics(again["pruned"], single["pruned"])

@@ -263,10 +263,13 @@ def load_kwargs(device_map: Any, max_memory: Any, offload_folder: str | Path) ->
     }
 
 
-def device_map_for(model: nn.Module, device_map: Any, max_memory: Any = None) -> dict[str, int | str]:
-    """An explicit map for an in-memory model: a strategy resolved as ``from_pretrained`` does
-    (accelerate's ``get_balanced_memory`` for the balanced ones, then ``infer_auto_device_map``
-    with the model's unsplittable blocks)."""
+def device_map_for(
+    model: nn.Module, device_map: Any, max_memory: Any = None, dtype: torch.dtype | None = None
+) -> dict[str, int | str]:
+    """An explicit map for an in-memory (or meta-device) model: a strategy resolved as
+    ``from_pretrained`` does (accelerate's ``get_balanced_memory`` for the balanced ones, then
+    ``infer_auto_device_map`` with the model's unsplittable blocks; ``dtype``: the weights'
+    dtype where the model is not in it yet)."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
@@ -279,9 +282,10 @@ def device_map_for(model: nn.Module, device_map: Any, max_memory: Any = None) ->
             model,
             max_memory=memory,
             no_split_module_classes=no_split,
+            dtype=dtype,
             low_zero=device_map == "balanced_low_0",
         )
-    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
 
 
 def dispatch(
