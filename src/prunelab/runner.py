@@ -442,6 +442,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _offload_folder_goes_with(model: Any, placed: dict | None) -> None:
+    """A dispatched model's offload folder is removed when the model is freed."""
+    if placed:
+        from prunelab.models.placement import remove_with
+
+        remove_with(model, placed["offload_folder"])
+
+
 def _run_device(cfg: DictConfig) -> torch.device:
     """``device``, or with a device map the map's main device (where its inputs go)."""
     dm = cfg.model.get("device_map")
@@ -834,9 +842,11 @@ class Job:
         if self.dense_pair is None:
             from prunelab.models.loading import load_model
 
+            placed = self.placement()
             self.dense_pair = load_model(
-                self.cfg.model, "cpu" if self.offload else self.device, placement=self.placement()
+                self.cfg.model, "cpu" if self.offload else self.device, placement=placed
             )
+            _offload_folder_goes_with(self.dense_pair[0], placed)
         return self.dense_pair
 
     def stage_model(self, model_dir: Path, take: bool = False) -> tuple:
@@ -846,7 +856,9 @@ class Job:
 
         from prunelab.models.loading import load_pretrained
 
-        model = self.place(load_pretrained(model_dir, **_load_kwargs(self.cfg), **(self.placement() or {})))
+        placed = self.placement()
+        model = self.place(load_pretrained(model_dir, **_load_kwargs(self.cfg), **(placed or {})))
+        _offload_folder_goes_with(model, placed)
         return model, AutoTokenizer.from_pretrained(model_dir)
 
     def masks(self) -> dict:

@@ -249,13 +249,19 @@ def fresh_folder(root: str | Path, owner: object | None = None) -> Path:
     Path(root).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="offload-", dir=root))
     if owner is not None:
-        weakref.finalize(owner, shutil.rmtree, str(folder), True)
+        remove_with(owner, folder)
     return folder
+
+
+def remove_with(model: object, folder: str | Path) -> None:
+    """Remove ``folder`` (a model's disk-offloaded weights) once ``model`` is garbage collected
+    (at the latest when the process exits)."""
+    weakref.finalize(model, shutil.rmtree, str(folder), True)
 
 
 def load_kwargs(device_map: Any, max_memory: Any, offload_folder: str | Path) -> dict[str, Any]:
     """The ``from_pretrained`` keywords that load a checkpoint dispatched: ``offload_folder``
-    should be a fresh folder (:func:`fresh_folder`)."""
+    should be a fresh folder (:func:`fresh_folder`; :func:`remove_with` the loaded model)."""
     return {
         "device_map": normalize(device_map),
         "max_memory": memory_map(max_memory),
