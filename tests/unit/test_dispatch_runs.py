@@ -32,13 +32,17 @@ EMBEDDING_ON_DISK = [
 CASES = {
     "magnitude": (["method=magnitude", "ratio=0.5"], AUTO),
     "wanda": (
-        ["method=wanda", "ratio=0.5", "eval.zeroshot.tasks=[prunelab_order]", "eval.zeroshot.limit=16"],
+        ["method=wanda", "ratio=0.5", "eval.zeroshot.tasks=[prunelab_order]", "eval.zeroshot.limit=8"],
         EMBEDDING_ON_DISK,
     ),
     "admm": (["method=admm", "ratio=0.5", "method.iterations=4", "method.mask_iterations=2"], AUTO),
     "sparsegpt": (["method=sparsegpt", "ratio=0.5", "method.sparsity_pattern=2:4"], EXPLICIT),
     "structured": (
         ["method=structured", "method.importance=random", "ratio=0.2"],
+        EXPLICIT,
+    ),
+    "llm_pruner_layer": (
+        ["method=llm_pruner", "method.importance=l1", "method.mode=layer", "ratio=0.2167"],
         EXPLICIT,
     ),
     "llm_pruner_channel": (
