@@ -689,9 +689,6 @@ class LoraRecovery:
 
         start = time.perf_counter()
         out_dir = Path(out_dir)
-        main = distributed.is_main()  # several processes: only the main one writes out_dir
-        if main:
-            out_dir.mkdir(parents=True, exist_ok=True)
         if distributed.num_processes() > 1 and hooks is not None:
             # LoRAPrune's scores, LoRAShear's LHSPG projections, ATP's generator: per-step
             # state no process group keeps in step (docs/performance.md, "Several processes")
@@ -700,6 +697,9 @@ class LoraRecovery:
                 "its per-step hooks (importance scores, masks, projections or generator) are "
                 "not synchronised across processes",
             )
+        main = distributed.is_main()  # several processes: only the main one writes out_dir
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
         if not train:
             raise ValueError(
                 f"no training example of data {self.data!r} keeps a target token within "
@@ -889,6 +889,13 @@ class LoraRecovery:
         rank, n_proc = distributed.rank(), distributed.num_processes()
         main = rank == 0
         per_micro = self.dropout_per_micro_batch
+        n_micro = self.batch_size // self.micro_batch_size
+        if n_proc > 1 and n_micro % n_proc and main:
+            log.warning(
+                "%s: %d micro-batches per step (batch_size %d / micro_batch_size %d) do not split evenly "
+                "over %d processes: some wait each step (the result is the same)",
+                self.log_prefix, n_micro, self.batch_size, self.micro_batch_size, n_proc,
+            )  # fmt: skip
         fork = [device.index if device.index is not None else 0] if device.type == "cuda" else []
         trainable = {id(p) for group in opt.param_groups for p in group["params"]}
         tokens, train_time, start = 0, 0.0, 0
