@@ -64,7 +64,7 @@ def _result(proc: subprocess.Popen, out: Path) -> tuple[dict[str, torch.Tensor],
 
 # debug=fast's recovery (6 steps of 4 windows) in micro-batches of 1: 2 per process and step;
 # dropout and gradient clipping on
-RECOVERY = ["recovery.micro_batch_size=1", "recovery.dropout=0.1", "recovery.max_grad_norm=0.5"]
+RECOVERY = ["method=magnitude", "recovery.micro_batch_size=1", "recovery.dropout=0.1", "recovery.max_grad_norm=0.5"]
 
 
 def _cli(n: int, output_root: Path, *overrides: str) -> subprocess.Popen:
@@ -122,3 +122,36 @@ def test_two_processes_recover_as_one_process(tmp_path):
     rec.recover(model, tok, tmp_path / "one")
     export_adapter(tmp_path / "one" / "adapter", run / "pruned")  # as the recover stage saves it
     _same_training(tmp_path / "one", run / "recovered")
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_training_exactly(tmp_path, monkeypatch):
+    """A training killed after its step-2 checkpoint (here: one process, per-micro-batch
+    dropout seeds) is resumed by two processes and ends where one uninterrupted process ends."""
+    import importlib.util
+
+    from prunelab.recovery import train_state
+
+    spec = importlib.util.spec_from_file_location("ddp_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    settings = {"dropout_rng": "micro_batch", "checkpoint_every": 2}
+    save = train_state.save
+
+    def killed_after_step_2(out_dir, step, key, tree):
+        save(out_dir, step, key, tree)
+        if step == 2:
+            raise KeyboardInterrupt  # the kill: the checkpoint of step 2 is on disk
+
+    monkeypatch.setattr(train_state, "save", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        worker.main(str(tmp_path / "two"), json.dumps(settings))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "two" / "train_state" / "latest.json").read_text())["step"] == 2
+
+    two = _launch(2, tmp_path / "two", {"checkpoint_every": 2})  # dropout_rng auto: per micro-batch
+    worker.main(str(tmp_path / "one"), json.dumps(settings))  # uninterrupted, meanwhile
+    log, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, log[-4000:]
+    assert json.loads((tmp_path / "two" / "history.json").read_text())["resumed_at"] == [2]
+    _same_training(tmp_path / "one", tmp_path / "two")

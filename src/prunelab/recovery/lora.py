@@ -808,9 +808,10 @@ class LoraRecovery:
         from prunelab.recovery import train_state
 
         volatile = ("checkpoint_every", "gradient_checkpointing")  # change where/how, never what
+        # dropout_rng enters as what it resolves to (auto: per process count), below
         return train_state.digest(
             {
-                "trainer": {k: v for k, v in asdict(self).items() if k not in volatile},
+                "trainer": {k: v for k, v in asdict(self).items() if k not in (*volatile, "dropout_rng")},
                 "steps": steps,
                 "weights": train_state.weights_digest(model),
                 "data": train_state.features_digest(train, *val_groups.values()),
