@@ -64,7 +64,12 @@ def _result(proc: subprocess.Popen, out: Path) -> tuple[dict[str, torch.Tensor],
 
 # debug=fast's recovery (6 steps of 4 windows) in micro-batches of 1: 2 per process and step;
 # dropout and gradient clipping on
-RECOVERY = ["method=magnitude", "recovery.micro_batch_size=1", "recovery.dropout=0.1", "recovery.max_grad_norm=0.5"]
+RECOVERY = [
+    "method=magnitude",
+    "recovery.micro_batch_size=1",
+    "recovery.dropout=0.1",
+    "recovery.max_grad_norm=0.5",
+]
 
 
 def _cli(n: int, output_root: Path, *overrides: str) -> subprocess.Popen:
@@ -115,7 +120,7 @@ def test_two_processes_recover_as_one_process(tmp_path):
     # one process, in this one, on the pruned checkpoint the run saved
     node = json.loads((run / "config.json").read_text())["recovery"]
     node = {k: v for k, v in node.items() if k not in ("_target_", "name")}
-    rec = LoraRecovery(**{**node, "dropout_rng": "micro_batch"})  # the seeds two processes draw (auto)
+    rec = LoraRecovery(**{**node, "dropout_rng": "micro_batch"})  # the seeds two processes draw (null)
     torch.manual_seed(0)
     model = load_pretrained(run / "pruned")
     tok = AutoTokenizer.from_pretrained(run / "pruned")
@@ -149,7 +154,7 @@ def test_two_processes_resume_a_training_exactly(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads((tmp_path / "two" / "train_state" / "latest.json").read_text())["step"] == 2
 
-    two = _launch(2, tmp_path / "two", {"checkpoint_every": 2})  # dropout_rng auto: per micro-batch
+    two = _launch(2, tmp_path / "two", {"checkpoint_every": 2})  # dropout_rng null: per micro-batch
     worker.main(str(tmp_path / "one"), json.dumps(settings))  # uninterrupted, meanwhile
     log, _ = two.communicate(timeout=300)
     assert two.returncode == 0, log[-4000:]

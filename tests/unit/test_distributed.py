@@ -37,12 +37,12 @@ def test_training_methods_refused_in_several_processes(method, two_processes):
 
 def test_lora_recovery_accepted_in_several_processes(two_processes):
     _, recovery, _ = validate(cfg_of("method=llm_pruner", "recovery=lora_embedded"), with_plan=False)
-    assert recovery.dropout_per_micro_batch  # auto: seeds per micro-batch, as one process can too
+    assert recovery.dropout_per_micro_batch  # null: seeds per micro-batch, as one process can too
 
 
 def test_dropout_stream_refused_in_several_processes(two_processes):
     with pytest.raises(
-        ConfigError, match=r"recovery.dropout_rng='stream' needs one process .*auto, micro_batch"
+        ConfigError, match=r"recovery.dropout_rng='stream' needs one process .*null, micro_batch"
     ):
         LoraRecovery(dropout_rng="stream")
     with pytest.raises(ConfigError, match=r"recovery.dropout_rng"):

@@ -66,8 +66,9 @@ FORMATS = ("instruction", "text")
 # Where LoRA dropout draws its masks: stream: torch's one generator, micro-batch after
 # micro-batch (a single process; the historical default); micro_batch: a generator seeded by
 # (seed, step, micro-batch index), so the masks do not depend on which process runs the
-# micro-batch; auto: stream in one process, micro_batch in several.
-DROPOUT_RNG = ("auto", "stream", "micro_batch")
+# micro-batch; null (the default): stream in one process, micro_batch in several. (A null
+# default: run directories made before the key keep their identity.)
+DROPOUT_RNG = ("stream", "micro_batch")
 
 
 # what a non-finite training loss, gradient or merged weight usually needs
@@ -411,9 +412,9 @@ class LoraRecovery:
     # random streams, data position, the method's masks/scores/generator) that a rerun of the
     # same command resumes from, bit-identically; also at the last step. 0: off
     checkpoint_every: int = 50
-    # auto | stream | micro_batch (DROPOUT_RNG): micro_batch makes one process and N processes
+    # null | stream | micro_batch (DROPOUT_RNG): micro_batch makes one process and N processes
     # (accelerate launch) train identically
-    dropout_rng: str = "auto"
+    dropout_rng: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -501,13 +502,16 @@ class LoraRecovery:
             "must be an integer >= 0 (optimizer steps between training-state checkpoints; 0: off)",
         )
         need(_is_int(self.seed), "seed", "must be an integer")
-        if self.dropout_rng not in DROPOUT_RNG:
-            p.append(str(bad_value("recovery.dropout_rng", self.dropout_rng, DROPOUT_RNG)))
+        if self.dropout_rng is not None and self.dropout_rng not in DROPOUT_RNG:
+            p.append(
+                f"recovery.dropout_rng={self.dropout_rng!r} is not allowed; allowed: null (stream in one "
+                "process, micro_batch in several), stream, micro_batch"
+            )
         elif self.dropout_rng == "stream" and distributed.num_processes() > 1:
             p.append(
                 f"recovery.dropout_rng='stream' needs one process (this launch has "
                 f"{distributed.num_processes()}): one generator cannot be shared by several; "
-                "allowed here: auto, micro_batch"
+                "allowed here: null, micro_batch"
             )
         return p
 
@@ -515,7 +519,7 @@ class LoraRecovery:
     def dropout_per_micro_batch(self) -> bool:
         """Whether each micro-batch draws its dropout masks from its own seeded generator."""
         return self.dropout_rng == "micro_batch" or (
-            self.dropout_rng == "auto" and distributed.num_processes() > 1
+            self.dropout_rng is None and distributed.num_processes() > 1
         )
 
     # ------------------------------------------------------------------ data
@@ -808,7 +812,7 @@ class LoraRecovery:
         from prunelab.recovery import train_state
 
         volatile = ("checkpoint_every", "gradient_checkpointing")  # change where/how, never what
-        # dropout_rng enters as what it resolves to (auto: per process count), below
+        # dropout_rng enters as what it resolves to (null: per process count), below
         return train_state.digest(
             {
                 "trainer": {k: v for k, v in asdict(self).items() if k not in (*volatile, "dropout_rng")},
