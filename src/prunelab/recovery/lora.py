@@ -268,8 +268,8 @@ def group_losses(
         for b in list(batches)[rank::n]:
             sums[g, 0] += float(loss_sum(model, b))
             sums[g, 1] += target_count(b)
-    if n > 1:
-        distributed.all_sum(sums)
+    if n > 1:  # on the model's device: NCCL reduces GPU tensors only
+        sums = distributed.all_sum(sums.to(next(model.parameters()).device)).cpu()
     model.train(was_training)
     per, total, count = {}, 0.0, 0.0
     for (t, c), name in zip(sums.tolist(), groups, strict=True):  # in order: as one process always summed
