@@ -321,6 +321,7 @@ def recover(
     its keys, e.g. ``max_steps=50``): train, restore the best adapter by validation loss,
     merge. ``data``: the recovery data (default: the recovery config's). ``masks``: a sparse
     ``PruneResult.masks`` — re-applied after the merge so zeroed weights stay zero."""
+    from prunelab import distributed
     from prunelab.methods import build_dataclass
     from prunelab.recovery import train_state
     from prunelab.tracking.wandb_logger import NullTracker
@@ -339,7 +340,8 @@ def recover(
     with tempfile.TemporaryDirectory(prefix="prunelab-recover-") as tmp:
         out = Path(output_dir) if output_dir is not None else Path(tmp)
         merged = trainer.recover(model, tokenizer, out, tracker=NullTracker(), keep_masks=masks)
-        train_state.clear(out)  # finished: a killed call's rerun resumed from it, nothing will again
+        if distributed.is_main():  # accelerate launch: the main process alone writes `out`
+            train_state.clear(out)  # finished: a killed call's rerun resumed from it, nothing will again
         history = out / "history.json"
         hist = json.loads(history.read_text()) if history.exists() else None
     return RecoverResult(model=merged, history=hist, time_s=time.perf_counter() - t)

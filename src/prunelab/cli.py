@@ -83,10 +83,11 @@ def _record_failure(run_dir: Path, cfg: DictConfig, e: BaseException) -> None:
     already, nor when another process holds the directory (its run is not this one)."""
     import json
 
+    from prunelab import distributed
     from prunelab.runner import write_error
     from prunelab.tracking.lock import RunDirLocked
 
-    if getattr(e, "prunelab_handled", False) or isinstance(e, RunDirLocked):
+    if getattr(e, "prunelab_handled", False) or isinstance(e, RunDirLocked) or not distributed.is_main():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.json").exists():
@@ -138,6 +139,8 @@ def _main(cfg: DictConfig) -> float | None:
         _record_failure(run_dir, cfg, e)
         FAILED.append(run_dir.name)
         return float("nan")  # a sweeper (Optuna) marks the trial failed and goes on
+    if results is None:  # accelerate launch: a process other than the main one (it writes nothing)
+        return None
     (run_dir / "error.json").unlink(missing_ok=True)  # a rerun that succeeds clears an old failure
     final = results["recovered"] or results["pruned"]
     ppl = final["perplexity"]
@@ -145,6 +148,10 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+        # accelerate launch: Hydra's own files (.hydra/, the log) in the run directory are the
+        # main process's; the others log to their console only
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     _main()
     if FAILED:  # every other job ran; the sweep as a whole did not succeed
         log.error("%d job(s) of the multirun failed: %s", len(FAILED), ", ".join(FAILED))

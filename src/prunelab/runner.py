@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab import distributed
 from prunelab.errors import ConfigError, bad_value
 from prunelab.evaluation.suite import perplexity_sets
 from prunelab.methods.base import PruningMethod
@@ -112,6 +113,16 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             attempt(lambda key=key: check_keep(f"method.{key}", getattr(method, key)))
     if method is not None and method.trains and ok("data"):
         attempt(lambda: method.check(cfg.data))  # its training data, before any model loads
+    if method is not None and (method.trains or (method.has_own_recovery and method.recovers)):
+        # accelerate launch: only the `recovery` group's LoRA trains data-parallel; the others'
+        # per-step state would drift apart across processes (docs/performance.md)
+        attempt(
+            lambda: distributed.refuse(
+                f"method={cfg.method.name}",
+                "it trains while it prunes, and its per-step state (LoRA-gradient scores, masks, "
+                "LHSPG projections or a generator) is not synchronised across processes",
+            )
+        )
     if ok("model"):
         attempt(lambda: check_model_config(cfg.model))
     if ok("model", "device"):
@@ -121,6 +132,14 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         problems += check_placement(
             node.get("device_map"), node.get("max_memory"), node.get("offload_folder"), cfg.device
         )
+        if node.get("device_map") is not None:  # each process would spread its copy over every device
+            attempt(
+                lambda: distributed.refuse(
+                    f"model.device_map={node.get('device_map')!r}",
+                    "a device map spreads one model over the machine's devices; several processes "
+                    "would each place their own copy on all of them",
+                )
+            )
     if ok("data"):
         attempt(lambda: build_source(cfg.data).check())
     if ok("eval", "data"):
@@ -453,8 +472,8 @@ def _offload_folder_goes_with(model: Any, placed: dict | None) -> None:
 def _run_device(cfg: DictConfig) -> torch.device:
     """``device``, or with a device map the map's main device (where its inputs go)."""
     dm = cfg.model.get("device_map")
-    if dm is None:
-        return pick_device(str(cfg.device))
+    if dm is None:  # under a launcher: this process's own GPU (its local rank)
+        return distributed.device(pick_device(str(cfg.device)))
     from prunelab.models.placement import main_device
 
     return main_device(OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm)
@@ -1110,11 +1129,16 @@ def evaluate_pruned(job: Job) -> None:
 def recover(job: Job) -> None:
     """4. Recover with LoRA (the `recovery` group's or the method's own), merged back into a
     dense model of the pruned shape."""
-    if job.recovery is None and not job.own_recovery:
-        return
     cfg = job.cfg
     out = job.rd.root / "recovered"
-    rec = job.rd.done("recover")
+    rec = job.rd.done("recover") if job.recovery is not None or job.own_recovery else None
+    if distributed.num_processes() > 1:
+        # the other processes wait in `follow` for this: train with the main one, or end
+        together = job.recovery is not None and not job.own_recovery and rec is None
+        distributed.broadcast({"recover": together})
+        job.held.pop(job.pruned_dir, None)  # every process trains the checkpoint as saved
+    if job.recovery is None and not job.own_recovery:
+        return
     if rec is not None:
         job.resumed.append("recover")
     else:
@@ -1193,9 +1217,38 @@ def write_error(run_dir: Path, stage: str, e: BaseException) -> None:
     )
 
 
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict:
+def follow(cfg: DictConfig, run_dir: Path) -> None:
+    """A process other than the main one under ``accelerate launch``: it writes nothing. It
+    validates, waits while the main process evaluates and prunes, then, when the recover
+    stage runs, loads the pruned checkpoint the main process saved and trains the LoRA
+    recovery with it (data-parallel; the main process saves the result and evaluates)."""
+    method, recovery, _ = validate(cfg)
+    recovery, _, _ = choose_recovery(cfg, method, recovery)
+    order = distributed.broadcast(None)  # sent by the main process's recover stage
+    if not order["recover"]:
+        return
+    from transformers import AutoTokenizer
+
+    from prunelab.models.loading import load_pretrained
+    from prunelab.sparsity.checkpoint import load_masks
+
+    root = Path(run_dir)
+    torch.manual_seed(int(cfg.seed))
+    device = distributed.device(pick_device(str(cfg.device)))
+    model = load_pretrained(root / "pruned", **_load_kwargs(cfg)).to(device)
+    tok = AutoTokenizer.from_pretrained(root / "pruned")
+    keep = load_masks(root / "masks.safetensors") if method.sparse else None
+    log.info("recover: LoRA on %s (process %d)", recovery.data, distributed.rank())
+    recovery.recover(model, tok, root / "recovered", tracker=None, data_cfg=cfg.data, keep_masks=keep)
+
+
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict | None:
     """The whole recipe: every stage in order, then results.json. Rerunning resumes. A failure
-    leaves error.json (and no results.json) in the run directory."""
+    leaves error.json (and no results.json) in the run directory. Under ``accelerate launch``
+    only the main process runs the recipe; the others ``follow`` it (None)."""
+    if not distributed.is_main():
+        follow(cfg, run_dir)
+        return None
     job = start(cfg, run_dir, group)
     try:
         for stage in STAGES:

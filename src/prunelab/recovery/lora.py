@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from prunelab import distributed
 from prunelab.errors import ConfigError, NonFiniteError, bad_value
 from prunelab.numerics import check_value, check_weights, loss_scaler
 from prunelab.progress import bar as progress_bar
@@ -62,6 +63,12 @@ IGNORE_INDEX = -100  # label value cross_entropy skips
 # instruction: Alpaca prompt + answer, loss on the answer (the papers); text: plain next-token
 # windows of the data's text (pretraining-style; what lowers corpus perplexity, e.g. embedded).
 FORMATS = ("instruction", "text")
+# Where LoRA dropout draws its masks: stream: torch's one generator, micro-batch after
+# micro-batch (a single process; the historical default); micro_batch: a generator seeded by
+# (seed, step, micro-batch index), so the masks do not depend on which process runs the
+# micro-batch; null (the default): stream in one process, micro_batch in several. (A null
+# default: run directories made before the key keep their identity.)
+DROPOUT_RNG = ("stream", "micro_batch")
 
 
 # what a non-finite training loss, gradient or merged weight usually needs
@@ -248,19 +255,27 @@ def loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 @torch.no_grad()
 def group_losses(
-    model: nn.Module, groups: Mapping[str, Sequence[Mapping[str, torch.Tensor]]]
+    model: nn.Module, groups: Mapping[str, Sequence[Mapping[str, torch.Tensor]]], shard: bool = False
 ) -> tuple[float, dict[str, float]]:
-    """Token-weighted mean loss over all batches and per group, in eval mode (no dropout)."""
+    """Token-weighted mean loss over all batches and per group, in eval mode (no dropout).
+    ``shard``: under several processes each evaluates every N-th batch and the summed losses
+    and token counts are all-reduced (the same token-weighted mean on every process)."""
     was_training = model.training
     model.eval()
-    per, total, count = {}, 0.0, 0
-    for name, batches in groups.items():
-        t = float(sum(float(loss_sum(model, b)) for b in batches))
-        c = sum(target_count(b) for b in batches)
-        per[name] = t / max(c, 1)
-        total, count = total + t, count + c
+    rank, n = (distributed.rank(), distributed.num_processes()) if shard else (0, 1)
+    sums = torch.zeros(len(groups), 2, dtype=torch.float64)  # (summed loss, target tokens) per group
+    for g, batches in enumerate(groups.values()):
+        for b in list(batches)[rank::n]:
+            sums[g, 0] += float(loss_sum(model, b))
+            sums[g, 1] += target_count(b)
+    if n > 1:  # on the model's device: NCCL reduces GPU tensors only
+        sums = distributed.all_sum(sums.to(next(model.parameters()).device)).cpu()
     model.train(was_training)
-    return total / max(count, 1), per
+    per, total, count = {}, 0.0, 0.0
+    for (t, c), name in zip(sums.tolist(), groups, strict=True):  # in order: as one process always summed
+        per[name] = t / max(c, 1.0)
+        total, count = total + t, count + c
+    return total / max(count, 1.0), per
 
 
 def mean_loss(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
@@ -397,6 +412,9 @@ class LoraRecovery:
     # random streams, data position, the method's masks/scores/generator) that a rerun of the
     # same command resumes from, bit-identically; also at the last step. 0: off
     checkpoint_every: int = 50
+    # null | stream | micro_batch (DROPOUT_RNG): micro_batch makes one process and N processes
+    # (accelerate launch) train identically
+    dropout_rng: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -484,7 +502,25 @@ class LoraRecovery:
             "must be an integer >= 0 (optimizer steps between training-state checkpoints; 0: off)",
         )
         need(_is_int(self.seed), "seed", "must be an integer")
+        if self.dropout_rng is not None and self.dropout_rng not in DROPOUT_RNG:
+            p.append(
+                f"recovery.dropout_rng={self.dropout_rng!r} is not allowed; allowed: null (stream in one "
+                "process, micro_batch in several), stream, micro_batch"
+            )
+        elif self.dropout_rng == "stream" and distributed.num_processes() > 1:
+            p.append(
+                f"recovery.dropout_rng='stream' needs one process (this launch has "
+                f"{distributed.num_processes()}): one generator cannot be shared by several; "
+                "allowed here: null, micro_batch"
+            )
         return p
+
+    @property
+    def dropout_per_micro_batch(self) -> bool:
+        """Whether each micro-batch draws its dropout masks from its own seeded generator."""
+        return self.dropout_rng == "micro_batch" or (
+            self.dropout_rng is None and distributed.num_processes() > 1
+        )
 
     # ------------------------------------------------------------------ data
 
@@ -657,7 +693,17 @@ class LoraRecovery:
 
         start = time.perf_counter()
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.num_processes() > 1 and hooks is not None:
+            # LoRAPrune's scores, LoRAShear's LHSPG projections, ATP's generator: per-step
+            # state no process group keeps in step (docs/performance.md, "Several processes")
+            distributed.refuse(
+                f"method={self.log_prefix}'s training",
+                "its per-step hooks (importance scores, masks, projections or generator) are "
+                "not synchronised across processes",
+            )
+        main = distributed.is_main()  # several processes: only the main one writes out_dir
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
         if not train:
             raise ValueError(
                 f"no training example of data {self.data!r} keeps a target token within "
@@ -723,7 +769,8 @@ class LoraRecovery:
                     set_checkpointing(model, False)
         if best_state is not None:
             load_lora_state(peft_model, best_state)
-        peft_model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+        if main:
+            peft_model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
         first = next(iter(val_batches.values()), None)
         check = first[0] if first else collate(train[:micro], pad_id)
         merged, diff = merge_lora(peft_model, check)
@@ -748,7 +795,8 @@ class LoraRecovery:
             + history.get("data_time_s", 0.0)
             + history.get("tokenize_time_s", 0.0)
         )
-        (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        if main:
+            (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         return merged
 
     def _state_key(
@@ -764,15 +812,19 @@ class LoraRecovery:
         from prunelab.recovery import train_state
 
         volatile = ("checkpoint_every", "gradient_checkpointing")  # change where/how, never what
+        # dropout_rng enters as what it resolves to (null: per process count), below
         return train_state.digest(
             {
-                "trainer": {k: v for k, v in asdict(self).items() if k not in volatile},
+                "trainer": {k: v for k, v in asdict(self).items() if k not in (*volatile, "dropout_rng")},
                 "steps": steps,
                 "weights": train_state.weights_digest(model),
                 "data": train_state.features_digest(train, *val_groups.values()),
                 "val_groups": list(val_groups),
                 "hooks": hooks.key,
                 "select_from": hooks.select_from,
+                # how dropout draws (not the process count: per-micro-batch masks are the same
+                # in any number of processes, so a resume may use another count)
+                "dropout_per_micro_batch": self.dropout_per_micro_batch,
             }
         )
 
@@ -839,6 +891,17 @@ class LoraRecovery:
         )
         every = self.checkpoint_every if key is not None and out_dir is not None else 0
         device = next(model.parameters()).device
+        rank, n_proc = distributed.rank(), distributed.num_processes()
+        main = rank == 0
+        per_micro = self.dropout_per_micro_batch
+        n_micro = self.batch_size // self.micro_batch_size
+        if n_proc > 1 and n_micro % n_proc and main:
+            log.warning(
+                "%s: %d micro-batches per step (batch_size %d / micro_batch_size %d) do not split evenly "
+                "over %d processes: some wait each step (the result is the same)",
+                self.log_prefix, n_micro, self.batch_size, self.micro_batch_size, n_proc,
+            )  # fmt: skip
+        fork = [device.index if device.index is not None else 0] if device.type == "cuda" else []
         trainable = {id(p) for group in opt.param_groups for p in group["params"]}
         tokens, train_time, start = 0, 0.0, 0
 
@@ -863,7 +926,13 @@ class LoraRecovery:
                 "loss_scaling": scaling.state(scaler) if scaler.is_enabled() else None,
             }
 
-        loaded = train_state.load(out_dir, key) if every else None
+        loaded = None
+        if every:  # the main process first: it discards a checkpoint of another training
+            if main:
+                loaded = train_state.load(out_dir, key)
+            distributed.barrier()
+            if not main:
+                loaded = train_state.load(out_dir, key)
         if loaded is not None:
             start, tree = loaded
             loop = tree["loop"]
@@ -890,7 +959,7 @@ class LoraRecovery:
             validate(0)
         model.train()
         todo = range(start + 1, steps + 1) if "stopped_early_at" not in hist else range(0)
-        bar = progress_bar(todo, desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False)
+        bar = progress_bar(todo, desc=f"{self.log_prefix} (LoRA)", unit="step", leave=False, disable=not main)
         for step in bar:
             t0 = time.perf_counter()
             if hooks.sample is not None:
@@ -914,15 +983,26 @@ class LoraRecovery:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for b in micro:
-                loss = loss_sum(model, b) / count
-                scaler.scale(loss).backward()  # (float16 models only: scaled, see loss_scaler)
+            step_tokens = 0
+            # Several processes: process r runs micro-batches r, r+N, ... of the same global batch
+            # (the data order never depends on N); ``count`` is the whole batch's, the same on
+            # every process, so the summed gradients are the single process's.
+            for j in range(rank, len(micro), n_proc):
+                b = micro[j]
+                with torch.random.fork_rng(devices=fork, enabled=per_micro):
+                    if per_micro:  # this micro-batch's dropout masks, wherever it runs
+                        torch.manual_seed(self._micro_seed(step, j))
+                    loss = loss_sum(model, b) / count
+                    scaler.scale(loss).backward()  # (float16 models only: scaled, see loss_scaler)
                 total += float(loss.detach())
-                tokens += int(b["attention_mask"].sum())
+                step_tokens += int(b["attention_mask"].sum())
+            trained = [p for grp in opt.param_groups for p in grp["params"]]
+            if n_proc > 1:
+                total, step_tokens = self._sync_grads(trained, total, step_tokens)
+            tokens += step_tokens
             # the loss was synced for the log anyway: a NaN/inf stops here, before any update
             check_value(total, f"{self.log_prefix} training: the loss of step {step}/{steps}", TRAIN_HINT)
             scaler.unscale_(opt)
-            trained = [p for grp in opt.param_groups for p in grp["params"]]
             norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
             overflow = not math.isfinite(float(norm))  # one sync per step, none per micro-batch
             if overflow and not scaler.is_enabled():
@@ -969,7 +1049,7 @@ class LoraRecovery:
                 if self.patience is not None and since_best >= self.patience and step < steps:
                     hist["stopped_early_at"] = step  # validation stopped improving
             stop = "stopped_early_at" in hist
-            if every and (step % every == 0 or step == steps or stop):
+            if every and main and (step % every == 0 or step == steps or stop):
                 train_state.save(out_dir, step, key, snapshot())
             if stop:
                 break
@@ -993,4 +1073,27 @@ class LoraRecovery:
     def _val_losses(
         self, model: nn.Module, groups: dict[str, list[dict[str, torch.Tensor]]]
     ) -> tuple[float, dict[str, float]]:
-        return group_losses(model, groups)
+        return group_losses(model, groups, shard=True)
+
+    def _micro_seed(self, step: int, j: int) -> int:
+        """The dropout seed of micro-batch ``j`` of optimizer step ``step`` (dropout_rng=micro_batch)."""
+        return (self.seed * 1_000_003 + step) * 65_537 + j
+
+    @staticmethod
+    def _sync_grads(params: list[nn.Parameter], total: float, tokens: int) -> tuple[float, int]:
+        """Sum the LoRA gradients, the step's loss and its token count over the processes: one
+        all-reduce of one flat buffer per optimizer step (a few MB: the adapters only). Each
+        process's loss was divided by the whole batch's target-token count, so the sum is the
+        token-weighted mean gradient of the global batch, as in one process. Before the loss
+        scaler's unscale: an overflow anywhere is seen by every process alike."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        buf = distributed.all_sum(torch.cat([g.reshape(-1).float() for g in grads]))
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            k = g.numel()
+            p.grad = buf[offset : offset + k].view_as(g).to(g.dtype)
+            offset += k
+        facts = distributed.all_sum(
+            torch.tensor([total, float(tokens)], dtype=torch.float64, device=buf.device)
+        )
+        return float(facts[0]), int(facts[1])
