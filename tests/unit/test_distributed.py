@@ -35,6 +35,11 @@ def test_training_methods_refused_in_several_processes(method, two_processes):
         validate(cfg_of(f"method={method}"), with_plan=False)
 
 
+def test_device_map_refused_in_several_processes(two_processes):
+    with pytest.raises(ConfigError, match=r"model.device_map='auto' cannot run in 2 processes"):
+        validate(cfg_of("method=magnitude", "recovery=none", "model.device_map=auto"), with_plan=False)
+
+
 def test_lora_recovery_accepted_in_several_processes(two_processes):
     _, recovery, _ = validate(cfg_of("method=llm_pruner", "recovery=lora_embedded"), with_plan=False)
     assert recovery.dropout_per_micro_batch  # null: seeds per micro-batch, as one process can too
