@@ -120,6 +120,27 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+# a method config's class -> the algorithm its memory lines follow; variants such as
+# loraprune_paper or atp_smollm2 keep their algorithm's class under another name
+ALGORITHMS = {
+    "Magnitude": "magnitude",
+    "Wanda": "wanda",
+    "SparseGPT": "sparsegpt",
+    "ADMM": "admm",
+    "LLMPruner": "llm_pruner",
+    "LoRAPrune": "loraprune",
+    "LoRAShear": "lorashear",
+    "ATP": "atp",
+    "StructuredPruner": "structured",
+}
+
+
+def algorithm(method: Any) -> str:
+    """The algorithm of a method config node: by its ``_target_`` class, else its name."""
+    target = str(_get(method, "_target_", ""))
+    return ALGORITHMS.get(target.rsplit(".", 1)[-1], str(_get(method, "name", "")))
+
+
 def _fraction_pruned_layers(method: Any, layers: int) -> int:
     """Layers a structured method scores (keep_first/keep_last as fractions or counts)."""
 
@@ -177,7 +198,7 @@ def plan_memory(cfg: Any, config: Any, device: str = "cpu", built: Any = None) -
     s = Shapes.from_config(config)
     wbytes = DTYPE_BYTES.get(str(_get(cfg.model, "dtype", "float32")), 4)
     method = cfg.method
-    name = str(_get(method, "name", ""))
+    name = algorithm(method)
     cal = _get(cfg.data, "calibration", {}) or {}
     n = int(_get(method, "calibration_samples", 0) or _get(cal, "num_samples", 0) or 0)
     T = int(_get(method, "calibration_seq_len", 0) or _get(cal, "seq_len", 0) or 0)
@@ -185,7 +206,7 @@ def plan_memory(cfg: Any, config: Any, device: str = "cpu", built: Any = None) -
     ev = cfg.eval
     if _get(ev, "dense", True):
         stages.append(_eval_stage("dense evaluation", s, wbytes, ev, device))
-    prune = Stage(f"prune ({name})", device)
+    prune = Stage(f"prune ({_get(method, 'name', name)})", device)
     stages.append(prune)
     if name in ("magnitude", "wanda", *GRAM_SOLVERS):
         offload = bool(_get(method, "offload", False)) and not device.startswith("cpu")
@@ -305,7 +326,7 @@ def report(stages: list[Stage], total: int | None) -> str:
 
 def suggestions(stage: Stage, cfg: Any) -> list[str]:
     """What would shrink ``stage``: the options its largest lines answer to."""
-    name = str(_get(cfg.method, "name", ""))
+    name = algorithm(cfg.method)
     tips = []
     text = " ".join(w for w, _ in stage.lines)
     if stage.name.startswith("prune") and name in ("wanda", *GRAM_SOLVERS, "magnitude"):
@@ -419,8 +440,7 @@ def split_by_device(cfg: Any, config: Any, stages: list[Stage]) -> list[Stage]:
     split, unit = weights_by_device(cfg, config)
     total = sum(split.values())
     offloaded = any(d == "disk" or (d == "cpu" and main != "cpu") for d in split)
-    method = str(_get(cfg.method, "name", ""))
-    sparse = method in ("magnitude", "wanda", *GRAM_SOLVERS)
+    sparse = algorithm(cfg.method) in ("magnitude", "wanda", *GRAM_SOLVERS)
     out: list[Stage] = []
     for st in stages:
         weights = [b for what, b in st.lines if what.startswith("model weights")]

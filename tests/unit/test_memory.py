@@ -242,3 +242,16 @@ def test_a_device_map_splits_the_plan_per_device():
     _, _, problems = check_memory(_cfg(*base, "method=wanda", "memory_limit_gib=1"), LLAMA_7B)
     assert problems and all(" on cpu, which has 1.00 GiB" in p for p in problems)
     assert any("model.max_memory" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "method, micro, T",
+    [("loraprune_paper", 4, 256), ("atp_paper", 4, 1024), ("lorashear_paper", 4, 512)],
+)
+def test_a_methods_paper_variant_plans_its_training(method, micro, T):
+    # the variants keep their algorithm's class under another name: their training must be planned
+    # (it was not: the plan matched names, and *_paper held the weights alone)
+    st, lines = _lines(plan_memory(_cfg("model=llama_7b", f"method={method}"), LLAMA_7B, "cuda"), "prune")
+    assert st.name == f"prune ({method})"
+    assert lines["activations saved for backward"] == micro * T * 32 * 4096 * 34
+    assert lines["logits and their gradient, fp32"] == micro * T * 32000 * 8
