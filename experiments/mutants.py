@@ -63,6 +63,7 @@ T_SPA = ("tests/unit/test_formulas_sparsity.py", "tests/unit/test_sparsity.py")
 T_LHS = ("tests/unit/test_formulas_lorashear.py", "tests/unit/test_lorashear.py")
 T_ATP = ("tests/unit/test_formulas_atp.py", "tests/unit/test_atp.py")
 T_LRP = ("tests/unit/test_formulas_importance.py", "tests/unit/test_loraprune.py")
+T_ATPH = ("tests/unit/test_atp_head_dim.py",)  # ATP's paper attention space (shared head_dim channels)
 
 TAYLOR = "src/prunelab/importance/taylor.py"
 MAGN = "src/prunelab/importance/magnitude.py"
@@ -76,6 +77,8 @@ GEN = "src/prunelab/methods/atp/generator.py"
 ATPP = "src/prunelab/methods/atp/pruner.py"
 LGRAD = "src/prunelab/importance/lora_grad.py"
 LRPP = "src/prunelab/methods/loraprune/pruner.py"
+ARCH = "src/prunelab/structure/arch.py"
+GROUPS = "src/prunelab/structure/groups.py"
 
 EXP = "checkpoint export"
 # the fast tests of test_export.py (node ids: its slow tables load in subprocesses, minutes each)
@@ -834,6 +837,39 @@ MUTANTS: list[Mutant] = [
         "target = 1 - plan.requested  # kept fraction p",
         "budget as a fraction of prunable, not all, parameters",
         T_ATP,
+    ),
+    # ATP's paper attention space (attention_space=head_dim): channel sizes, tiling, accounting
+    M(
+        ATP,
+        ARCH,
+        "rows = s.num_attention_heads + s.num_key_value_heads",
+        "rows = s.num_attention_heads",
+        "a q/k channel counted without its k rows",
+        T_ATPH,
+    ),
+    M(
+        ATP,
+        ARCH,
+        "return v + s.num_attention_heads * self.hidden_size",
+        "return v",
+        "a v/o channel counted without its o columns",
+        T_ATPH,
+    ),
+    M(
+        ATP,
+        GROUPS,
+        "return values.repeat(size // m.period) if m.period else values.repeat_interleave(m.width)",
+        "return values.repeat_interleave(size // m.period) if m.period else values.repeat_interleave(m.width)",
+        "a shared channel's gate spread over consecutive rows, not row j of every head",
+        T_ATPH,
+    ),
+    M(
+        ATP,
+        GROUPS,
+        "total += int((~keep).sum()) * per[kind](int(layer))",
+        "total += int(keep.sum()) * per[kind](int(layer))",
+        "the kept channels counted as masked",
+        T_ATPH,
     ),
     # ------------------------------------------------------------------ LoRAPrune
     M(
