@@ -444,3 +444,78 @@ def materialized(
                     _write_back(h.weights_map, name, getattr(m.get_submodule(owner), leaf))
                 set_module_tensor_to_device(m, name, "meta")
             h.offload = True
+
+
+# ----------------------------------------------------------------------------- gradients
+@contextlib.contextmanager
+def live_parameters(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors a forward really computes with, for the parameters ``names`` (full names):
+    the dict is refilled at each forward, so a backward after it can ask autograd for their
+    gradients. Why: on a dispatched model accelerate loads an offloaded module's weights as
+    *new* tensors before its forward and drops the module's own ones to ``meta`` after it, so
+    the model's parameter objects are not the ones gradients flow to (their ``requires_grad``
+    is carried over). A module that owns a wanted parameter and is itself an offloaded unit
+    (its weights load in its own forward, after any torch pre-hook) is materialized, read
+    only, for the duration. On an undispatched model the dict holds the parameters themselves."""
+    wanted = set(names)
+    owners: dict[nn.Module, list[tuple[str, str]]] = {}
+    for full in names:
+        owner, _, leaf = full.rpartition(".")
+        owners.setdefault(model.get_submodule(owner), []).append((full, leaf))
+    live: dict[str, torch.Tensor] = {}
+
+    def grab(module: nn.Module, _args: Any) -> None:
+        for full, leaf in owners[module]:
+            live[full] = getattr(module, leaf)
+
+    handles = [m.register_forward_pre_hook(grab) for m in owners]
+    own_units = [m for m in owners if any(h.offload for h in _align_hooks(m))]
+    try:
+        with contextlib.ExitStack() as stack:
+            for m in own_units:
+                stack.enter_context(materialized(m, write_back=False))
+            for m, pairs in owners.items():  # modules not run by a forward keep their own
+                for full, leaf in pairs:
+                    live[full] = getattr(m, leaf)
+            assert wanted == set(live)
+            yield live
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_training(device_map: Any, method: str, method_trains: bool, recovery: str) -> list[str]:
+    """Training stages (LoRA through peft: recovery, and the methods that train while they prune:
+    LoRAPrune, LoRAShear, ATP) on a model with ``model.device_map``: refused, each naming the
+    key, the method and why. Nothing loads.
+
+    Why: peft puts an adapter on its base layer's device, which for a module accelerate
+    offloads (CPU or disk) is ``meta``, and accelerate's offload hooks reload only the
+    checkpoint's own weights before each forward and drop every tensor of the module to
+    ``meta`` after it, so adapters there can neither be initialised nor trained; a map onto
+    GPUs alone (no offload) was not verified (no multi-GPU machine). The gradient-only stages
+    (LLM-Pruner's Taylor importances) run on a dispatched model (``live_parameters``)."""
+    if device_map is None:
+        return []
+    why = (
+        "peft places LoRA adapters on their base layer's device, which is `meta` for a module "
+        "accelerate offloads, and accelerate's offload hooks drop a module's tensors to `meta` after "
+        "every forward, so adapters there can neither be initialised nor trained"
+    )
+    allowed = (
+        "allowed: model.device_map=null for a run that trains; with a device map, methods that do not "
+        "train (magnitude, wanda, sparsegpt, admm, structured, llm_pruner with any importance) and "
+        "recovery=none"
+    )
+    problems = []
+    if method_trains:
+        problems.append(
+            f"model.device_map={device_map!r} with method={method}: the method trains LoRA adapters while it "
+            f"prunes and {why}; {allowed}"
+        )
+    if recovery != "none":
+        problems.append(
+            f"model.device_map={device_map!r} with recovery={recovery}: the recovery trains LoRA adapters and "
+            f"{why}; {allowed}"
+        )
+    return problems

@@ -1,0 +1,73 @@
+"""The stages that back-propagate, on a model dispatched by accelerate over CPU + disk
+(``model.device_map``): LLM-Pruner's Taylor importances (gradients of offloaded weights,
+``placement.live_parameters``) give exactly the single-device run's masks, saved weights and
+metrics; the stages that train LoRA adapters (recovery, LoRAPrune, LoRAShear, ATP) are refused
+before any model loads, naming ``model.device_map``, the method and why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prunelab.errors import ConfigError
+from prunelab.runner import run
+from tests.unit.test_config import compose_cfg, no_model_loads  # noqa: F401  (a fixture)
+from tests.unit.test_dispatch_runs import AUTO, _run, _same_metrics
+
+# layer 1 split below the block: single linears are offloaded units of their own (their
+# weights load in their own forward), beside whole blocks on disk and on the CPU
+SPLIT = [
+    "model.device_map={model.embed_tokens: cpu, model.layers.0: disk, model.layers.1.self_attn: disk, "
+    "model.layers.1.mlp.gate_proj: disk, model.layers.1.mlp.up_proj: cpu, model.layers.1.mlp.down_proj: disk, "
+    "model.layers.1.input_layernorm: cpu, model.layers.1.post_attention_layernorm: disk, model.layers.2: cpu, "
+    "model.layers.3: disk, model.layers.4: disk, model.layers.5: cpu, model.layers.6: disk, model.layers.7: disk, "
+    "model.norm: disk, model.rotary_emb: cpu, lm_head: cpu}"
+]
+LLM_PRUNER = ["method=llm_pruner", "ratio=0.2"]
+RUNS = {  # the gradient stages: (method overrides, placement)
+    "element1": ([*LLM_PRUNER, "method.importance=element1"], AUTO),
+    "element2": ([*LLM_PRUNER, "method.importance=element2"], SPLIT),
+    "vector": ([*LLM_PRUNER, "method.importance=vector"], AUTO),
+}
+REFUSED = {  # the training stages: (overrides, what the refusal names)
+    "loraprune": (["method=loraprune", "recovery=none"], "with method=loraprune: the method trains"),
+    "lorashear": (["method=lorashear", "recovery=none"], "with method=lorashear: the method trains"),
+    "atp": (["method=atp", "recovery=none"], "with method=atp: the method trains"),
+    "recovery": (["method=magnitude", "recovery=lora_embedded"], "with recovery=lora_embedded: the recovery"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNS))
+def test_gradient_importance_on_a_dispatched_model_equals_single_device(case, tmp_path):
+    method, placement = RUNS[case]
+    single, single_dir = _run(tmp_path, "single", method)
+    spread, spread_dir = _run(tmp_path, "dispatched", [*method, *placement])
+    assert spread["resumed_stages"] == single["resumed_stages"] == []
+    masks, masks_ref = (load_file(str(d / "masks.safetensors")) for d in (spread_dir, single_dir))
+    assert masks.keys() == masks_ref.keys() and masks
+    assert any(not m.all() for m in masks.values())  # something was pruned
+    for k in masks:
+        assert torch.equal(masks[k], masks_ref[k]), k
+    weights, weights_ref = (
+        load_file(str(d / "pruned" / "model.safetensors")) for d in (spread_dir, single_dir)
+    )
+    assert weights.keys() == weights_ref.keys()
+    for k in weights:
+        assert torch.equal(weights[k], weights_ref[k]), k
+    _same_metrics(spread["pruned"], single["pruned"])  # rel 1e-6 (both fp32 on the CPU)
+    placed = json.loads((spread_dir / "stages" / "prune.json").read_text())["device_map"]
+    assert "disk" in placed.values(), placed
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_training_on_a_dispatched_model_refused_before_loading(case, tmp_path):
+    overrides, names = REFUSED[case]
+    cfg = compose_cfg(*overrides, *AUTO, "debug=fast", "logger=none", f"output_root={tmp_path}")
+    with pytest.raises(ConfigError, match=r"model\.device_map='auto' " + names) as e:
+        run(cfg, tmp_path / "run")
+    assert "allowed: model.device_map=null" in str(e.value)
+    assert not (tmp_path / "run" / "stages").exists()
