@@ -124,9 +124,7 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         if method is not None and ok("recovery"):  # training stages: not on a dispatched model
             from prunelab.models.placement import check_training
 
-            problems += check_training(
-                node.get("device_map"), cfg.method.name, method.trains, cfg.recovery.name
-            )
+            problems += check_training(node.get("device_map"), cfg.method.name, method.trains, "none")
     if ok("data"):
         attempt(lambda: build_source(cfg.data).check())
     if ok("eval", "data"):

@@ -1,8 +1,10 @@
 """The stages that back-propagate, on a model dispatched by accelerate over CPU + disk
 (``model.device_map``): LLM-Pruner's Taylor importances (gradients of offloaded weights,
-``placement.live_parameters``) give exactly the single-device run's masks, saved weights and
-metrics; the stages that train LoRA adapters (recovery, LoRAPrune, LoRAShear, ATP) are refused
-before any model loads, naming ``model.device_map``, the method and why."""
+``placement.live_parameters``) and LoRA recovery through peft (adapters resident beside
+offloaded base weights, merged into the offload store; with gradient checkpointing too) give
+exactly the single-device run's masks, saved pruned and recovered weights, adapter, training
+losses and metrics; the methods that train LoRA while they prune (LoRAPrune, LoRAShear, ATP)
+are refused before any model loads, naming ``model.device_map``, the method and why."""
 
 from __future__ import annotations
 
@@ -27,21 +29,28 @@ SPLIT = [
     "model.norm: disk, model.rotary_emb: cpu, lm_head: cpu}"
 ]
 LLM_PRUNER = ["method=llm_pruner", "ratio=0.2"]
-RUNS = {  # the gradient stages: (method overrides, placement)
+LORA = ["recovery=lora_embedded"]
+RUNS = {  # the gradient stages: (overrides, placement)
     "element1": ([*LLM_PRUNER, "method.importance=element1"], AUTO),
     "element2": ([*LLM_PRUNER, "method.importance=element2"], SPLIT),
-    "vector": ([*LLM_PRUNER, "method.importance=vector"], AUTO),
+    # structured pruning, then LoRA recovery with activation checkpointing (recomputed
+    # forwards re-run accelerate's hooks, which reload the offloaded base weights)
+    "vector+lora": (
+        [*LLM_PRUNER, "method.importance=vector", *LORA, "recovery.gradient_checkpointing=true"],
+        AUTO,
+    ),
+    # sparse: LoRA's merged update re-masked; adapters on linears that are offloaded units
+    "magnitude+lora": (["method=magnitude", "ratio=0.5", *LORA], SPLIT),
 }
 REFUSED = {  # the training stages: (overrides, what the refusal names)
     "loraprune": (["method=loraprune", "recovery=none"], "with method=loraprune: the method trains"),
     "lorashear": (["method=lorashear", "recovery=none"], "with method=lorashear: the method trains"),
     "atp": (["method=atp", "recovery=none"], "with method=atp: the method trains"),
-    "recovery": (["method=magnitude", "recovery=lora_embedded"], "with recovery=lora_embedded: the recovery"),
 }
 
 
 @pytest.mark.parametrize("case", list(RUNS))
-def test_gradient_importance_on_a_dispatched_model_equals_single_device(case, tmp_path):
+def test_gradient_stages_on_a_dispatched_model_equal_single_device(case, tmp_path):
     method, placement = RUNS[case]
     single, single_dir = _run(tmp_path, "single", method)
     spread, spread_dir = _run(tmp_path, "dispatched", [*method, *placement])
@@ -60,6 +69,19 @@ def test_gradient_importance_on_a_dispatched_model_equals_single_device(case, tm
     _same_metrics(spread["pruned"], single["pruned"])  # rel 1e-6 (both fp32 on the CPU)
     placed = json.loads((spread_dir / "stages" / "prune.json").read_text())["device_map"]
     assert "disk" in placed.values(), placed
+    if "recovery=lora_embedded" not in method:
+        return
+    for part in ("recovered/adapter/adapter_model.safetensors", "recovered/model/model.safetensors"):
+        got, ref = load_file(str(spread_dir / part)), load_file(str(single_dir / part))
+        assert got.keys() == ref.keys() and got, part
+        for k in got:
+            assert torch.equal(got[k], ref[k]), (part, k)
+    history, history_ref = (
+        json.loads((d / "recovered" / "history.json").read_text()) for d in (spread_dir, single_dir)
+    )
+    for k in ("train", "val", "best_step", "best_val_loss", "merge_max_abs_diff"):
+        assert history[k] == history_ref[k], k
+    _same_metrics(spread["recovered"], single["recovered"])
 
 
 @pytest.mark.usefixtures("no_model_loads")

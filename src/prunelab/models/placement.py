@@ -519,3 +519,113 @@ def check_training(device_map: Any, method: str, method_trains: bool, recovery: 
             f"{why}; {allowed}"
         )
     return problems
+
+
+# ----------------------------------------------------------------------------- adapters (peft)
+def split_units(model: nn.Module) -> None:
+    """Re-hook every offloaded unit that owns no tensor itself (a decoder block) so that each of
+    its modules that owns tensors loads and drops its own (accelerate's
+    ``attach_align_device_hook``, over the unit's offload store), while the unit's own hook only
+    aligns inputs and outputs. Why: a unit's hook loads and drops *every* tensor below it, so an
+    adapter added inside it later (peft's LoRA A/B) would be looked up in the offload store and
+    dropped to ``meta`` after every forward; after the split, added modules are left alone. The
+    model computes exactly what it did; a dispatched model only (no-op otherwise)."""
+    from accelerate.hooks import attach_align_device_hook
+
+    for m in list(model.modules()):
+        for h in _align_hooks(m):
+            if not (h.offload and h.place_submodules) or any(True for _ in m.parameters(recurse=False)):
+                continue
+            if any(True for _ in m.buffers(recurse=False)) and h.offload_buffers:
+                continue
+            for child in m.children():
+                attach_align_device_hook(
+                    child,
+                    execution_device=h.execution_device,
+                    offload=True,
+                    weights_map=h.weights_map,
+                    offload_buffers=h.offload_buffers,
+                    module_name=_child_name(m, child),
+                    skip_keys=h.skip_keys,
+                    tied_params_map=h.tied_params_map,
+                )
+            h.offload = False  # not detach_hook: that would load the unit's weights back
+            h.place_submodules = False
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(n for n, c in parent.named_children() if c is child)
+
+
+def _offloaded_tensors(model: nn.Module) -> list[tuple[nn.Module, Any, str]]:
+    """(module, hook, tensor name below it) of every offloaded tensor."""
+    return [
+        (m, h, n) for m in model.modules() for h in _align_hooks(m) if h.offload for n in _tensor_names(m, h)
+    ]
+
+
+@contextlib.contextmanager
+def placeholders(model: nn.Module) -> Iterator[nn.Module]:
+    """Every offloaded tensor replaced by a placeholder that takes no memory (one zero broadcast
+    to its shape) on its execution device, with its dtype and ``requires_grad``, then dropped
+    back to ``meta``; for code that reads only where a weight is and what it looks like, not
+    its values: peft's adapter injection, which puts each adapter on its base layer's device
+    (``meta`` otherwise, which loses the adapter's initial values). ``requires_grad`` changed
+    inside persists (accelerate carries it over); values are never written back."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    entries = _offloaded_tensors(model)
+    for m, h, name in entries:
+        owner, _, leaf = name.rpartition(".")
+        mod = m.get_submodule(owner)
+        old = getattr(mod, leaf)
+        device = _device(h.execution_device or "cpu")
+        stand_in = torch.zeros((), dtype=old.dtype, device=device).expand(old.shape)
+        if isinstance(old, nn.Parameter):
+            mod._parameters[leaf] = nn.Parameter(stand_in, requires_grad=old.requires_grad)
+        else:
+            mod._buffers[leaf] = stand_in
+    try:
+        yield model
+    finally:
+        for m, _, name in entries:
+            set_module_tensor_to_device(m, name, "meta")
+
+
+@contextlib.contextmanager
+def offload_paused(model: nn.Module) -> Iterator[nn.Module]:
+    """The offload hooks switched off, nothing loaded (the offloaded tensors stay ``meta``): for
+    code that only rearranges modules and would otherwise load and rewrite offloaded weights on
+    its own (peft's ``unload``: its ``onload_layer`` reloads a disk-offloaded base layer and
+    rewrites it, reading the checkpoint's safetensors index)."""
+    hooks = [h for m in model.modules() for h in _align_hooks(m) if h.offload]
+    for h in hooks:
+        h.offload = False
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.offload = True
+
+
+def named_parameter_values(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` with the real values of offloaded ones, read (on the CPU)
+    one offloaded unit at a time, in the same order."""
+    units = {n: m for n, m in model.named_modules() if any(h.offload for h in _align_hooks(m))}
+    current: tuple[str, contextlib.ExitStack] | None = None
+    try:
+        for name, p in model.named_parameters():
+            unit = next((u for u in units if name.startswith(u + ".") or u == ""), None)
+            if unit is None:
+                yield name, p
+                continue
+            if current is None or current[0] != unit:
+                if current is not None:
+                    current[1].close()
+                stack = contextlib.ExitStack()
+                stack.enter_context(materialized(units[unit], "cpu", write_back=False))
+                current = (unit, stack)
+            yield name, model.get_parameter(name)
+    finally:
+        if current is not None:
+            current[1].close()
