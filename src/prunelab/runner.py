@@ -121,10 +121,10 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         problems += check_placement(
             node.get("device_map"), node.get("max_memory"), node.get("offload_folder"), cfg.device
         )
-        if method is not None and ok("recovery"):  # training stages: not on a dispatched model
+        if method is not None:  # the training stages that cannot run dispatched
             from prunelab.models.placement import check_training
 
-            problems += check_training(node.get("device_map"), cfg.method.name, method.trains, "none")
+            problems += check_training(node.get("device_map"), cfg.method.name, cfg.method.get("importance"))
     if ok("data"):
         attempt(lambda: build_source(cfg.data).check())
     if ok("eval", "data"):

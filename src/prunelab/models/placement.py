@@ -484,41 +484,38 @@ def live_parameters(model: nn.Module, names: list[str]) -> Iterator[dict[str, to
             h.remove()
 
 
-def check_training(device_map: Any, method: str, method_trains: bool, recovery: str) -> list[str]:
-    """Training stages (LoRA through peft: recovery, and the methods that train while they prune:
-    LoRAPrune, LoRAShear, ATP) on a model with ``model.device_map``: refused, each naming the
-    key, the method and why. Nothing loads.
+def check_training(device_map: Any, method: str, importance: Any = None) -> list[str]:
+    """The training stages that cannot run on a model with ``model.device_map``, each naming
+    the key, the method and why; nothing loads. LoRA recovery, LoRAPrune (``lora_grad``,
+    ``magnitude``) and ATP run on a dispatched model (adapters resident beside offloaded base
+    weights: :func:`split_units`, :func:`placeholders`); refused:
 
-    Why: peft puts an adapter on its base layer's device, which for a module accelerate
-    offloads (CPU or disk) is ``meta``, and accelerate's offload hooks reload only the
-    checkpoint's own weights before each forward and drop every tensor of the module to
-    ``meta`` after it, so adapters there can neither be initialised nor trained; a map onto
-    GPUs alone (no offload) was not verified (no multi-GPU machine). The gradient-only stages
-    (LLM-Pruner's Taylor importances) run on a dispatched model (``live_parameters``)."""
+    - LoRAShear: its LHSPG step projects groups of *every* base weight after each optimizer
+      step, its period ends merge B·A into them and its knowledge analysis perturbs and
+      restores them: all of the model's weights written at every step, which on an offloaded
+      model means loading and rewriting the whole offload store per step (not implemented);
+    - LoRAPrune with ``method.importance=taylor``: it reads the gradients accumulated on the
+      frozen base weights, which accelerate's offload hooks drop with the tensors after each
+      forward (LLM-Pruner's Taylor importances take them from :func:`live_parameters`)."""
     if device_map is None:
         return []
-    why = (
-        "peft places LoRA adapters on their base layer's device, which is `meta` for a module "
-        "accelerate offloads, and accelerate's offload hooks drop a module's tensors to `meta` after "
-        "every forward, so adapters there can neither be initialised nor trained"
-    )
-    allowed = (
-        "allowed: model.device_map=null for a run that trains; with a device map, methods that do not "
-        "train (magnitude, wanda, sparsegpt, admm, structured, llm_pruner with any importance) and "
-        "recovery=none"
-    )
-    problems = []
-    if method_trains:
-        problems.append(
-            f"model.device_map={device_map!r} with method={method}: the method trains LoRA adapters while it "
-            f"prunes and {why}; {allowed}"
-        )
-    if recovery != "none":
-        problems.append(
-            f"model.device_map={device_map!r} with recovery={recovery}: the recovery trains LoRA adapters and "
-            f"{why}; {allowed}"
-        )
-    return problems
+    allowed = "allowed: model.device_map=null for this method"
+    if method == "lorashear":
+        return [
+            f"model.device_map={device_map!r} with method=lorashear: LoRAShear writes every base weight at every "
+            "optimizer step (LHSPG projections, period-end merges of B·A, the knowledge analysis), which on a "
+            "model dispatched by accelerate would reload and rewrite the whole offload store per step (not "
+            f"supported); {allowed}, or a method that runs dispatched (llm_pruner, loraprune, atp, the "
+            "layer-wise ones, structured)"
+        ]
+    if method == "loraprune" and importance == "taylor":
+        return [
+            f"model.device_map={device_map!r} with method=loraprune method.importance=taylor: the gradients of "
+            "the frozen base weights are lost on a model dispatched by accelerate (its offload hooks drop the "
+            f"loaded weights, with their gradients, after each forward); {allowed}, or "
+            "method.importance=lora_grad or magnitude"
+        ]
+    return []
 
 
 # ----------------------------------------------------------------------------- adapters (peft)
