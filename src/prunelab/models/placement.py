@@ -488,7 +488,7 @@ def check_training(device_map: Any, method: str, importance: Any = None) -> list
     """The training stages that cannot run on a model with ``model.device_map``, each naming
     the key, the method and why; nothing loads. LoRA recovery, LoRAPrune (``lora_grad``,
     ``magnitude``) and ATP run on a dispatched model (adapters resident beside offloaded base
-    weights: :func:`split_units`, :func:`placeholders`); refused:
+    weights: :func:`placeholders`); refused:
 
     - LoRAShear: its LHSPG step projects groups of *every* base weight after each optimizer
       step, its period ends merge B·A into them and its knowledge analysis perturbs and
@@ -519,41 +519,6 @@ def check_training(device_map: Any, method: str, importance: Any = None) -> list
 
 
 # ----------------------------------------------------------------------------- adapters (peft)
-def split_units(model: nn.Module) -> None:
-    """Re-hook every offloaded unit that owns no tensor itself (a decoder block) so that each of
-    its modules that owns tensors loads and drops its own (accelerate's
-    ``attach_align_device_hook``, over the unit's offload store), while the unit's own hook only
-    aligns inputs and outputs. Why: a unit's hook loads and drops *every* tensor below it, so an
-    adapter added inside it later (peft's LoRA A/B) would be looked up in the offload store and
-    dropped to ``meta`` after every forward; after the split, added modules are left alone. The
-    model computes exactly what it did; a dispatched model only (no-op otherwise)."""
-    from accelerate.hooks import attach_align_device_hook
-
-    for m in list(model.modules()):
-        for h in _align_hooks(m):
-            if not (h.offload and h.place_submodules) or any(True for _ in m.parameters(recurse=False)):
-                continue
-            if any(True for _ in m.buffers(recurse=False)) and h.offload_buffers:
-                continue
-            for child in m.children():
-                attach_align_device_hook(
-                    child,
-                    execution_device=h.execution_device,
-                    offload=True,
-                    weights_map=h.weights_map,
-                    offload_buffers=h.offload_buffers,
-                    module_name=_child_name(m, child),
-                    skip_keys=h.skip_keys,
-                    tied_params_map=h.tied_params_map,
-                )
-            h.offload = False  # not detach_hook: that would load the unit's weights back
-            h.place_submodules = False
-
-
-def _child_name(parent: nn.Module, child: nn.Module) -> str:
-    return next(n for n, c in parent.named_children() if c is child)
-
-
 def _offloaded_tensors(model: nn.Module) -> list[tuple[nn.Module, Any, str]]:
     """(module, hook, tensor name below it) of every offloaded tensor."""
     return [
@@ -571,6 +536,12 @@ def placeholders(model: nn.Module) -> Iterator[nn.Module]:
     inside persists (accelerate carries it over); values are never written back."""
     from accelerate.utils import set_module_tensor_to_device
 
+    whole = [m for m in model.modules() for h in _align_hooks(m) if h.offload and h.place_submodules]
+    if whole:  # accelerate's preload_module_classes: such a hook would drop added adapters too
+        raise RuntimeError(
+            f"{type(whole[0]).__name__} is offloaded as a whole (accelerate's preload_module_classes): modules "
+            "added below it (adapters) would be dropped to meta after every forward; dispatch without it"
+        )
     entries = _offloaded_tensors(model)
     for m, h, name in entries:
         owner, _, leaf = name.rpartition(".")

@@ -695,13 +695,13 @@ class LoraRecovery:
                 f"recovery.target_modules: {missing} not in the model; it has "
                 f"{', '.join(t for t in TARGET_MODULES if t in names)}"
             )
-        from prunelab.models.placement import input_device, is_dispatched, placeholders, split_units
+        from prunelab.models.placement import input_device, is_dispatched, placeholders
 
         pad_id = pad_id_of(tokenizer)
         device = input_device(model)
+        # a dispatched model (model.device_map): accelerate hooks each offloaded module that owns
+        # tensors (a linear, a norm), so the adapters peft adds beside them are left resident
         dispatched = is_dispatched(model)
-        if dispatched:  # adapters added inside offloaded blocks must stay resident (placement.py)
-            split_units(model)
         micro = self.micro_batch_size
         hooks = hooks or TrainHooks()
         val_groups = dict(val) if isinstance(val, Mapping) else {"all": val}
