@@ -122,9 +122,16 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             node.get("device_map"), node.get("max_memory"), node.get("offload_folder"), cfg.device
         )
         if method is not None:  # the training stages that cannot run dispatched
+            from prunelab.methods.loraprune import LoRAPrune
+            from prunelab.methods.lorashear import LoRAShear
             from prunelab.models.placement import check_training
 
-            problems += check_training(node.get("device_map"), cfg.method.name, cfg.method.get("importance"))
+            problems += check_training(
+                node.get("device_map"),
+                cfg.method.name,
+                writes_every_weight=isinstance(method, LoRAShear),
+                base_weight_grads=isinstance(method, LoRAPrune) and method.importance == "taylor",
+            )
     if ok("data"):
         attempt(lambda: build_source(cfg.data).check())
     if ok("eval", "data"):

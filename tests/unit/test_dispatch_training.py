@@ -50,6 +50,11 @@ REFUSED = {  # what cannot run dispatched: (overrides, what the refusal names)
         ["method=lorashear", "recovery=none"],
         "with method=lorashear: LoRAShear writes every base weight",
     ),
+    # any config of the method (the refusal goes by its class, not its name)
+    "lorashear_paper": (
+        ["method=lorashear_paper", "recovery=none"],
+        "with method=lorashear_paper: LoRAShear writes every base weight",
+    ),
     "loraprune_taylor": (
         ["method=loraprune", "method.importance=taylor", "recovery=none"],
         "with method=loraprune method.importance=taylor: the gradients of the frozen base weights are lost",

@@ -484,7 +484,9 @@ def live_parameters(model: nn.Module, names: list[str]) -> Iterator[dict[str, to
             h.remove()
 
 
-def check_training(device_map: Any, method: str, importance: Any = None) -> list[str]:
+def check_training(
+    device_map: Any, method: str, writes_every_weight: bool = False, base_weight_grads: bool = False
+) -> list[str]:
     """The training stages that cannot run on a model with ``model.device_map``, each naming
     the key, the method and why; nothing loads. LoRA recovery, LoRAPrune (``lora_grad``,
     ``magnitude``) and ATP run on a dispatched model (adapters resident beside offloaded base
@@ -500,17 +502,17 @@ def check_training(device_map: Any, method: str, importance: Any = None) -> list
     if device_map is None:
         return []
     allowed = "allowed: model.device_map=null for this method"
-    if method == "lorashear":
+    if writes_every_weight:  # LoRAShear (any of its configs)
         return [
-            f"model.device_map={device_map!r} with method=lorashear: LoRAShear writes every base weight at every "
+            f"model.device_map={device_map!r} with method={method}: LoRAShear writes every base weight at every "
             "optimizer step (LHSPG projections, period-end merges of B·A, the knowledge analysis), which on a "
             "model dispatched by accelerate would reload and rewrite the whole offload store per step (not "
             f"supported); {allowed}, or a method that runs dispatched (llm_pruner, loraprune, atp, the "
             "layer-wise ones, structured)"
         ]
-    if method == "loraprune" and importance == "taylor":
+    if base_weight_grads:  # LoRAPrune's taylor importance
         return [
-            f"model.device_map={device_map!r} with method=loraprune method.importance=taylor: the gradients of "
+            f"model.device_map={device_map!r} with method={method} method.importance=taylor: the gradients of "
             "the frozen base weights are lost on a model dispatched by accelerate (its offload hooks drop the "
             f"loaded weights, with their gradients, after each forward); {allowed}, or "
             "method.importance=lora_grad or magnitude"
