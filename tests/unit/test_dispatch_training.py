@@ -1,10 +1,10 @@
 """The stages that back-propagate, on a model dispatched by accelerate over CPU + disk
 (``model.device_map``): LLM-Pruner's Taylor importances (gradients of offloaded weights,
-``placement.live_parameters``) and LoRA recovery through peft (adapters resident beside
-offloaded base weights, merged into the offload store; with gradient checkpointing too) give
-exactly the single-device run's masks, saved pruned and recovered weights, adapter, training
-losses and metrics; the methods that train LoRA while they prune (LoRAPrune, LoRAShear, ATP)
-are refused before any model loads, naming ``model.device_map``, the method and why."""
+``placement.live_parameters``), LoRA recovery through peft (adapters resident beside offloaded
+base weights, merged into the offload store; with gradient checkpointing too), LoRAPrune and
+ATP give exactly the single-device run's masks, saved pruned and recovered weights, adapters,
+training losses and metrics. What cannot run dispatched (LoRAShear, LoRAPrune's taylor
+importance) is refused before any model loads, naming ``model.device_map``, the method and why."""
 
 from __future__ import annotations
 
