@@ -102,6 +102,7 @@ class Stage:
     device: str
     lines: list[tuple[str, int]] = field(default_factory=list)
     host: list[tuple[str, int]] = field(default_factory=list)  # held in CPU RAM while on an accelerator
+    capacity: int | None = None  # this device's memory, where it is not the run's one device (device maps)
 
     def add(self, what: str, n_bytes: float) -> None:
         self.lines.append((what, int(n_bytes)))
@@ -293,7 +294,8 @@ def report(stages: list[Stage], total: int | None) -> str:
     """The plan as text: each stage's lines and peak, against the device's memory."""
     out = []
     for st in stages:
-        out.append(f"{st.name} on {st.device}: peak ≈ {fmt(st.peak)}")
+        of = f" of {fmt(st.capacity)}" if st.capacity is not None else ""
+        out.append(f"{st.name} on {st.device}: peak ≈ {fmt(st.peak)}{of}")
         out += [f"    {fmt(b):>11}  {what}" for what, b in st.lines]
         out += [f"    {fmt(b):>11}  {what} (host RAM)" for what, b in st.host]
     if total is not None:
@@ -320,6 +322,14 @@ def suggestions(stage: Stage, cfg: Any) -> list[str]:
         tips.append(
             "a smaller micro batch (recovery.micro_batch_size / method.train.micro_batch_size / method.micro_batch)"
         )
+    if _get(cfg.model, "device_map") is None and "model weights" in text and "evaluation" in stage.name:
+        tips.append(
+            "model.device_map=auto (the model spread over the GPUs, then CPU, then disk; model.max_memory)"
+        )
+    if _get(cfg.model, "device_map") is not None:
+        tips.append(
+            "a smaller model.max_memory share on this device (the rest goes to the next device, then disk)"
+        )
     if "Fisher" in text:
         tips.append("a first-order importance (method.importance=element1)")
     if "evaluation" in stage.name:
@@ -334,14 +344,13 @@ def suggestions(stage: Stage, cfg: Any) -> list[str]:
 
 def check_fits(stages: list[Stage], total: int | None, cfg: Any) -> list[str]:
     """One problem per stage whose estimated peak exceeds ``total`` bytes."""
-    if total is None:
-        return []
     problems = []
     for st in stages:
-        if st.peak > total:
+        cap = st.capacity if st.capacity is not None else total
+        if cap is not None and st.peak > cap:
             big = max(st.lines, key=lambda line: line[1])
             problems.append(
-                f"{st.name} needs ≈ {fmt(st.peak)} on {st.device}, which has {fmt(total)} "
+                f"{st.name} needs ≈ {fmt(st.peak)} on {st.device}, which has {fmt(cap)} "
                 f"(largest: {big[0]}, {fmt(big[1])}); options: " + "; ".join(suggestions(st, cfg))
             )
     return problems
@@ -357,5 +366,79 @@ def check_memory(cfg: Any, config: Any, built: Any = None) -> tuple[list[Stage],
         device = "cuda" if torch.cuda.is_available() else "cpu"
     stages = plan_memory(cfg, config, device, built)
     limit = _get(cfg, "memory_limit_gib", None)
+    if _get(cfg.model, "device_map") is not None:
+        stages = split_by_device(cfg, config, stages)
+        for st in stages:
+            st.capacity = int(float(limit) * GiB) if limit is not None else capacity(st.device)
+        return stages, None, check_fits(stages, None, cfg)
     total = int(float(limit) * GiB) if limit is not None else capacity(device)
     return stages, total, check_fits(stages, total, cfg)
+
+
+def weights_by_device(cfg: Any, config: Any) -> tuple[dict[str, int], int]:
+    """(bytes of weights per device — ``cpu``, ``cuda:N``, ``disk`` — under ``model.device_map``,
+    the largest module accelerate offloads), from a meta-device model built from config.json:
+    the map accelerate itself would compute (``models.placement.device_map_for``)."""
+    import torch
+    from accelerate.utils import compute_module_sizes
+    from omegaconf import DictConfig, OmegaConf
+
+    from prunelab.models.loading import DTYPES
+    from prunelab.models.placement import device_map_for
+    from prunelab.sparsity.blocks import meta_model
+
+    def plain(v: Any) -> Any:
+        return OmegaConf.to_container(v) if isinstance(v, DictConfig) else v
+
+    dtype = DTYPES.get(str(_get(cfg.model, "dtype", "float32")), torch.float32)
+    model = meta_model(config)
+    explicit = device_map_for(model, plain(cfg.model.device_map), plain(_get(cfg.model, "max_memory")), dtype)
+    sizes = compute_module_sizes(model, dtype=dtype)
+    out: dict[str, int] = {}
+    for name, dev in explicit.items():
+        where = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+        out[where] = out.get(where, 0) + int(sizes.get(name, 0))
+    # what accelerate materializes at once: one offloaded module (a decoder block at most)
+    block = max((int(v) for k, v in sizes.items() if k.count(".") == 2 and ".layers." in k), default=0)
+    offloaded = [int(sizes.get(n, 0)) for n, d in explicit.items() if d in ("cpu", "disk")]
+    return out, min(max(offloaded, default=0), block or max(offloaded, default=0))
+
+
+def split_by_device(cfg: Any, config: Any, stages: list[Stage]) -> list[Stage]:
+    """The one-device plan of a dispatched model, per device: each device holds the weights
+    the map puts there; the main device (the map's first GPU, else the CPU) also holds the
+    stage's working set (statistics, activations, logits) and, when modules are offloaded,
+    the one module accelerate materializes at a time; disk holds no memory. Structured removal
+    and saving materialize the whole model on the CPU (``models/placement.py``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from prunelab.models.placement import main_device
+
+    dm = cfg.model.device_map
+    main = str(main_device(OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm))
+    split, unit = weights_by_device(cfg, config)
+    total = sum(split.values())
+    offloaded = any(d == "disk" or (d == "cpu" and main != "cpu") for d in split)
+    method = str(_get(cfg.method, "name", ""))
+    sparse = method in ("magnitude", "wanda", *GRAM_SOLVERS)
+    out: list[Stage] = []
+    for st in stages:
+        weights = [b for what, b in st.lines if what.startswith("model weights")]
+        share = weights[0] / total if weights and total else 1.0  # the pruned model: its share of the dense
+        rest = [(w, b) for w, b in st.lines if not w.startswith(("model weights", "one decoder block"))]
+        for dev in sorted({*split, main} - {"disk"}):
+            d = Stage(st.name, dev)
+            if split.get(dev):
+                d.add(f"model weights placed on {dev} (model.device_map)", split[dev] * share)
+            if dev == main:
+                if offloaded:
+                    d.add("one offloaded module materialized at a time (accelerate's hooks)", unit)
+                for what, b in rest:
+                    d.add(what, b)
+            if dev == "cpu" and st.name.startswith("prune (") and not sparse:
+                d.add(
+                    "structured removal and saving: the rest of the model materialized on the CPU",
+                    total - split.get("cpu", 0),
+                )
+            out.append(d)
+    return out

@@ -121,17 +121,6 @@ def validate(cfg: DictConfig, with_plan: bool = True):
         problems += check_placement(
             node.get("device_map"), node.get("max_memory"), node.get("offload_folder"), cfg.device
         )
-        if method is not None:  # the training stages that cannot run dispatched
-            from prunelab.methods.loraprune import LoRAPrune
-            from prunelab.methods.lorashear import LoRAShear
-            from prunelab.models.placement import check_training
-
-            problems += check_training(
-                node.get("device_map"),
-                cfg.method.name,
-                writes_every_weight=isinstance(method, LoRAShear),
-                base_weight_grads=isinstance(method, LoRAPrune) and method.importance == "taylor",
-            )
     if ok("data"):
         attempt(lambda: build_source(cfg.data).check())
     if ok("eval", "data"):
@@ -179,6 +168,8 @@ def validate(cfg: DictConfig, with_plan: bool = True):
             f'magnitude with method.sparsity_pattern="2:4"); this run is method={cfg.method.name}'
             + (f" with sparsity_pattern={method.pattern}" if sparse else "")
         )
+    if ok("model") and cfg.model.get("device_map") is not None:
+        problems += dispatch_problems(cfg, method, recovery)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     for key in ("recovery.val_size", "method.train.val_size", "method.recovery.lora.val_size"):
@@ -188,6 +179,34 @@ def validate(cfg: DictConfig, with_plan: bool = True):
     if not with_plan:
         return method, recovery, None
     return method, recovery, plan_checked(cfg, method, recovery)
+
+
+def dispatch_problems(cfg: DictConfig, method: PruningMethod | None, recovery: Any) -> list[str]:
+    """What does not run on a model dispatched by accelerate (``model.device_map``): LoRAShear
+    and LoRAPrune's taylor importance (``placement.check_training``), and the 2:4 kernels.
+    Evaluation, the layer-wise and structured methods (LLM-Pruner's gradient importances too),
+    LoRA recovery, LoRAPrune and ATP do (docs/performance.md, "Large models";
+    docs/large_models_training.md)."""
+    from prunelab.methods.loraprune import LoRAPrune
+    from prunelab.methods.lorashear import LoRAShear
+    from prunelab.models.placement import check_training
+
+    dm = cfg.model.device_map
+    where = f"with model.device_map={OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm!r}"
+    problems = []
+    if method is not None:
+        problems += check_training(
+            OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm,
+            cfg.method.name,
+            writes_every_weight=isinstance(method, LoRAShear),
+            base_weight_grads=isinstance(method, LoRAPrune) and method.importance == "taylor",
+        )
+    if cfg.eval.get("semi_structured"):
+        problems.append(
+            f"eval.semi_structured=true swaps in 2:4 kernels, which do not run on a dispatched model ({where}); "
+            "allowed: eval.semi_structured=false, or model.device_map=null"
+        )
+    return problems
 
 
 def plan_checked(cfg: DictConfig, method: PruningMethod, recovery: Any) -> Any:
@@ -417,6 +436,14 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _offload_folder_goes_with(model: Any, placed: dict | None) -> None:
+    """A dispatched model's offload folder is removed when the model is freed."""
+    if placed:
+        from prunelab.models.placement import remove_with
+
+        remove_with(model, placed["offload_folder"])
 
 
 def _run_device(cfg: DictConfig) -> torch.device:
@@ -811,9 +838,11 @@ class Job:
         if self.dense_pair is None:
             from prunelab.models.loading import load_model
 
+            placed = self.placement()
             self.dense_pair = load_model(
-                self.cfg.model, "cpu" if self.offload else self.device, placement=self.placement()
+                self.cfg.model, "cpu" if self.offload else self.device, placement=placed
             )
+            _offload_folder_goes_with(self.dense_pair[0], placed)
         return self.dense_pair
 
     def stage_model(self, model_dir: Path, take: bool = False) -> tuple:
@@ -823,7 +852,9 @@ class Job:
 
         from prunelab.models.loading import load_pretrained
 
-        model = self.place(load_pretrained(model_dir, **_load_kwargs(self.cfg), **(self.placement() or {})))
+        placed = self.placement()
+        model = self.place(load_pretrained(model_dir, **_load_kwargs(self.cfg), **(placed or {})))
+        _offload_folder_goes_with(model, placed)
         return model, AutoTokenizer.from_pretrained(model_dir)
 
     def masks(self) -> dict:
@@ -929,7 +960,8 @@ def dense_eval(job: Job) -> None:
         return
     key = _hash(
         {
-            "model": resolved["model"],
+            # where the weights live never changes the numbers (and keys made before these existed stay valid)
+            "model": {k: v for k, v in resolved["model"].items() if f"model.{k}" not in VOLATILE_DOTTED},
             "weights": model_fingerprint(cfg.model),
             "eval": _eval_key(resolved["eval"]),
             # eval sets named like the run's data are read through its node (local_files)

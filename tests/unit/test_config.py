@@ -197,9 +197,12 @@ BAD = [
         ["model.device_map={model: 0, lm_head: cpu}"],
         r"model\.device_map\.model names GPU 0 but this machine has no CUDA device",
     ),
-    (["model.device_map={model: cpu}"], r"model\.device_map does not place the whole model.*lm_head"),
     (
-        ["model.device_map={model: cpu, lm_hed: cpu}"],
+        ["model.device_map={model: cpu}", "method=wanda", "recovery=none"],
+        r"model\.device_map does not place the whole model.*lm_head",
+    ),
+    (
+        ["model.device_map={model: cpu, lm_hed: cpu}", "method=wanda", "recovery=none"],
         r"model\.device_map\.lm_hed is not a module of this model",
     ),
     (
@@ -211,6 +214,10 @@ BAD = [
         r"model\.max_memory: device 'disk' is not allowed",
     ),
     (["model.max_memory={cpu: 1GiB}"], r"model\.max_memory=.* is set but model\.device_map is null"),
+    (
+        ["model.device_map=auto", "method=lorashear"],
+        r"model\.device_map='auto' with method=lorashear: LoRAShear writes every base weight",
+    ),
     (
         ["model.device_map=auto", "device=cpu"],
         r"device='cpu' together with model\.device_map='auto'.*allowed: device=auto",
@@ -459,3 +466,13 @@ def test_eval_window_longer_than_the_text_is_refused_before_the_weights_load(tmp
         check(compose_cfg(*overrides))
     # a window that fits the text passes the same check
     check(compose_cfg(*overrides[:-1], "eval.perplexity.seq_len=4"))
+
+
+def test_a_device_map_is_checked_in_a_dry_run_too(no_model_loads, tmp_path):
+    """The explicit map's coverage is read from config.json (local), before any weights load."""
+    from prunelab.runner import check
+
+    base = ["method=wanda", "recovery=none", "logger=none", f"output_root={tmp_path}", "dry_run=true"]
+    with pytest.raises(ConfigError, match=r"model\.device_map does not place the whole model"):
+        check(compose_cfg(*base, "model.device_map={model: cpu}"), dry_run=True)
+    check(compose_cfg(*base, "model.device_map={model: cpu, lm_head: disk}"), dry_run=True)

@@ -24,15 +24,25 @@ EXPLICIT = [
     "model.layers.2: cpu, model.layers.3: disk, model.layers.4: disk, model.layers.5: cpu, "
     "model.layers.6: disk, model.layers.7: disk, model.norm: disk, model.rotary_emb: cpu, lm_head: cpu}"
 ]
+# the input embedding (and the head tied to it) on disk: no real tensor where the inputs enter
+EMBEDDING_ON_DISK = [
+    "model.device_map={model.embed_tokens: disk, model.layers: cpu, model.norm: cpu, model.rotary_emb: cpu, "
+    "lm_head: disk}"
+]
 CASES = {
     "magnitude": (["method=magnitude", "ratio=0.5"], AUTO),
     "wanda": (
-        ["method=wanda", "ratio=0.5", "eval.zeroshot.tasks=[prunelab_order]", "eval.zeroshot.limit=16"],
-        AUTO,
+        ["method=wanda", "ratio=0.5", "eval.zeroshot.tasks=[prunelab_order]", "eval.zeroshot.limit=8"],
+        EMBEDDING_ON_DISK,
     ),
+    "admm": (["method=admm", "ratio=0.5", "method.iterations=4", "method.mask_iterations=2"], AUTO),
     "sparsegpt": (["method=sparsegpt", "ratio=0.5", "method.sparsity_pattern=2:4"], EXPLICIT),
     "structured": (
-        ["method=structured", "method.importance=magnitude", "method.norm=2", "ratio=0.2"],
+        ["method=structured", "method.importance=random", "ratio=0.2"],
+        EXPLICIT,
+    ),
+    "llm_pruner_layer": (
+        ["method=llm_pruner", "method.importance=l1", "method.mode=layer", "ratio=0.2167"],
         EXPLICIT,
     ),
     "llm_pruner_channel": (
@@ -85,3 +95,9 @@ def test_dispatched_run_equals_single_device_run(case, tmp_path):
     placed = json.loads((spread_dir / "stages" / "prune.json").read_text())["device_map"]
     assert set(placed.values()) == {"cpu", "disk"}, placed
     assert (spread_dir / "offload").is_dir()
+    # a resumed run evaluates the pruned checkpoint loaded from disk straight into the device map
+    # (a per-layer-shaped one is sliced out of its padding on the dispatched model)
+    (spread_dir / "stages" / "eval.json").unlink()
+    again, _ = _run(tmp_path, "dispatched", [*method, *placement])
+    assert "prune" in again["resumed_stages"] and "eval" not in again["resumed_stages"]
+    _same_metrics(again["pruned"], single["pruned"])

@@ -212,3 +212,33 @@ def test_check_memory_uses_the_limit_or_the_device():
     _, total, problems = check_memory(_cfg(), LLAMA_7B)
     assert total is None or total > 0
     assert all("needs ≈" in p for p in problems)
+
+
+def test_a_device_map_splits_the_plan_per_device():
+    """model.device_map: each device holds the weights accelerate's map puts there (disk none),
+    the main device the working set and one materialized offloaded block; structured removal
+    and saving materialize the rest of the model on the CPU. Refusals name the device."""
+    placed = (
+        "model.device_map={model.embed_tokens: cpu, model.layers: disk, model.norm: cpu, "
+        "model.rotary_emb: cpu, lm_head: cpu}"
+    )
+    base = ["model=llama_7b", "model.dtype=float16", "recovery=none", placed]
+    stages, total, problems = check_memory(_cfg(*base, "method=wanda"), LLAMA_7B)
+    assert total is None and problems == []
+    (prune,) = [s for s in stages if s.name.startswith("prune (")]
+    assert prune.device == "cpu" and prune.capacity and prune.capacity > 0
+    lines = dict(prune.lines)
+    embed_head_norm = (2 * 32000 * 4096 + 4096) * 2
+    assert (
+        0 <= lines["model weights placed on cpu (model.device_map)"] - embed_head_norm < 1024
+    )  # + RoPE buffer
+    block = (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) * 2  # 386 MiB, the table's block
+    assert lines["one offloaded module materialized at a time (accelerate's hooks)"] == block
+    assert prune.peak < 6 * GiB  # on one device the weights alone are 12.6 GiB
+    structured, _, _ = check_memory(_cfg(*base, "method=llm_pruner", "method.importance=l2"), LLAMA_7B)
+    (prune,) = [s for s in structured if s.name.startswith("prune (")]
+    rest = dict(prune.lines)["structured removal and saving: the rest of the model materialized on the CPU"]
+    assert abs(rest - (Shapes.from_config(LLAMA_7B).params * 2 - embed_head_norm)) < 1024
+    _, _, problems = check_memory(_cfg(*base, "method=wanda", "memory_limit_gib=1"), LLAMA_7B)
+    assert problems and all(" on cpu, which has 1.00 GiB" in p for p in problems)
+    assert any("model.max_memory" in p for p in problems)

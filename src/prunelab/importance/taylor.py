@@ -49,12 +49,15 @@ def gradient_stats(
 ) -> tuple[dict, dict | None]:
     """Mean gradient g (and mean squared per-sample gradient F) of the LM loss, in fp32, keyed
     as ``params``. On a model dispatched by accelerate (model.device_map) the gradients are
-    those of the tensors the forward used (``placement.live_parameters``), each on its
-    module's execution device."""
+    those of the tensors the forward used (``placement.live_parameters``); the sums of an
+    offloaded weight are kept in CPU memory, those of a resident one on its device."""
     from prunelab.models.placement import input_device, live_parameters
 
     names_of = {id(p): n for n, p in model.named_parameters()}
     keyed = {k: names_of[id(p)] for k, p in params.items()}
+    # where each sum lives: an offloaded weight's (meta here) in CPU memory, not on the execution
+    # device that each forward borrows (a GPU would otherwise hold fp32 sums of every offloaded weight)
+    home = {k: torch.device("cpu") if p.device.type == "meta" else None for k, p in params.items()}
     wanted = set(keyed.values())
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -76,8 +79,8 @@ def gradient_stats(
                 losses.append(loss.detach())
                 grads = torch.autograd.grad(loss, [live[keyed[k]] for k in order])
                 for k, gr in zip(order, grads, strict=True):
-                    gr = gr.float()
-                    if k not in g:  # on the gradient's device (a dispatched module's execution device)
+                    gr = gr.float().to(home[k] or gr.device)
+                    if k not in g:
                         g[k] = torch.zeros_like(gr)
                         if f is not None:
                             f[k] = torch.zeros_like(gr)

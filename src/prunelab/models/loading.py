@@ -415,12 +415,11 @@ def save_model(
     check_layout(layout)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from prunelab.models.export import per_layer
     from prunelab.models.placement import is_dispatched, materialized
 
-    # a dispatched model: transformers' save_pretrained reads offloaded weights from accelerate's
-    # store one shard at a time; the padded layout rebuilds the model, so it is materialized (CPU)
-    if is_dispatched(model) and per_layer(model.config):
+    if is_dispatched(model):
+        # materialized on the CPU (tied weights tied again: accelerate's hooks untie them, and
+        # save_pretrained would write a tied head twice), then saved like any other model
         with materialized(model, "cpu", write_back=False):
             save(model, out, layout)
     else:

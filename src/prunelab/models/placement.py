@@ -249,13 +249,19 @@ def fresh_folder(root: str | Path, owner: object | None = None) -> Path:
     Path(root).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="offload-", dir=root))
     if owner is not None:
-        weakref.finalize(owner, shutil.rmtree, str(folder), True)
+        remove_with(owner, folder)
     return folder
+
+
+def remove_with(model: object, folder: str | Path) -> None:
+    """Remove ``folder`` (a model's disk-offloaded weights) once ``model`` is garbage collected
+    (at the latest when the process exits)."""
+    weakref.finalize(model, shutil.rmtree, str(folder), True)
 
 
 def load_kwargs(device_map: Any, max_memory: Any, offload_folder: str | Path) -> dict[str, Any]:
     """The ``from_pretrained`` keywords that load a checkpoint dispatched: ``offload_folder``
-    should be a fresh folder (:func:`fresh_folder`)."""
+    should be a fresh folder (:func:`fresh_folder`; :func:`remove_with` the loaded model)."""
     return {
         "device_map": normalize(device_map),
         "max_memory": memory_map(max_memory),
@@ -263,10 +269,13 @@ def load_kwargs(device_map: Any, max_memory: Any, offload_folder: str | Path) ->
     }
 
 
-def device_map_for(model: nn.Module, device_map: Any, max_memory: Any = None) -> dict[str, int | str]:
-    """An explicit map for an in-memory model: a strategy resolved as ``from_pretrained`` does
-    (accelerate's ``get_balanced_memory`` for the balanced ones, then ``infer_auto_device_map``
-    with the model's unsplittable blocks)."""
+def device_map_for(
+    model: nn.Module, device_map: Any, max_memory: Any = None, dtype: torch.dtype | None = None
+) -> dict[str, int | str]:
+    """An explicit map for an in-memory (or meta-device) model: a strategy resolved as
+    ``from_pretrained`` does (accelerate's ``get_balanced_memory`` for the balanced ones, then
+    ``infer_auto_device_map`` with the model's unsplittable blocks; ``dtype``: the weights'
+    dtype where the model is not in it yet)."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
@@ -279,9 +288,10 @@ def device_map_for(model: nn.Module, device_map: Any, max_memory: Any = None) ->
             model,
             max_memory=memory,
             no_split_module_classes=no_split,
+            dtype=dtype,
             low_zero=device_map == "balanced_low_0",
         )
-    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
 
 
 def dispatch(
@@ -353,6 +363,11 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- offloaded weights
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
+
+
 def offloaded_units(model: nn.Module) -> list[nn.Module]:
     """The modules whose weights accelerate keeps offloaded (CPU or disk), in module order."""
     return [m for m in model.modules() if any(h.offload for h in _align_hooks(m))]
@@ -421,29 +436,49 @@ def materialized(
 
     A module *inside* an offloaded unit (one Linear of an offloaded block) is not found from
     below: pass the unit or an ancestor (the block, or the model)."""
-    from accelerate.utils import set_module_tensor_to_device
+    from accelerate.utils import find_tied_parameters, retie_parameters, set_module_tensor_to_device
 
     units = [(m, h) for m in module.modules() for h in _align_hooks(m) if h.offload]
+    if not units:
+        yield module
+        return
+    # tied weights (a head tied to the embedding) are one Parameter: materializing each module
+    # separately would untie them (a checkpoint saved then would hold the head twice)
+    tied = find_tied_parameters(module)
+    originals: dict[tuple[int, str], torch.Tensor] = {}  # the meta tensors, put back on exit
     done: list[tuple[nn.Module, Any, list[str]]] = []
     try:
         for m, h in units:
             target = _device(device if device is not None else h.execution_device or "cpu")
             names = _tensor_names(m, h)
             for name in names:
+                originals[(id(m), name)] = _get(m, name)
                 value = h.weights_map[name]
                 # a copy: disk values are read-only memory maps, CPU ones the store itself
                 set_module_tensor_to_device(m, name, target, value=value.to(target, copy=True))
             h.offload = False  # the hook neither reloads nor drops them while we hold them
             done.append((m, h, names))
+        retie_parameters(module, tied)
+        if hasattr(module, "tie_weights"):
+            # a whole transformers model: accelerate's hooks untie offloaded tied weights at every
+            # forward (each module reloads its own copy); tied again as its config says
+            module.tie_weights()
         yield module
     finally:
         for m, h, names in done:
             for name in names:
-                owner, _, leaf = name.rpartition(".")
+                value = _get(m, name)
                 if write_back:
-                    _write_back(h.weights_map, name, getattr(m.get_submodule(owner), leaf))
-                set_module_tensor_to_device(m, name, "meta")
+                    _write_back(h.weights_map, name, value)
+                old = originals[(id(m), name)]
+                if old.shape == value.shape:  # the very meta tensor: ties to other modules survive
+                    owner, _, leaf = name.rpartition(".")
+                    sub = m.get_submodule(owner)
+                    (sub._parameters if leaf in sub._parameters else sub._buffers)[leaf] = old
+                else:
+                    set_module_tensor_to_device(m, name, "meta")
             h.offload = True
+        retie_parameters(module, tied)
 
 
 # ----------------------------------------------------------------------------- gradients
