@@ -201,28 +201,24 @@ def validate(cfg: DictConfig, with_plan: bool = True):
 
 
 def dispatch_problems(cfg: DictConfig, method: PruningMethod | None, recovery: Any) -> list[str]:
-    """What does not run on a model dispatched by accelerate (``model.device_map``) yet: the
-    stages that take gradients or train (Taylor scores, LoRA while pruning, LoRA recovery) and
-    the 2:4 kernels. Dense/pruned evaluation, the layer-wise methods and the structured
-    methods with weight-only scores do (docs/performance.md, "Large models")."""
+    """What does not run on a model dispatched by accelerate (``model.device_map``): LoRAShear
+    and LoRAPrune's taylor importance (``placement.check_training``), and the 2:4 kernels.
+    Evaluation, the layer-wise and structured methods (LLM-Pruner's gradient importances too),
+    LoRA recovery, LoRAPrune and ATP do (docs/performance.md, "Large models";
+    docs/large_models_training.md)."""
+    from prunelab.methods.loraprune import LoRAPrune
+    from prunelab.methods.lorashear import LoRAShear
+    from prunelab.models.placement import check_training
+
     dm = cfg.model.device_map
     where = f"with model.device_map={OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm!r}"
     problems = []
-    if method is not None and (method.trains or (not method.sparse and method.needs_calibration)):
-        what = (
-            "trains LoRA while pruning"
-            if method.trains
-            else f"scores with gradients (method.importance={method.importance})"
-        )
-        allowed = "a layer-wise method, or structured/llm_pruner with a weight-only importance (l1, l2, magnitude, random)"
-        problems.append(
-            f"method={cfg.method.name} {what}, which does not run on a dispatched model yet ({where}); "
-            f"allowed: {allowed}, or model.device_map=null"
-        )
-    if recovery is not None:
-        problems.append(
-            f"recovery={cfg.recovery.name} (LoRA training) does not run on a dispatched model yet ({where}); "
-            "allowed: recovery=none, or model.device_map=null"
+    if method is not None:
+        problems += check_training(
+            OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm,
+            cfg.method.name,
+            writes_every_weight=isinstance(method, LoRAShear),
+            base_weight_grads=isinstance(method, LoRAPrune) and method.importance == "taylor",
         )
     if cfg.eval.get("semi_structured"):
         problems.append(

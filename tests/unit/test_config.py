@@ -215,13 +215,8 @@ BAD = [
     ),
     (["model.max_memory={cpu: 1GiB}"], r"model\.max_memory=.* is set but model\.device_map is null"),
     (
-        ["model.device_map=auto", "recovery=none"],
-        r"method=llm_pruner scores with gradients \(method\.importance=element1\), which does not run on a "
-        r"dispatched model yet \(with model\.device_map='auto'\); allowed: a layer-wise method",
-    ),
-    (
-        ["model.device_map=auto", "method=wanda"],
-        r"recovery=lora_embedded \(LoRA training\) does not run on a dispatched model yet.*allowed: recovery=none",
+        ["model.device_map=auto", "method=lorashear"],
+        r"model\.device_map='auto' with method=lorashear: LoRAShear writes every base weight",
     ),
     (
         ["model.device_map=auto", "device=cpu"],

@@ -65,23 +65,27 @@ def unit_scores(
     model: nn.Module, arch: ArchInfo, units: list[Unit], estimator: str
 ) -> dict[str, torch.Tensor]:
     """Group scores per unit: per-module group sums, L2-normalised, summed over the modules."""
+    from prunelab.models.placement import materialized
+
     layers = decoder_layers(model)
     out = {}
     for unit in units:
         total = torch.zeros(unit.n)
-        for m in weight_members(arch, unit):  # biases and norms carry no LoRA factor
-            module = layers[unit.layer].get_submodule(m.path)
-            if not hasattr(module, "lora_A"):
-                raise ValueError(
-                    f"{m.path} of layer {unit.layer} has no LoRA adapter; it belongs to {unit.key}"
-                )
-            s = grouped(element_importance(module, estimator), m).sum(1).cpu()
-            norm = s.norm()
-            if not torch.isfinite(norm):
-                total = torch.full((unit.n,), float("nan"))  # the caller skips this update
-                break
-            if norm > 0:
-                total += s / norm
+        # a dispatched model: the layer's offloaded base weights, read only, for W0 + s·B·A
+        with materialized(layers[unit.layer], write_back=False):
+            for m in weight_members(arch, unit):  # biases and norms carry no LoRA factor
+                module = layers[unit.layer].get_submodule(m.path)
+                if not hasattr(module, "lora_A"):
+                    raise ValueError(
+                        f"{m.path} of layer {unit.layer} has no LoRA adapter; it belongs to {unit.key}"
+                    )
+                s = grouped(element_importance(module, estimator), m).sum(1).cpu()
+                norm = s.norm()
+                if not torch.isfinite(norm):
+                    total = torch.full((unit.n,), float("nan"))  # the caller skips this update
+                    break
+                if norm > 0:
+                    total += s / norm
         out[unit.key] = total
     return out
 

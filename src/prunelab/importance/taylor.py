@@ -24,53 +24,72 @@ from prunelab.importance import aggregate
 from prunelab.numerics import DTYPE_HINT
 from prunelab.progress import bar
 from prunelab.structure import ArchInfo, Unit
-from prunelab.structure.groups import grouped, iter_unit_members, member_part
+from prunelab.structure.groups import decoder_layers, grouped, iter_unit_members, member_part
 
 TAYLOR_KINDS = ("element1", "element2", "second", "vector")
 
 
-def _targets(model: nn.Module, arch: ArchInfo, units: list[Unit]) -> dict[int, torch.Tensor]:
+def _targets(model: nn.Module, arch: ArchInfo, units: list[Unit]) -> dict[str, torch.Tensor]:
+    """The member parameters of ``units`` by full name (names, not objects: on a dispatched
+    model accelerate replaces an offloaded module's parameter objects at every forward)."""
+    names = {id(p): n for n, p in model.named_parameters()}
     params = {}
     for unit in units:
         for _, t in iter_unit_members(model, arch, unit):
-            params[id(t)] = t
+            params[names[id(t)]] = t
     return params
 
 
 def gradient_stats(
     model: nn.Module,
-    params: dict[int, torch.Tensor],
+    params: dict,
     calibration: torch.Tensor,
     fisher: bool,
     micro_batch: int = 8,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
-    """Mean gradient g (and mean squared per-sample gradient F) of the LM loss, in fp32."""
-    saved = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in params)
+) -> tuple[dict, dict | None]:
+    """Mean gradient g (and mean squared per-sample gradient F) of the LM loss, in fp32, keyed
+    as ``params``. On a model dispatched by accelerate (model.device_map) the gradients are
+    those of the tensors the forward used (``placement.live_parameters``); the sums of an
+    offloaded weight are kept in CPU memory, those of a resident one on its device."""
+    from prunelab.models.placement import input_device, live_parameters
+
+    names_of = {id(p): n for n, p in model.named_parameters()}
+    keyed = {k: names_of[id(p)] for k, p in params.items()}
+    # where each sum lives: an offloaded weight's (meta here) in CPU memory, not on the execution
+    # device that each forward borrows (a GPU would otherwise hold fp32 sums of every offloaded weight)
+    home = {k: torch.device("cpu") if p.device.type == "meta" else None for k, p in params.items()}
+    wanted = set(keyed.values())
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in wanted)
     was_training = model.training
     model.eval()  # no dropout; gradients still flow
-    device = next(model.parameters()).device
+    device = input_device(model)
     n = calibration.shape[0]
-    g = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-    f = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()} if fisher else None
+    g: dict = {}
+    f: dict | None = {} if fisher else None
     order = list(params)
     losses = []  # on the device: checked once after the loop, not synced per batch
     try:
-        step = 1 if fisher else micro_batch
-        for i in bar(range(0, n, step), desc="calibration gradients", leave=False):
-            x = calibration[i : i + step].to(device)
-            loss = model(input_ids=x, labels=x).loss
-            losses.append(loss.detach())
-            grads = torch.autograd.grad(loss, [params[k] for k in order])
-            for k, gr in zip(order, grads, strict=True):
-                gr = gr.float()
-                g[k] += gr * (x.shape[0] / n)  # mean over samples of per-sample mean losses
-                if f is not None:
-                    f[k] += gr.pow(2) / n
+        with live_parameters(model, sorted(wanted)) as live:
+            step = 1 if fisher else micro_batch
+            for i in bar(range(0, n, step), desc="calibration gradients", leave=False):
+                x = calibration[i : i + step].to(device)
+                loss = model(input_ids=x, labels=x).loss
+                losses.append(loss.detach())
+                grads = torch.autograd.grad(loss, [live[keyed[k]] for k in order])
+                for k, gr in zip(order, grads, strict=True):
+                    gr = gr.float().to(home[k] or gr.device)
+                    if k not in g:
+                        g[k] = torch.zeros_like(gr)
+                        if f is not None:
+                            f[k] = torch.zeros_like(gr)
+                    g[k] += gr * (x.shape[0] / n)  # mean over samples of per-sample mean losses
+                    if f is not None:
+                        f[k] += gr.pow(2) / n
     finally:
-        for p in model.parameters():
-            p.requires_grad_(saved[id(p)])
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved.get(name, False))
         model.train(was_training)
     bad = (~torch.isfinite(torch.stack(losses))).nonzero().flatten().tolist()
     if bad:
@@ -136,19 +155,26 @@ class TaylorImportance:
     ) -> dict[str, torch.Tensor]:
         if calibration is None:
             raise ValueError("Taylor importance needs calibration sequences")
+        from prunelab.models.placement import materialized
+
         params = _targets(model, arch, units)
         g, f = gradient_stats(
             model, params, calibration, self.kind in ("element2", "second"), self.micro_batch
         )
         out = {}
         for unit in units:
-            per_member = []
-            for m, t in iter_unit_members(model, arch, unit):
-                sal = self.salience(t, g[id(t)], f[id(t)] if f else None)
-                if self.kind == "vector" and self.vector is None:
-                    per_member.append(channel_sums(sal, m).abs().sum(1))
-                else:
-                    s = grouped(sal, m).sum(1)
-                    per_member.append(s.abs() if self.kind == "vector" else s)
-            out[unit.key] = aggregate(per_member, self.aggregation).cpu()
+            # a dispatched model: the unit's offloaded weights, read only, for w in the salience
+            root = model if unit.layer is None else decoder_layers(model)[unit.layer]
+            with materialized(root, "cpu" if unit.layer is None else None, write_back=False):
+                names = {id(p): n for n, p in model.named_parameters()}
+                per_member = []
+                for m, t in iter_unit_members(model, arch, unit):
+                    k = names[id(t)]
+                    sal = self.salience(t, g[k].to(t.device), f[k].to(t.device) if f else None)
+                    if self.kind == "vector" and self.vector is None:
+                        per_member.append(channel_sums(sal, m).abs().sum(1))
+                    else:
+                        s = grouped(sal, m).sum(1)
+                        per_member.append(s.abs() if self.kind == "vector" else s)
+                out[unit.key] = aggregate(per_member, self.aggregation).cpu()
         return out

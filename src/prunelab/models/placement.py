@@ -479,3 +479,158 @@ def materialized(
                     set_module_tensor_to_device(m, name, "meta")
             h.offload = True
         retie_parameters(module, tied)
+
+
+# ----------------------------------------------------------------------------- gradients
+@contextlib.contextmanager
+def live_parameters(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors a forward really computes with, for the parameters ``names`` (full names):
+    the dict is refilled at each forward, so a backward after it can ask autograd for their
+    gradients. Why: on a dispatched model accelerate loads an offloaded module's weights as
+    *new* tensors before its forward and drops the module's own ones to ``meta`` after it, so
+    the model's parameter objects are not the ones gradients flow to (their ``requires_grad``
+    is carried over). A module that owns a wanted parameter and is itself an offloaded unit
+    (its weights load in its own forward, after any torch pre-hook) is materialized, read
+    only, for the duration. On an undispatched model the dict holds the parameters themselves."""
+    wanted = set(names)
+    owners: dict[nn.Module, list[tuple[str, str]]] = {}
+    for full in names:
+        owner, _, leaf = full.rpartition(".")
+        owners.setdefault(model.get_submodule(owner), []).append((full, leaf))
+    live: dict[str, torch.Tensor] = {}
+
+    def grab(module: nn.Module, _args: Any) -> None:
+        for full, leaf in owners[module]:
+            live[full] = getattr(module, leaf)
+
+    handles = [m.register_forward_pre_hook(grab) for m in owners]
+    own_units = [m for m in owners if any(h.offload for h in _align_hooks(m))]
+    try:
+        with contextlib.ExitStack() as stack:
+            for m in own_units:
+                stack.enter_context(materialized(m, write_back=False))
+            for m, pairs in owners.items():  # modules not run by a forward keep their own
+                for full, leaf in pairs:
+                    live[full] = getattr(m, leaf)
+            assert wanted == set(live)
+            yield live
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_training(
+    device_map: Any, method: str, writes_every_weight: bool = False, base_weight_grads: bool = False
+) -> list[str]:
+    """The training stages that cannot run on a model with ``model.device_map``, each naming
+    the key, the method and why; nothing loads. LoRA recovery, LoRAPrune (``lora_grad``,
+    ``magnitude``) and ATP run on a dispatched model (adapters resident beside offloaded base
+    weights: :func:`placeholders`); refused:
+
+    - LoRAShear: its LHSPG step projects groups of *every* base weight after each optimizer
+      step, its period ends merge B·A into them and its knowledge analysis perturbs and
+      restores them: all of the model's weights written at every step, which on an offloaded
+      model means loading and rewriting the whole offload store per step (not implemented);
+    - LoRAPrune with ``method.importance=taylor``: it reads the gradients accumulated on the
+      frozen base weights, which accelerate's offload hooks drop with the tensors after each
+      forward (LLM-Pruner's Taylor importances take them from :func:`live_parameters`)."""
+    if device_map is None:
+        return []
+    allowed = "allowed: model.device_map=null for this method"
+    if writes_every_weight:  # LoRAShear (any of its configs)
+        return [
+            f"model.device_map={device_map!r} with method={method}: LoRAShear writes every base weight at every "
+            "optimizer step (LHSPG projections, period-end merges of B·A, the knowledge analysis), which on a "
+            "model dispatched by accelerate would reload and rewrite the whole offload store per step (not "
+            f"supported); {allowed}, or a method that runs dispatched (llm_pruner, loraprune, atp, the "
+            "layer-wise ones, structured)"
+        ]
+    if base_weight_grads:  # LoRAPrune's taylor importance
+        return [
+            f"model.device_map={device_map!r} with method={method} method.importance=taylor: the gradients of "
+            "the frozen base weights are lost on a model dispatched by accelerate (its offload hooks drop the "
+            f"loaded weights, with their gradients, after each forward); {allowed}, or "
+            "method.importance=lora_grad or magnitude"
+        ]
+    return []
+
+
+# ----------------------------------------------------------------------------- adapters (peft)
+def _offloaded_tensors(model: nn.Module) -> list[tuple[nn.Module, Any, str]]:
+    """(module, hook, tensor name below it) of every offloaded tensor."""
+    return [
+        (m, h, n) for m in model.modules() for h in _align_hooks(m) if h.offload for n in _tensor_names(m, h)
+    ]
+
+
+@contextlib.contextmanager
+def placeholders(model: nn.Module) -> Iterator[nn.Module]:
+    """Every offloaded tensor replaced by a placeholder that takes no memory (one zero broadcast
+    to its shape) on its execution device, with its dtype and ``requires_grad``, then dropped
+    back to ``meta``; for code that reads only where a weight is and what it looks like, not
+    its values: peft's adapter injection, which puts each adapter on its base layer's device
+    (``meta`` otherwise, which loses the adapter's initial values). ``requires_grad`` changed
+    inside persists (accelerate carries it over); values are never written back."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    whole = [m for m in model.modules() for h in _align_hooks(m) if h.offload and h.place_submodules]
+    if whole:  # accelerate's preload_module_classes: such a hook would drop added adapters too
+        raise RuntimeError(
+            f"{type(whole[0]).__name__} is offloaded as a whole (accelerate's preload_module_classes): modules "
+            "added below it (adapters) would be dropped to meta after every forward; dispatch without it"
+        )
+    entries = _offloaded_tensors(model)
+    for m, h, name in entries:
+        owner, _, leaf = name.rpartition(".")
+        mod = m.get_submodule(owner)
+        old = getattr(mod, leaf)
+        device = _device(h.execution_device or "cpu")
+        stand_in = torch.zeros((), dtype=old.dtype, device=device).expand(old.shape)
+        if isinstance(old, nn.Parameter):
+            mod._parameters[leaf] = nn.Parameter(stand_in, requires_grad=old.requires_grad)
+        else:
+            mod._buffers[leaf] = stand_in
+    try:
+        yield model
+    finally:
+        for m, _, name in entries:
+            set_module_tensor_to_device(m, name, "meta")
+
+
+@contextlib.contextmanager
+def offload_paused(model: nn.Module) -> Iterator[nn.Module]:
+    """The offload hooks switched off, nothing loaded (the offloaded tensors stay ``meta``): for
+    code that only rearranges modules and would otherwise load and rewrite offloaded weights on
+    its own (peft's ``unload``: its ``onload_layer`` reloads a disk-offloaded base layer and
+    rewrites it, reading the checkpoint's safetensors index)."""
+    hooks = [h for m in model.modules() for h in _align_hooks(m) if h.offload]
+    for h in hooks:
+        h.offload = False
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.offload = True
+
+
+def named_parameter_values(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` with the real values of offloaded ones, read (on the CPU)
+    one offloaded unit at a time, in the same order."""
+    units = {n: m for n, m in model.named_modules() if any(h.offload for h in _align_hooks(m))}
+    current: tuple[str, contextlib.ExitStack] | None = None
+    try:
+        for name, p in model.named_parameters():
+            unit = next((u for u in units if name.startswith(u + ".") or u == ""), None)
+            if unit is None:
+                yield name, p
+                continue
+            if current is None or current[0] != unit:
+                if current is not None:
+                    current[1].close()
+                stack = contextlib.ExitStack()
+                stack.enter_context(materialized(units[unit], "cpu", write_back=False))
+                current = (unit, stack)
+            yield name, model.get_parameter(name)
+    finally:
+        if current is not None:
+            current[1].close()

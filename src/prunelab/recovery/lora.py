@@ -13,6 +13,7 @@ stage directory: ``adapter/`` (the best adapter, safetensors) and ``history.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -240,14 +241,16 @@ def target_count(batch: Mapping[str, torch.Tensor]) -> int:
 
 def loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token NLL over non-masked labels (callers divide by their token count)."""
-    device = next(model.parameters()).device
+    from prunelab.models.placement import input_device
+
+    device = input_device(model)  # a dispatched model (model.device_map): its first module's device
     out = model(
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
         use_cache=False,
     )
     logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:].to(device)
+    labels = batch["labels"][:, 1:].to(logits.device)
     return nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -305,13 +308,28 @@ def merge_lora(peft_model: nn.Module, check_batch: Mapping[str, torch.Tensor] | 
     Returns ``(model, max_abs_diff)``: the largest logit difference between the adapter model
     and the merged model on ``check_batch`` (None without one).
     """
+    from prunelab.models.placement import input_device, is_dispatched, materialized, offload_paused
+
     peft_model.eval()
     diff = None
     if check_batch is not None:
-        device = next(peft_model.parameters()).device
+        device = input_device(peft_model)
         kw = {k: check_batch[k].to(device) for k in ("input_ids", "attention_mask")}
         before = peft_model(**kw, use_cache=False).logits.float()
-    model = peft_model.merge_and_unload()
+    if is_dispatched(peft_model):
+        # a dispatched model: each adapter merged into its base weights while they are loaded,
+        # written back into accelerate's offload store (peft's own ``merge``, as
+        # merge_and_unload calls it), then the wrappers removed with nothing loaded
+        from peft.tuners.lora import LoraLayer
+
+        for module in list(peft_model.modules()):
+            if isinstance(module, LoraLayer):
+                with materialized(module.get_base_layer()):
+                    module.merge()
+        with offload_paused(peft_model):
+            model = peft_model.unload()
+    else:
+        model = peft_model.merge_and_unload()
     if check_batch is not None:
         after = model(**kw, use_cache=False).logits.float()
         real = kw["attention_mask"].bool()  # padded positions are never read
@@ -328,14 +346,21 @@ def remask(
 ) -> dict:
     """Zero the merged weights outside ``keep_masks`` (LoRA's dense update fills them in);
     report how many merged weights that zeroed and how much it moved the logits."""
+    from prunelab.models.placement import input_device, materialized, offloaded_units
     from prunelab.sparsity.checkpoint import apply_weight_masks
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     kw = {k: check_batch[k].to(device) for k in ("input_ids", "attention_mask")}
     before = model(**kw, use_cache=False).logits.float()
-    params = dict(model.named_parameters())
-    filled = sum(int((params[n][~k.to(params[n].device)] != 0).sum()) for n, k in keep_masks.items())
-    apply_weight_masks(model, keep_masks)
+    filled = 0
+    # a dispatched model: each offloaded unit in turn (written back), then the resident rest
+    for unit in [*offloaded_units(model), None]:
+        with materialized(unit) if unit is not None else contextlib.nullcontext():
+            params = {n: p for n, p in model.named_parameters() if p.device.type != "meta"}
+            here = {n: k for n, k in keep_masks.items() if n in params}
+            filled += sum(int((params[n][~k.to(params[n].device)] != 0).sum()) for n, k in here.items())
+            apply_weight_masks(model, here)
+            keep_masks = {n: k for n, k in keep_masks.items() if n not in here}
     after = model(**kw, use_cache=False).logits.float()
     real = kw["attention_mask"].bool()
     return {"weights_zeroed": filled, "max_abs_logit_change": float((after - before).abs()[real].max())}
@@ -716,8 +741,13 @@ class LoraRecovery:
                 f"recovery.target_modules: {missing} not in the model; it has "
                 f"{', '.join(t for t in TARGET_MODULES if t in names)}"
             )
+        from prunelab.models.placement import input_device, is_dispatched, placeholders
+
         pad_id = pad_id_of(tokenizer)
-        device = next(model.parameters()).device
+        device = input_device(model)
+        # a dispatched model (model.device_map): accelerate hooks each offloaded module that owns
+        # tensors (a linear, a norm), so the adapters peft adds beside them are left resident
+        dispatched = is_dispatched(model)
         micro = self.micro_batch_size
         hooks = hooks or TrainHooks()
         val_groups = dict(val) if isinstance(val, Mapping) else {"all": val}
@@ -740,17 +770,20 @@ class LoraRecovery:
         )
         with torch.random.fork_rng(devices=fork):
             torch.manual_seed(self.seed)
-            peft_model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=self.r,
-                    lora_alpha=self.alpha,
-                    lora_dropout=self.dropout,
-                    target_modules=targets,
-                    bias="none",
-                    task_type="CAUSAL_LM",
-                ),
-            )
+            # a dispatched model: its offloaded base weights as placeholders on their execution
+            # devices, so peft puts each adapter there (not on `meta`) with the same seeded init
+            with placeholders(model) if dispatched else contextlib.nullcontext():
+                peft_model = get_peft_model(
+                    model,
+                    LoraConfig(
+                        r=self.r,
+                        lora_alpha=self.alpha,
+                        lora_dropout=self.dropout,
+                        target_modules=targets,
+                        bias="none",
+                        task_type="CAUSAL_LM",
+                    ),
+                )
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
             if hooks.setup is not None:

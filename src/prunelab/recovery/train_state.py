@@ -204,9 +204,11 @@ def weights_digest(model: nn.Module, head: int = 1024) -> str:
     2-norm of each parameter, and the bytes of its first ``head`` elements): a training state
     is resumed only onto the weights it started from. Computed where the weights are (no copy
     of the model to the host)."""
+    from prunelab.models.placement import named_parameter_values
+
     h = hashlib.sha256()
     stats = []
-    for name, p in model.named_parameters():
+    for name, p in named_parameter_values(model):  # a dispatched model: offloaded ones read too
         t = p.detach()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         stats.append(

@@ -52,17 +52,19 @@ def apply_weight_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None
 def sparsity_summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
     """Measured on the weights themselves: sparsity of the masked linears (and per layer), and
     the fraction of all parameters that are zero."""
-    params = dict(model.named_parameters())
+    from prunelab.models.placement import named_parameter_values
+
     per_layer = {}
-    zeros = total = 0
-    for name in masks:
-        p = params[name]
+    zeros = total = all_zero = all_params = 0
+    # one pass; a dispatched model's offloaded weights read one unit at a time
+    for name, p in named_parameter_values(model):
         z = int((p == 0).sum())
-        per_layer[name] = z / p.numel()
-        zeros += z
-        total += p.numel()
-    all_zero = sum(int((p == 0).sum()) for p in model.parameters())
-    all_params = sum(p.numel() for p in model.parameters())
+        all_zero, all_params = all_zero + z, all_params + p.numel()
+        if name in masks:
+            per_layer[name] = z / p.numel()
+            zeros += z
+            total += p.numel()
+    per_layer = {name: per_layer[name] for name in masks}
     return {
         "achieved": zeros / max(1, total),
         "zero_fraction": all_zero / all_params,

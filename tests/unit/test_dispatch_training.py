@@ -1,0 +1,119 @@
+"""The stages that back-propagate, on a model dispatched by accelerate over CPU + disk
+(``model.device_map``): LLM-Pruner's Taylor importances (gradients of offloaded weights,
+``placement.live_parameters``), LoRA recovery through peft (adapters resident beside offloaded
+base weights, merged into the offload store; with gradient checkpointing too), LoRAPrune and
+ATP give exactly the single-device run's masks, saved pruned and recovered weights, adapters,
+training losses and metrics. What cannot run dispatched (LoRAShear, LoRAPrune's taylor
+importance) is refused before any model loads, naming ``model.device_map``, the method and why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prunelab.errors import ConfigError
+from prunelab.runner import run
+from tests.unit.test_config import compose_cfg, no_model_loads  # noqa: F401  (a fixture)
+from tests.unit.test_dispatch_runs import AUTO, _run, _same_metrics
+
+# layer 1 split below the block: single linears are offloaded units of their own (their
+# weights load in their own forward), beside whole blocks on disk and on the CPU
+SPLIT = [
+    "model.device_map={model.embed_tokens: cpu, model.layers.0: disk, model.layers.1.self_attn: disk, "
+    "model.layers.1.mlp.gate_proj: disk, model.layers.1.mlp.up_proj: cpu, model.layers.1.mlp.down_proj: disk, "
+    "model.layers.1.input_layernorm: cpu, model.layers.1.post_attention_layernorm: disk, model.layers.2: cpu, "
+    "model.layers.3: disk, model.layers.4: disk, model.layers.5: cpu, model.layers.6: disk, model.layers.7: disk, "
+    "model.norm: disk, model.rotary_emb: cpu, lm_head: cpu}"
+]
+LLM_PRUNER = ["method=llm_pruner", "ratio=0.2"]
+LORA = ["recovery=lora_embedded"]
+RUNS = {  # the gradient stages: (overrides, placement)
+    "element2": ([*LLM_PRUNER, "method.importance=element2"], SPLIT),
+    # structured pruning, then LoRA recovery with activation checkpointing (recomputed
+    # forwards re-run accelerate's hooks, which reload the offloaded base weights)
+    "vector+lora": (
+        [*LLM_PRUNER, "method.importance=vector", *LORA, "recovery.gradient_checkpointing=true"],
+        AUTO,
+    ),
+    # sparse: LoRA's merged update re-masked; adapters on linears that are offloaded units
+    "magnitude+lora": (["method=magnitude", "ratio=0.5", *LORA], SPLIT),
+    # training while pruning: LoRA-gradient scores of offloaded layers, masks as input hooks
+    "loraprune": (["method=loraprune", "ratio=0.2", "recovery=none"], SPLIT),
+    # the generator's gates as forward hooks, the group-lasso step on the adapters
+    "atp": (["method=atp", "ratio=0.2", "recovery=none"], AUTO),
+}
+REFUSED = {  # what cannot run dispatched: (overrides, what the refusal names)
+    "lorashear": (
+        ["method=lorashear", "recovery=none"],
+        "with method=lorashear: LoRAShear writes every base weight",
+    ),
+    # any config of the method (the refusal goes by its class, not its name)
+    "lorashear_paper": (
+        ["method=lorashear_paper", "recovery=none"],
+        "with method=lorashear_paper: LoRAShear writes every base weight",
+    ),
+    "loraprune_taylor": (
+        ["method=loraprune", "method.importance=taylor", "recovery=none"],
+        "with method=loraprune method.importance=taylor: the gradients of the frozen base weights are lost",
+    ),
+}
+
+
+@pytest.mark.parametrize("method,placement", list(RUNS.values()), ids=list(RUNS))
+def test_gradient_stages_on_a_dispatched_model_equal_single_device(method, placement, tmp_path):
+    single, single_dir = _run(tmp_path, "single", method)
+    spread, spread_dir = _run(tmp_path, "dispatched", [*method, *placement])
+    assert spread["resumed_stages"] == single["resumed_stages"] == []
+    masks, masks_ref = (load_file(str(d / "masks.safetensors")) for d in (spread_dir, single_dir))
+    assert masks.keys() == masks_ref.keys() and masks
+    assert any(not m.all() for m in masks.values())  # something was pruned
+    for k in masks:
+        assert torch.equal(masks[k], masks_ref[k]), k
+    weights, weights_ref = (
+        load_file(str(d / "pruned" / "model.safetensors")) for d in (spread_dir, single_dir)
+    )
+    assert weights.keys() == weights_ref.keys()
+    for k in weights:
+        assert torch.equal(weights[k], weights_ref[k]), k
+    _same_metrics(spread["pruned"], single["pruned"])  # rel 1e-6 (both fp32 on the CPU)
+    placed = json.loads((spread_dir / "stages" / "prune.json").read_text())["device_map"]
+    assert "disk" in placed.values(), placed
+    if (single_dir / "prune_train").is_dir():  # a method that trains while it prunes: its adapter
+        got, ref = (
+            load_file(str(d / "prune_train/adapter/adapter_model.safetensors"))
+            for d in (spread_dir, single_dir)
+        )
+        assert got.keys() == ref.keys() and got
+        for k in got:
+            assert torch.equal(got[k], ref[k]), k
+        history, history_ref = (
+            json.loads((d / "prune_train/history.json").read_text()) for d in (spread_dir, single_dir)
+        )
+        assert history["train"] == history_ref["train"] and history["val"] == history_ref["val"]
+    if "recovery=lora_embedded" not in method:
+        return
+    for part in ("recovered/adapter/adapter_model.safetensors", "recovered/model/model.safetensors"):
+        got, ref = load_file(str(spread_dir / part)), load_file(str(single_dir / part))
+        assert got.keys() == ref.keys() and got, part
+        for k in got:
+            assert torch.equal(got[k], ref[k]), (part, k)
+    history, history_ref = (
+        json.loads((d / "recovered" / "history.json").read_text()) for d in (spread_dir, single_dir)
+    )
+    for k in ("train", "val", "best_step", "best_val_loss", "merge_max_abs_diff"):
+        assert history[k] == history_ref[k], k
+    _same_metrics(spread["recovered"], single["recovered"])
+
+
+@pytest.mark.usefixtures("no_model_loads")
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_training_on_a_dispatched_model_refused_before_loading(case, tmp_path):
+    overrides, names = REFUSED[case]
+    cfg = compose_cfg(*overrides, *AUTO, "debug=fast", "logger=none", f"output_root={tmp_path}")
+    with pytest.raises(ConfigError, match=r"model\.device_map='auto' " + names) as e:
+        run(cfg, tmp_path / "run")
+    assert "allowed: model.device_map=null for this method" in str(e.value)
+    assert not (tmp_path / "run" / "stages").exists()
