@@ -205,7 +205,7 @@ def dispatch_problems(cfg: DictConfig, method: PruningMethod | None, recovery: A
     and LoRAPrune's taylor importance (``placement.check_training``), and the 2:4 kernels.
     Evaluation, the layer-wise and structured methods (LLM-Pruner's gradient importances too),
     LoRA recovery, LoRAPrune and ATP do (docs/performance.md, "Large models";
-    docs/large_models_training.md)."""
+    docs/large_models.md)."""
     from prunelab.methods.loraprune import LoRAPrune
     from prunelab.methods.lorashear import LoRAShear
     from prunelab.models.placement import check_training
