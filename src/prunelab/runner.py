@@ -202,11 +202,10 @@ def validate(cfg: DictConfig, with_plan: bool = True):
 
 def dispatch_problems(cfg: DictConfig, method: PruningMethod | None, recovery: Any) -> list[str]:
     """What does not run on a model dispatched by accelerate (``model.device_map``): LoRAShear
-    and LoRAPrune's taylor importance (``placement.check_training``), and the 2:4 kernels.
-    Evaluation, the layer-wise and structured methods (LLM-Pruner's gradient importances too),
-    LoRA recovery, LoRAPrune and ATP do (docs/performance.md, "Large models";
+    (``placement.check_training``) and the 2:4 kernels. Evaluation, the layer-wise and
+    structured methods (LLM-Pruner's gradient importances too), LoRA recovery, LoRAPrune (its
+    taylor importance too) and ATP do (docs/performance.md, "Large models";
     docs/large_models.md)."""
-    from prunelab.methods.loraprune import LoRAPrune
     from prunelab.methods.lorashear import LoRAShear
     from prunelab.models.placement import check_training
 
@@ -218,7 +217,6 @@ def dispatch_problems(cfg: DictConfig, method: PruningMethod | None, recovery: A
             OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm,
             cfg.method.name,
             writes_every_weight=isinstance(method, LoRAShear),
-            base_weight_grads=isinstance(method, LoRAPrune) and method.importance == "taylor",
         )
     if cfg.eval.get("semi_structured"):
         problems.append(

@@ -519,21 +519,17 @@ def live_parameters(model: nn.Module, names: list[str]) -> Iterator[dict[str, to
             h.remove()
 
 
-def check_training(
-    device_map: Any, method: str, writes_every_weight: bool = False, base_weight_grads: bool = False
-) -> list[str]:
+def check_training(device_map: Any, method: str, writes_every_weight: bool = False) -> list[str]:
     """The training stages that cannot run on a model with ``model.device_map``, each naming
-    the key, the method and why; nothing loads. LoRA recovery, LoRAPrune (``lora_grad``,
-    ``magnitude``) and ATP run on a dispatched model (adapters resident beside offloaded base
-    weights: :func:`placeholders`); refused:
+    the key, the method and why; nothing loads. LoRA recovery, LoRAPrune (every importance;
+    ``taylor`` reads the base weights' gradients from :func:`live_parameters`, as LLM-Pruner's
+    Taylor importances do) and ATP run on a dispatched model (adapters resident beside
+    offloaded base weights: :func:`placeholders`); refused:
 
     - LoRAShear: its LHSPG step projects groups of *every* base weight after each optimizer
       step, its period ends merge B·A into them and its knowledge analysis perturbs and
       restores them: all of the model's weights written at every step, which on an offloaded
-      model means loading and rewriting the whole offload store per step (not implemented);
-    - LoRAPrune with ``method.importance=taylor``: it reads the gradients accumulated on the
-      frozen base weights, which accelerate's offload hooks drop with the tensors after each
-      forward (LLM-Pruner's Taylor importances take them from :func:`live_parameters`)."""
+      model means loading and rewriting the whole offload store per step (not implemented)."""
     if device_map is None:
         return []
     allowed = "allowed: model.device_map=null for this method"
@@ -544,13 +540,6 @@ def check_training(
             "model dispatched by accelerate would reload and rewrite the whole offload store per step (not "
             f"supported); {allowed}, or a method that runs dispatched (llm_pruner, loraprune, atp, the "
             "layer-wise ones, structured)"
-        ]
-    if base_weight_grads:  # LoRAPrune's taylor importance
-        return [
-            f"model.device_map={device_map!r} with method={method} method.importance=taylor: the gradients of "
-            "the frozen base weights are lost on a model dispatched by accelerate (its offload hooks drop the "
-            f"loaded weights, with their gradients, after each forward); {allowed}, or "
-            "method.importance=lora_grad or magnitude"
         ]
     return []
 

@@ -23,6 +23,7 @@ The loop (the shared LoRA trainer with two hooks):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from prunelab.methods import (
     lora_targets,
     method_trainer,
 )
+from prunelab.models.placement import is_dispatched, live_parameters
 from prunelab.numerics import trains_in_fp16
 from prunelab.recovery.lora import TRAIN_HINT, LoraRecovery, TrainHooks
 from prunelab.structure import arch_info, units
@@ -99,6 +101,8 @@ class PruneSchedule:
         self.skipped = 0  # non-finite score updates left out of the average (float16 overflow steps)
         self.fp16 = False  # set in setup: only a float16 model's overflowing steps may be skipped
         self._base_grads: list[torch.Tensor] = []
+        self._grad_names: list[str] = []  # full names of the base weights taylor reads gradients of
+        self._live: contextlib.ExitStack | None = None  # a dispatched model: those weights, live
         self._handles: list[Any] = []
         self._norms: list[tuple[nn.Module, float]] = []  # (norm, its eps) to restore
 
@@ -131,8 +135,27 @@ class PruneSchedule:
                     mod = layers[u.layer].get_submodule(m.path)
                     w = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
                     if not w.requires_grad:
-                        w.requires_grad_(True)
+                        w.requires_grad_(True)  # (a dispatched model: accelerate carries it over)
                         self._base_grads.append(w)
+            if is_dispatched(peft_model):
+                names = {id(p): n for n, p in peft_model.named_parameters()}
+                self._grad_names = sorted(names[id(w)] for w in self._base_grads)
+
+    def before_step(self, peft_model: nn.Module, step: int, steps: int, micro: list[Any]) -> None:
+        """A dispatched model, taylor: accelerate's offload hooks load each offloaded weight as a
+        new tensor per forward and drop it (with its gradient) after; for the step the base
+        weights scored are held as the tensors the forwards use (``placement.live_parameters``:
+        read-only copies, so their gradients accumulate over the micro-batches as on one
+        device), released after the scores (``after_backward``)."""
+        self._release()
+        if self._grad_names:
+            self._live = contextlib.ExitStack()
+            self._live.enter_context(live_parameters(peft_model, self._grad_names))
+
+    def _release(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
 
     def _mask_proj_norms(self, attn: nn.Module, u: Any, arch: Any) -> None:
         """OLMo-2's q_norm/k_norm average over every head: a head masked only at o_proj would
@@ -154,7 +177,10 @@ class PruneSchedule:
             self._handles.append(norm.register_forward_pre_hook(hook))
 
     def after_backward(self, peft_model: nn.Module, step: int, steps: int) -> None:
-        self.update(unit_scores(peft_model, self.arch, self.todo, self.importance), step, steps)
+        try:
+            self.update(unit_scores(peft_model, self.arch, self.todo, self.importance), step, steps)
+        finally:
+            self._release()  # a dispatched model: the live copies (and their gradients) go
         for w in self._base_grads:
             w.grad = None  # not in the optimizer: clear, or they would accumulate
 
@@ -211,6 +237,7 @@ class PruneSchedule:
         }
         return TrainHooks(
             setup=self.setup,
+            before_step=self.before_step if self.importance == "taylor" else None,
             after_backward=self.after_backward,
             select_from=select_from,
             state=self.resume_state,
@@ -220,6 +247,7 @@ class PruneSchedule:
 
     def remove(self) -> None:
         """Take the hooks off and leave the base weights frozen again."""
+        self._release()
         for h in self._handles:
             h.remove()
         self._handles.clear()
