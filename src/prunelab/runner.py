@@ -201,23 +201,13 @@ def validate(cfg: DictConfig, with_plan: bool = True):
 
 
 def dispatch_problems(cfg: DictConfig, method: PruningMethod | None, recovery: Any) -> list[str]:
-    """What does not run on a model dispatched by accelerate (``model.device_map``): LoRAShear
-    (``placement.check_training``) and the 2:4 kernels. Evaluation, the layer-wise and
-    structured methods (LLM-Pruner's gradient importances too), LoRA recovery, LoRAPrune (its
-    taylor importance too) and ATP do (docs/performance.md, "Large models";
-    docs/large_models.md)."""
-    from prunelab.methods.lorashear import LoRAShear
-    from prunelab.models.placement import check_training
-
+    """What does not run on a model dispatched by accelerate (``model.device_map``): the 2:4
+    kernels. Evaluation, every method (the gradient and training ones too: LLM-Pruner's
+    Taylor importances, LoRAPrune, LoRAShear, ATP) and LoRA recovery do (docs/performance.md,
+    "Large models"; docs/large_models.md)."""
     dm = cfg.model.device_map
     where = f"with model.device_map={OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm!r}"
     problems = []
-    if method is not None:
-        problems += check_training(
-            OmegaConf.to_container(dm) if isinstance(dm, DictConfig) else dm,
-            cfg.method.name,
-            writes_every_weight=isinstance(method, LoRAShear),
-        )
     if cfg.eval.get("semi_structured"):
         problems.append(
             f"eval.semi_structured=true swaps in 2:4 kernels, which do not run on a dispatched model ({where}); "

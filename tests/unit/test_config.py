@@ -215,10 +215,6 @@ BAD = [
     ),
     (["model.max_memory={cpu: 1GiB}"], r"model\.max_memory=.* is set but model\.device_map is null"),
     (
-        ["model.device_map=auto", "method=lorashear"],
-        r"model\.device_map='auto' with method=lorashear: LoRAShear writes every base weight",
-    ),
-    (
         ["model.device_map=auto", "device=cpu"],
         r"device='cpu' together with model\.device_map='auto'.*allowed: device=auto",
     ),

@@ -1,10 +1,11 @@
 """The stages that back-propagate, on a model dispatched by accelerate over CPU + disk
-(``model.device_map``): LLM-Pruner's Taylor importances (gradients of offloaded weights,
-``placement.live_parameters``), LoRA recovery through peft (adapters resident beside offloaded
-base weights, merged into the offload store; with gradient checkpointing too), LoRAPrune and
-ATP give exactly the single-device run's masks, saved pruned and recovered weights, adapters,
-training losses and metrics. What cannot run dispatched (LoRAShear, LoRAPrune's taylor
-importance) is refused before any model loads, naming ``model.device_map``, the method and why."""
+(``model.device_map``): LLM-Pruner's Taylor importances and LoRAPrune's taylor importance
+(gradients of offloaded weights, ``placement.live_parameters``), LoRA recovery through peft
+(adapters resident beside offloaded base weights, merged into the offload store; with
+gradient checkpointing too), LoRAPrune, ATP and LoRAShear (its knowledge analysis probing
+materialized layers, its LHSPG projections and period-end merges written back into the
+offload store, its own recovery stages) give exactly the single-device run's masks, saved
+pruned and recovered weights, adapters, training losses and metrics."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prunelab.errors import ConfigError
-from prunelab.runner import run
-from tests.unit.test_config import compose_cfg, no_model_loads  # noqa: F401  (a fixture)
 from tests.unit.test_dispatch_runs import AUTO, _run, _same_metrics
 
 # layer 1 split below the block: single linears are offloaded units of their own (their
@@ -49,17 +47,9 @@ RUNS = {  # the gradient stages: (overrides, placement)
     ),
     # the generator's gates as forward hooks, the group-lasso step on the adapters
     "atp": (["method=atp", "ratio=0.2", "recovery=none"], AUTO),
-}
-REFUSED = {  # what cannot run dispatched: (overrides, what the refusal names)
-    "lorashear": (
-        ["method=lorashear", "recovery=none"],
-        "with method=lorashear: LoRAShear writes every base weight",
-    ),
-    # any config of the method (the refusal goes by its class, not its name)
-    "lorashear_paper": (
-        ["method=lorashear_paper", "recovery=none"],
-        "with method=lorashear_paper: LoRAShear writes every base weight",
-    ),
+    # knowledge probes on materialized layers, LHSPG projections and period-end merges written
+    # back into the offload store, then its own staged recovery (debug=fast: 2-step periods)
+    "lorashear": (["method=lorashear", "ratio=0.2"], SPLIT),
 }
 
 
@@ -94,6 +84,10 @@ def test_gradient_stages_on_a_dispatched_model_equal_single_device(method, place
             json.loads((d / "prune_train/history.json").read_text()) for d in (spread_dir, single_dir)
         )
         assert history["train"] == history_ref["train"] and history["val"] == history_ref["val"]
+    if "method=lorashear" in method:
+        _same_lorashear(spread_dir, single_dir)
+        _same_metrics(spread["recovered"], single["recovered"])
+        return
     if "recovery=lora_embedded" not in method:
         return
     for part in ("recovered/adapter/adapter_model.safetensors", "recovered/model/model.safetensors"):
@@ -109,12 +103,28 @@ def test_gradient_stages_on_a_dispatched_model_equal_single_device(method, place
     _same_metrics(spread["recovered"], single["recovered"])
 
 
-@pytest.mark.usefixtures("no_model_loads")
-@pytest.mark.parametrize("case", list(REFUSED))
-def test_training_on_a_dispatched_model_refused_before_loading(case, tmp_path):
-    overrides, names = REFUSED[case]
-    cfg = compose_cfg(*overrides, *AUTO, "debug=fast", "logger=none", f"output_root={tmp_path}")
-    with pytest.raises(ConfigError, match=r"model\.device_map='auto' " + names) as e:
-        run(cfg, tmp_path / "run")
-    assert "allowed: model.device_map=null for this method" in str(e.value)
-    assert not (tmp_path / "run" / "stages").exists()
+def _same_lorashear(spread_dir, single_dir) -> None:
+    """LoRAShear's own records: the knowledge analysis, the LHSPG events, the dense reference
+    losses and every recovery stage's adapter, model, losses and mixture."""
+    for part in ("knowledge_distribution.json", "prune_train/reference_losses.json"):
+        assert (spread_dir / part).read_text() == (single_dir / part).read_text(), part
+    events, events_ref = (
+        json.loads((d / "stages" / "prune.json").read_text()) for d in (spread_dir, single_dir)
+    )
+    for k in ("knowledge", "unprunable", "plan", "schedule", "events", "redundant_max_norm_after_merge"):
+        assert events["training"][k] == events_ref["training"][k], k
+    assert any(e["event"] == "period_end_merge" for e in events["training"]["events"])
+    parts = sorted(p.relative_to(single_dir) for p in single_dir.glob("recovered/**/*.safetensors"))
+    assert len(parts) >= 3, parts  # the stages' adapters and the recovered model
+    for part in parts:
+        got, ref = load_file(str(spread_dir / part)), load_file(str(single_dir / part))
+        assert got.keys() == ref.keys() and got, part
+        for k in got:
+            assert torch.equal(got[k], ref[k]), (part, k)
+    for stage in json.loads((single_dir / "recovered" / "history.json").read_text())["stages"]:
+        history, history_ref = (
+            json.loads((d / "recovered" / stage["name"] / "history.json").read_text())
+            for d in (spread_dir, single_dir)
+        )
+        for k in ("train", "val", "best_step", "best_val_loss", "mixture"):
+            assert history[k] == history_ref[k], (stage["name"], k)

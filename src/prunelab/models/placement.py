@@ -519,31 +519,6 @@ def live_parameters(model: nn.Module, names: list[str]) -> Iterator[dict[str, to
             h.remove()
 
 
-def check_training(device_map: Any, method: str, writes_every_weight: bool = False) -> list[str]:
-    """The training stages that cannot run on a model with ``model.device_map``, each naming
-    the key, the method and why; nothing loads. LoRA recovery, LoRAPrune (every importance;
-    ``taylor`` reads the base weights' gradients from :func:`live_parameters`, as LLM-Pruner's
-    Taylor importances do) and ATP run on a dispatched model (adapters resident beside
-    offloaded base weights: :func:`placeholders`); refused:
-
-    - LoRAShear: its LHSPG step projects groups of *every* base weight after each optimizer
-      step, its period ends merge B·A into them and its knowledge analysis perturbs and
-      restores them: all of the model's weights written at every step, which on an offloaded
-      model means loading and rewriting the whole offload store per step (not implemented)."""
-    if device_map is None:
-        return []
-    allowed = "allowed: model.device_map=null for this method"
-    if writes_every_weight:  # LoRAShear (any of its configs)
-        return [
-            f"model.device_map={device_map!r} with method={method}: LoRAShear writes every base weight at every "
-            "optimizer step (LHSPG projections, period-end merges of B·A, the knowledge analysis), which on a "
-            "model dispatched by accelerate would reload and rewrite the whole offload store per step (not "
-            f"supported); {allowed}, or a method that runs dispatched (llm_pruner, loraprune, atp, the "
-            "layer-wise ones, structured)"
-        ]
-    return []
-
-
 # ----------------------------------------------------------------------------- adapters (peft)
 def _offloaded_tensors(model: nn.Module) -> list[tuple[nn.Module, Any, str]]:
     """(module, hook, tensor name below it) of every offloaded tensor."""

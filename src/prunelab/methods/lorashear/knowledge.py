@@ -21,9 +21,10 @@ from torch import nn
 from prunelab.evaluation.perplexity import next_token_nll_sum
 from prunelab.importance import select_masks
 from prunelab.importance.magnitude import MagnitudeImportance
+from prunelab.models.placement import materialized
 from prunelab.numerics import DTYPE_HINT, check_value
 from prunelab.structure import ArchInfo, apply_masks, units
-from prunelab.structure.groups import iter_unit_members
+from prunelab.structure.groups import decoder_layers, iter_unit_members
 
 
 @dataclass
@@ -61,10 +62,12 @@ class PrefixCache:
         n = ids.numel() // seq_len
         if n == 0:
             raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+        from prunelab.models.placement import input_device
+
         self.model = model
         layers = model.model.layers
         starts = set(range(len(layers))) if starts is None else set(starts) | {0}
-        device = next(model.parameters()).device
+        device = input_device(model)  # a dispatched model: where accelerate sends its inputs
         self.windows = ids[: n * seq_len].view(n, seq_len)
         captured = capture_inputs(model, self.windows, device, batch_size)
         # each block's own keyword arguments (a sliding-window layer gets its own mask)
@@ -83,8 +86,10 @@ class PrefixCache:
     @torch.no_grad()
     def nll(self, start: int) -> float:
         """Mean next-token NLL with blocks ``start``… run on the cached inputs of ``start``."""
+        from prunelab.models.placement import input_device
+
         inner = self.model.model
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)  # (each block's hook moves its inputs where it computes)
         total, count = 0.0, 0
         for b, x in enumerate(self.inputs[start]):
             x = x.to(device)
@@ -116,17 +121,21 @@ def knowledge_distribution(
     todo = [u for u in units(arch, kinds) if layers is None or u.layer in layers]
     cache = PrefixCache(model, ids, seq_len, batch_size, {u.layer or 0 for u in todo})
     base = math.exp(cache.nll(0))
-    scores = MagnitudeImportance().scores(model, arch, todo)
+    layers_of = decoder_layers(model)
     deviations: dict[str, dict[str, float]] = {}
     for unit in todo:
-        saved = [(t, t.detach().clone()) for _, t in iter_unit_members(model, arch, unit)]
-        deviations[unit.key] = {}
-        for r in ratios:
-            k = min(unit.n - 1, max(1, round(r * unit.n)))
-            apply_masks(model, select_masks({unit.key: scores[unit.key]}, {unit.key: k}), arch)
-            deviations[unit.key][str(r)] = math.exp(cache.nll(unit.layer or 0)) - base
-            for t, copy in saved:  # restore exactly before the next probe
-                t.copy_(copy)
+        # a dispatched model: the probed layer's offloaded weights as real tensors, read only —
+        # the probe's zeros live in this copy alone and are never written to the offload store
+        with materialized(layers_of[unit.layer], write_back=False):
+            scores = MagnitudeImportance().scores(model, arch, [unit])
+            saved = [(t, t.detach().clone()) for _, t in iter_unit_members(model, arch, unit)]
+            deviations[unit.key] = {}
+            for r in ratios:
+                k = min(unit.n - 1, max(1, round(r * unit.n)))
+                apply_masks(model, select_masks({unit.key: scores[unit.key]}, {unit.key: k}), arch)
+                deviations[unit.key][str(r)] = math.exp(cache.nll(unit.layer or 0)) - base
+                for t, copy in saved:  # restore exactly before the next probe
+                    t.copy_(copy)
     score = {k: sum(v.values()) / len(v) for k, v in deviations.items()}
     check_value(base, "lorashear knowledge analysis: the perplexity of the unpruned model", DTYPE_HINT)
     for k, v in score.items():  # which groups are unprunable is decided by sorting these

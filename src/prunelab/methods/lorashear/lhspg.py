@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunelab.models.placement import materialized
 from prunelab.structure import ArchInfo, Unit
 from prunelab.structure.groups import (
     Member,
@@ -61,10 +62,11 @@ def group_norms(model: nn.Module, arch: ArchInfo, unit: Unit, effective: bool = 
     """‖[W + s·B·A]_g‖ (or ‖W_g‖) of every group of ``unit`` over all its coupled slices."""
     layer = decoder_layers(model)[unit.layer]
     sq = torch.zeros(unit.n)
-    for m in weight_members(arch, unit):
-        mod = layer.get_submodule(m.path)
-        w = _base(mod).float() + (_delta(mod) if effective else 0)
-        sq += grouped(w, m).pow(2).sum(1).cpu()
+    with materialized(layer, write_back=False):  # a dispatched model: the layer's weights, read only
+        for m in weight_members(arch, unit):
+            mod = layer.get_submodule(m.path)
+            w = _base(mod).float() + (_delta(mod) if effective else 0)
+            sq += grouped(w, m).pow(2).sum(1).cpu()
     return sq.sqrt()
 
 
@@ -91,44 +93,58 @@ def lhspg_step(
         layer, kind = key.split(".")
         unit = Unit(int(layer), kind, sel.numel())
         block = layers[unit.layer]
-        ms = weight_members(arch, unit)
-        mods = [block.get_submodule(m.path) for m in ms]
-        xs = [
-            grouped(_base(mod).float() + (_delta(mod) if lora_aware else 0), m)[sel.to(_base(mod).device)]
-            for m, mod in zip(ms, mods, strict=True)
-        ]
-        ws = [
-            grouped(_base(mod).float(), m)[sel.to(_base(mod).device)] for m, mod in zip(ms, mods, strict=True)
-        ]
-        x, w = torch.cat(xs, 1), torch.cat(ws, 1)
-        w_norm = w.norm(dim=1, keepdim=True)
-        lam = x.norm(dim=1, keepdim=True) / max(1, steps_left)
-        direction = torch.where(w_norm > 0, w / w_norm.clamp_min(1e-30), torch.zeros_like(w))
-        new = x - lam * direction
-        new[w_norm.squeeze(1) == 0] = 0  # a group already at zero stays there
-        if steps_left <= 1:
-            new.zero_()  # the period ends: exactly zero
-        zero = (new * w).sum(1) < epsilon * w_norm.squeeze(1).pow(2)
-        new[zero] = 0
-        projected[key] = int(zero.sum())
-        start = 0
-        for m, mod, part in zip(ms, mods, xs, strict=True):
-            width = part.shape[1]
-            _write(_base(mod), m, sel, new[:, start : start + width])
-            if lora_aware:
-                _zero_lora(mod, m, sel)
-            start += width
+        with materialized(block):  # a dispatched model: the projected group written back on exit
+            projected[key] = _project(block, arch, unit, sel, steps_left, epsilon, lora_aware)
     return projected
+
+
+def _project(
+    block: nn.Module,
+    arch: ArchInfo,
+    unit: Unit,
+    sel: torch.Tensor,
+    steps_left: int,
+    epsilon: float,
+    lora_aware: bool,
+) -> int:
+    """The LHSPG update of the redundant groups ``sel`` of ``unit`` in ``block`` (its weights
+    real tensors); how many the half-space projection zeroed."""
+    ms = weight_members(arch, unit)
+    mods = [block.get_submodule(m.path) for m in ms]
+    xs = [
+        grouped(_base(mod).float() + (_delta(mod) if lora_aware else 0), m)[sel.to(_base(mod).device)]
+        for m, mod in zip(ms, mods, strict=True)
+    ]
+    ws = [grouped(_base(mod).float(), m)[sel.to(_base(mod).device)] for m, mod in zip(ms, mods, strict=True)]
+    x, w = torch.cat(xs, 1), torch.cat(ws, 1)
+    w_norm = w.norm(dim=1, keepdim=True)
+    lam = x.norm(dim=1, keepdim=True) / max(1, steps_left)
+    direction = torch.where(w_norm > 0, w / w_norm.clamp_min(1e-30), torch.zeros_like(w))
+    new = x - lam * direction
+    new[w_norm.squeeze(1) == 0] = 0  # a group already at zero stays there
+    if steps_left <= 1:
+        new.zero_()  # the period ends: exactly zero
+    zero = (new * w).sum(1) < epsilon * w_norm.squeeze(1).pow(2)
+    new[zero] = 0
+    start = 0
+    for m, mod, part in zip(ms, mods, xs, strict=True):
+        width = part.shape[1]
+        _write(_base(mod), m, sel, new[:, start : start + width])
+        if lora_aware:
+            _zero_lora(mod, m, sel)
+        start += width
+    return int(zero.sum())
 
 
 @torch.no_grad()
 def merge_lora_into_base(model: nn.Module) -> None:
-    """Fold s·B·A into every LoRA layer's base weight and restart B at zero (period end)."""
-    for mod in model.modules():
-        parts = lora_parts(mod)
-        if parts:
+    """Fold s·B·A into every LoRA layer's base weight and restart B at zero (period end). A
+    dispatched model: one LoRA layer at a time materialized, its merged weight written back
+    into accelerate's offload store."""
+    for mod in [m for m in model.modules() if lora_parts(m)]:
+        with materialized(mod):
             mod.base_layer.weight += _delta(mod).to(mod.base_layer.weight.dtype)
-            for _, b in parts:
+            for _, b in lora_parts(mod):
                 b.weight.zero_()
 
 
@@ -138,10 +154,11 @@ def saliency_terms(model: nn.Module, arch: ArchInfo, unit: Unit) -> torch.Tensor
     over all its coupled slices (all ≥ 0), before any normalisation."""
     layer = decoder_layers(model)[unit.layer]
     ws, ds = [], []
-    for m in weight_members(arch, unit):
-        mod = layer.get_submodule(m.path)
-        ws.append(grouped(_base(mod).float(), m).cpu())
-        ds.append(grouped(_delta(mod), m).cpu())
+    with materialized(layer, write_back=False):  # a dispatched model: the layer's weights, read only
+        for m in weight_members(arch, unit):
+            mod = layer.get_submodule(m.path)
+            ws.append(grouped(_base(mod).float(), m).cpu())
+            ds.append(grouped(_delta(mod), m).cpu())
     w, d = torch.cat(ws, 1), torch.cat(ds, 1)
     cos = torch.nn.functional.cosine_similarity(w, d, dim=1) + 1
     return torch.stack([w.norm(dim=1), (w * d).sum(1).abs(), cos])

@@ -168,12 +168,23 @@ class LHSPGSchedule:
             key=key,
         )
 
-    def _base_weights(self) -> dict[str, torch.Tensor]:
-        """The frozen weights under every LoRA layer: the projections and the period-end merges
-        write them (the only training that changes base weights)."""
+    def _lora_layers(self) -> dict[str, nn.Module]:
+        """The LoRA layers, whose frozen base weights the projections and the period-end merges
+        write (the only training that changes base weights)."""
         from prunelab.structure.groups import lora_parts
 
-        return {f"{n}.weight": m.base_layer.weight for n, m in self.model.named_modules() if lora_parts(m)}
+        return {n: m for n, m in self.model.named_modules() if lora_parts(m)}
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen weights under every LoRA layer (a dispatched model: their values, read on
+        the CPU one layer at a time)."""
+        from prunelab.models.placement import materialized
+
+        out = {}
+        for n, m in self._lora_layers().items():
+            with materialized(m, "cpu", write_back=False):
+                out[f"{n}.weight"] = m.base_layer.weight
+        return out
 
     def resume_state(self) -> dict[str, Any]:
         """The redundant sets, the event log and — once a period has begun writing them — the
@@ -186,12 +197,15 @@ class LHSPGSchedule:
 
     @torch.no_grad()
     def load_resume_state(self, state: dict[str, Any]) -> None:
+        from prunelab.models.placement import materialized
+
         for k, v in self.redundant.items():  # in place: the method holds these
             v.copy_(state["redundant"][k])
         self.log[:] = state["log"]
         if state["base"] is not None:
-            for name, w in self._base_weights().items():
-                w.copy_(state["base"][name])
+            for n, m in self._lora_layers().items():
+                with materialized(m):  # a dispatched model: written back into the offload store
+                    m.base_layer.weight.copy_(state["base"][f"{n}.weight"])
             self.touched = True
 
     def setup(self, peft_model: nn.Module) -> None:

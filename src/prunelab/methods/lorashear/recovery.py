@@ -273,6 +273,7 @@ class DynamicRecovery:
         (``<stage>/done.json``) before the next begins; a rerun after a kill loads the last
         finished stage's model and goes on from there (only the latest stage model is kept)."""
         from prunelab.models.loading import load_pretrained, save_model
+        from prunelab.models.placement import fresh_folder, is_dispatched, load_kwargs, remove_with
 
         out_dir = Path(out_dir)
         report: dict[str, Any] = {"stages": [], "config": {**asdict(self), "stages": self.stages}}
@@ -285,7 +286,15 @@ class DynamicRecovery:
         if done:
             last = out_dir / self.parsed[len(done) - 1].name / "model"
             device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-            model = load_pretrained(last, dtype=dtype).to(device).eval()
+            if is_dispatched(model):  # loaded by the same device map (offloaded: a fresh folder)
+                folder = fresh_folder(out_dir / "offload")
+                model = load_pretrained(
+                    last, dtype=dtype, **load_kwargs(dict(model.hf_device_map), None, folder)
+                )
+                remove_with(model, folder)
+                model.eval()
+            else:
+                model = load_pretrained(last, dtype=dtype).to(device).eval()
             report["resumed_stages"] = [d["name"] for d in done]
         report["stages"] += done
         for i, st in enumerate(self.parsed[len(done) :], start=len(done)):
