@@ -48,8 +48,13 @@ RUNS = {  # the gradient stages: (overrides, placement)
     # the generator's gates as forward hooks, the group-lasso step on the adapters
     "atp": (["method=atp", "ratio=0.2", "recovery=none"], AUTO),
     # knowledge probes on materialized layers, LHSPG projections and period-end merges written
-    # back into the offload store, then its own staged recovery (debug=fast: 2-step periods)
-    "lorashear": (["method=lorashear", "ratio=0.2"], SPLIT),
+    # back into the offload store (debug=fast: 2-step periods)
+    "lorashear": (
+        ["method=lorashear", "ratio=0.2", "method.recovery.enabled=false", "method.knowledge.ratios=[0.5]", "method.lhspg.periods=2"],
+        SPLIT,
+    ),
+    # then its own staged recovery (two stages over three sources: ~45 s, hence slow)
+    "lorashear+recovery": pytest.param(["method=lorashear", "ratio=0.2"], SPLIT, marks=pytest.mark.slow),
 }
 
 
@@ -86,7 +91,8 @@ def test_gradient_stages_on_a_dispatched_model_equal_single_device(method, place
         assert history["train"] == history_ref["train"] and history["val"] == history_ref["val"]
     if "method=lorashear" in method:
         _same_lorashear(spread_dir, single_dir)
-        _same_metrics(spread["recovered"], single["recovered"])
+        if "method.recovery.enabled=false" not in method:
+            _same_metrics(spread["recovered"], single["recovered"])
         return
     if "recovery=lora_embedded" not in method:
         return
@@ -107,13 +113,17 @@ def _same_lorashear(spread_dir, single_dir) -> None:
     """LoRAShear's own records: the knowledge analysis, the LHSPG events, the dense reference
     losses and every recovery stage's adapter, model, losses and mixture."""
     for part in ("knowledge_distribution.json", "prune_train/reference_losses.json"):
-        assert (spread_dir / part).read_text() == (single_dir / part).read_text(), part
+        assert (spread_dir / part).is_file() == (single_dir / part).is_file(), part
+        if (single_dir / part).is_file():
+            assert (spread_dir / part).read_text() == (single_dir / part).read_text(), part
     events, events_ref = (
         json.loads((d / "stages" / "prune.json").read_text()) for d in (spread_dir, single_dir)
     )
     for k in ("knowledge", "unprunable", "plan", "schedule", "events", "redundant_max_norm_after_merge"):
         assert events["training"][k] == events_ref["training"][k], k
     assert any(e["event"] == "period_end_merge" for e in events["training"]["events"])
+    if not (single_dir / "recovered").is_dir():  # method.recovery.enabled=false
+        return
     parts = sorted(p.relative_to(single_dir) for p in single_dir.glob("recovered/**/*.safetensors"))
     assert len(parts) >= 3, parts  # the stages' adapters and the recovered model
     for part in parts:

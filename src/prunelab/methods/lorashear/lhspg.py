@@ -18,6 +18,8 @@ into the (important) base weights and restarts B at zero.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -93,7 +95,11 @@ def lhspg_step(
         layer, kind = key.split(".")
         unit = Unit(int(layer), kind, sel.numel())
         block = layers[unit.layer]
-        with materialized(block):  # a dispatched model: the projected group written back on exit
+        with contextlib.ExitStack() as stack:
+            # a dispatched model: the unit's linears (each an offloaded unit of its own beside
+            # resident adapters) as real tensors, the projected groups written back on exit
+            for m in weight_members(arch, unit):
+                stack.enter_context(materialized(block.get_submodule(m.path)))
             projected[key] = _project(block, arch, unit, sel, steps_left, epsilon, lora_aware)
     return projected
 
