@@ -60,9 +60,9 @@ METHODS = [
     ("ATP", ["method=atp_paper", "recovery=none"]),
 ]
 LAYERWISE = ("Wanda", "SparseGPT", "ADMM")
-# refused on a dispatched model (models.placement.check_training): it writes every base weight
-# at every optimizer step
-NOT_DISPATCHED = ("LoRAShear",)
+# methods a dispatched model (model.device_map) cannot run: none since issue 22 (LoRAShear's
+# projections and merges write back into accelerate's offload store)
+NOT_DISPATCHED: tuple[str, ...] = ()
 
 
 def compose_cfg(overrides: list[str]):
@@ -99,7 +99,9 @@ def main() -> None:
                 off_prune = next(v for k, v in off.items() if k.startswith("prune"))
                 how.append(f"prune with `method.offload=true method.activations=disk` ({off_prune:.1f} GiB)")
             elif prune > gpu and label in NOT_DISPATCHED:
-                how.append(f"**not runnable**: `model.device_map` refuses {label}; one device of ≥ {prune:.0f} GiB")
+                how.append(
+                    f"**not runnable**: `model.device_map` refuses {label}; one device of ≥ {prune:.0f} GiB"
+                )
             elif prune > gpu:
                 how.append(f"prune on `model.device_map=auto` over ≥ {math.ceil(prune / gpu)} GPUs")
             if recover and recover > gpu:

@@ -50,7 +50,13 @@ RUNS = {  # the gradient stages: (overrides, placement)
     # knowledge probes on materialized layers, LHSPG projections and period-end merges written
     # back into the offload store (debug=fast: 2-step periods)
     "lorashear": (
-        ["method=lorashear", "ratio=0.2", "method.recovery.enabled=false", "method.knowledge.ratios=[0.5]", "method.lhspg.periods=2"],
+        [
+            "method=lorashear",
+            "ratio=0.2",
+            "method.recovery.enabled=false",
+            "method.knowledge.ratios=[0.5]",
+            "method.lhspg.periods=2",
+        ],
         SPLIT,
     ),
     # then its own staged recovery (two stages over three sources: ~45 s, hence slow)
