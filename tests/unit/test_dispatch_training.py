@@ -144,3 +144,46 @@ def _same_lorashear(spread_dir, single_dir) -> None:
         )
         for k in ("train", "val", "best_step", "best_val_loss", "mixture"):
             assert history[k] == history_ref[k], (stage["name"], k)
+
+
+@pytest.mark.slow
+def test_lorashear_resumed_on_a_dispatched_model_equals_single_device(tmp_path, monkeypatch):
+    """LHSPG killed after a checkpoint that holds base weights (step 5: after the merge of step
+    4), rerun: the checkpoint's base weights are written back into the offload store, and the
+    run ends as the uninterrupted single-device one."""
+    from prunelab.methods.lorashear.pruner import LHSPGSchedule
+
+    method = [
+        "method=lorashear",
+        "ratio=0.2",
+        "method.recovery.enabled=false",
+        "method.train.checkpoint_every=5",
+    ]
+    after_step, ran = LHSPGSchedule.after_step, []
+
+    def killed_at_7(self, model, step, steps):
+        if step == 7:
+            raise KeyboardInterrupt("killed at step 7")
+        return after_step(self, model, step, steps)
+
+    def counted(self, model, step, steps):
+        ran.append(step)
+        return after_step(self, model, step, steps)
+
+    monkeypatch.setattr(LHSPGSchedule, "after_step", killed_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "dispatched", [*method, *SPLIT])
+    monkeypatch.setattr(LHSPGSchedule, "after_step", counted)
+    spread, spread_dir = _run(tmp_path, "dispatched", [*method, *SPLIT])
+    assert ran == [6, 7, 8, 9, 10]  # resumed from the checkpoint of step 5
+    single, single_dir = _run(tmp_path, "single", method)
+    for part in (
+        "masks.safetensors",
+        "pruned/model.safetensors",
+        "prune_train/adapter/adapter_model.safetensors",
+    ):
+        got, ref = load_file(str(spread_dir / part)), load_file(str(single_dir / part))
+        assert got.keys() == ref.keys() and got, part
+        for k in got:
+            assert torch.equal(got[k], ref[k]), (part, k)
+    _same_metrics(spread["pruned"], single["pruned"])
