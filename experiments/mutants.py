@@ -444,8 +444,8 @@ MUTANTS: list[Mutant] = [
     M(
         LHS,
         LHSPG,
-        "                _zero_lora(mod, m, sel)",
-        "                pass",
+        "            _zero_lora(mod, m, sel)",
+        "            pass",
         "redundant groups' LoRA slices not zeroed",
         T_LHS,
     ),
