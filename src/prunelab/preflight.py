@@ -68,19 +68,30 @@ def check_device(name: str) -> str | None:
     return None  # other names are refused by validate()
 
 
-def check_writable(key: str, folder: str | Path) -> str | None:
-    """A problem writing into ``folder`` (created if missing, then left as found), or None."""
-    folder = Path(folder).expanduser()
+def write_probe(folder: Path) -> tuple[Path, str | None]:
+    """(the nearest existing folder of ``folder``, why it cannot be written or None): a
+    temporary file created there and removed at once, so nothing is left behind."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return f"{key}={str(folder)!r}: {existing} is not a folder"
+        return existing, "not a folder"
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".prunelab-write-check-"):
             pass
     except OSError as e:
-        return f"{key}={str(folder)!r} cannot be written ({e.strerror}); choose another {key}"
+        return existing, str(e.strerror)
+    return existing, None
+
+
+def check_writable(key: str, folder: str | Path) -> str | None:
+    """A problem writing into ``folder`` (created if missing, then left as found), or None."""
+    folder = Path(folder).expanduser()
+    existing, why = write_probe(folder)
+    if why == "not a folder":
+        return f"{key}={str(folder)!r}: {existing} is not a folder"
+    if why:
+        return f"{key}={str(folder)!r} cannot be written ({why}); choose another {key}"
     return None
 
 

@@ -179,19 +179,14 @@ def check_placement(
 
 
 def _unwritable(folder: Path) -> str | None:
-    """Why ``folder`` cannot be created and written (None: it can): a temporary file in the
-    nearest existing folder, removed at once (as preflight probes output_root)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
+    """Why ``folder`` cannot be created and written (None: it can), probed as preflight probes
+    output_root."""
+    from prunelab.preflight import write_probe
+
+    existing, why = write_probe(folder)
+    if why == "not a folder":
         return f"is below {str(existing)!r}, which is not a folder"
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".prunelab-write-check-"):
-            pass
-    except OSError as e:
-        return f"cannot be written ({e.strerror} in {str(existing)!r})"
-    return None
+    return f"cannot be written ({why} in {str(existing)!r})" if why else None
 
 
 def check_coverage(device_map: Mapping[str, Any], config: Any) -> list[str]:
