@@ -63,6 +63,15 @@ def _run(tmp_path, name: str, overrides: list[str]) -> tuple[dict, object]:
     return results, root / "run"
 
 
+def _same_tensors(spread_dir, single_dir, part: str) -> dict:
+    """The safetensors file ``part`` of both runs holds bit-identical tensors; the dispatched one."""
+    got, ref = load_file(str(spread_dir / part)), load_file(str(single_dir / part))
+    assert got.keys() == ref.keys() and got, part
+    for k in got:
+        assert torch.equal(got[k], ref[k]), (part, k)
+    return got
+
+
 def _same_metrics(a: dict, b: dict) -> None:
     assert a["perplexity"].keys() == b["perplexity"].keys()
     for k in a["perplexity"]:
@@ -78,16 +87,8 @@ def test_dispatched_run_equals_single_device_run(case, tmp_path):
     assert spread["config"]["model"]["device_map"] is not None
     # both placements really ran every stage (nothing read from the other's cache)
     assert spread["resumed_stages"] == single["resumed_stages"] == []
-    masks, masks_ref = (load_file(str(d / "masks.safetensors")) for d in (spread_dir, single_dir))
-    assert masks.keys() == masks_ref.keys() and masks
-    for k in masks:
-        assert torch.equal(masks[k], masks_ref[k]), k
-    weights, weights_ref = (
-        load_file(str(d / "pruned" / "model.safetensors")) for d in (spread_dir, single_dir)
-    )
-    assert weights.keys() == weights_ref.keys()
-    for k in weights:
-        assert torch.equal(weights[k], weights_ref[k]), k
+    _same_tensors(spread_dir, single_dir, "masks.safetensors")
+    _same_tensors(spread_dir, single_dir, "pruned/model.safetensors")
     _same_metrics(spread["dense"], single["dense"])
     _same_metrics(spread["pruned"], single["pruned"])
     assert spread["ratio"] == single["ratio"]

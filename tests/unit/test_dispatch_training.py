@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.unit.test_dispatch_runs import AUTO, _run, _same_metrics
+from tests.unit.test_dispatch_runs import AUTO, _run, _same_metrics, _same_tensors
 
 # layer 1 split below the block: single linears are offloaded units of their own (their
 # weights load in their own forward), beside whole blocks on disk and on the CPU
@@ -69,17 +69,9 @@ def test_gradient_stages_on_a_dispatched_model_equal_single_device(method, place
     single, single_dir = _run(tmp_path, "single", method)
     spread, spread_dir = _run(tmp_path, "dispatched", [*method, *placement])
     assert spread["resumed_stages"] == single["resumed_stages"] == []
-    masks, masks_ref = (load_file(str(d / "masks.safetensors")) for d in (spread_dir, single_dir))
-    assert masks.keys() == masks_ref.keys() and masks
+    masks = _same_tensors(spread_dir, single_dir, "masks.safetensors")
     assert any(not m.all() for m in masks.values())  # something was pruned
-    for k in masks:
-        assert torch.equal(masks[k], masks_ref[k]), k
-    weights, weights_ref = (
-        load_file(str(d / "pruned" / "model.safetensors")) for d in (spread_dir, single_dir)
-    )
-    assert weights.keys() == weights_ref.keys()
-    for k in weights:
-        assert torch.equal(weights[k], weights_ref[k]), k
+    _same_tensors(spread_dir, single_dir, "pruned/model.safetensors")
     _same_metrics(spread["pruned"], single["pruned"])  # rel 1e-6 (both fp32 on the CPU)
     placed = json.loads((spread_dir / "stages" / "prune.json").read_text())["device_map"]
     assert "disk" in placed.values(), placed
