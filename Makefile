@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 # would pull a multi-GB CUDA build). GPU users: make setup TORCH_SPEC='torch>=2.6'
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 TORCH_INDEX ?=
-PYTEST_ARGS ?= --durations=40
+# The suite runs in TEST_WORKERS processes (pytest-xdist; each test file's slow tests are spread
+# by work stealing, and conftest gives each worker cores / workers torch threads). TEST_WORKERS=0
+# runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= --durations=40 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
 
 .PHONY: setup run test test-fast lint format embedded smollm2 bench clean
 

@@ -11,7 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist the cores are split between the workers (and the subprocesses the tests
+# start inherit the share): oversubscribed OpenMP threads slow torch down many times over.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(min(2, torch.get_num_threads(), max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def make_model(
