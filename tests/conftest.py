@@ -14,9 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist the cores are split between the workers (and the subprocesses the tests
 # start inherit the share): oversubscribed OpenMP threads slow torch down many times over.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
 if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-torch.set_num_threads(min(2, torch.get_num_threads(), max(1, (os.cpu_count() or 1) // _WORKERS)))
+    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
+torch.set_num_threads(min(2, torch.get_num_threads(), _SHARE))
 
 
 def make_model(
