@@ -343,6 +343,27 @@ def _peak(row: dict) -> str:
     return f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_over_start_mb']:.0f})"
 
 
+# A (max − min) / median of the prefill repeats above this marks a row measured while the
+# machine was busy: most SmolLM2 rows measured 0.07–0.27, ADMM's 0.73 with a 1.55× "decode
+# speed-up" of a model whose zeros keep dense shapes.
+NOISY_SPREAD = 0.3
+
+
+def spread(row: dict) -> float | None:
+    """The larger prefill spread of a row's dense and pruned measurement (None in rows
+    written before the spread was recorded)."""
+    vals = [(row.get(k) or {}).get("prefill_spread") for k in ("dense", "pruned")]
+    vals = [v for v in vals if v is not None]
+    return max(vals) if vals else None
+
+
+def _spread(row: dict) -> str:
+    s = spread(row)
+    if s is None:
+        return "–"
+    return f"{s:.2f} ⚠" if s > NOISY_SPREAD else f"{s:.2f}"
+
+
 def markdown(rows: list[dict], env: dict, settings: dict) -> str:
     """The benchmark table: one row per (method, ratio), finished jobs first, failures named."""
     ok = [r for r in rows if "error" not in r]
@@ -353,8 +374,8 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
         f"{settings['decode_tokens']} tokens, median of {settings['repeats']}.",
         "",
         "| method | ratio | prune s | floor | floor s | × floor | peak MiB (+ over start) | params | MACs "
-        "| prefill tok/s (dense → pruned) | prefill × | decode ms/tok | decode × |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| prefill tok/s (dense → pruned) | prefill × | decode ms/tok | decode × | spread |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(
         ok, key=lambda r: (methods.index(r["method"]) if r["method"] in methods else 99, r["ratio"])
@@ -372,17 +393,19 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
             f"| {r['macs_ratio']:.3f} | {r['dense']['prefill_tokens_per_s']:.0f} → "
             f"{r['pruned']['prefill_tokens_per_s']:.0f} | **{_fmt(r['prefill_speedup'])}×** "
             f"| {r['dense']['decode_ms_per_token']:.1f} → {r['pruned']['decode_ms_per_token']:.1f} "
-            f"| {_fmt(r['decode_speedup'])}× |"
+            f"| {_fmt(r['decode_speedup'])}× | {_spread(r)} |"
         )
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['ratio']} | FAILED: {r['error'][:120]} |" + " |" * 10)
+            lines.append(f"| {r['method']} | {r['ratio']} | FAILED: {r['error'][:120]} |" + " |" * 11)
     lines += [
         "",
         "Floor: one pass over the method's calibration set (sequences × tokens), forward or forward + backward; "
         "training methods' multiples split into passes over that many tokens × cost per pass. Peak: process RSS "
         "(allocated memory on a GPU) during pruning (+ above its level at the start). params / MACs: pruned ÷ dense; × columns: pruned speed ÷ "
-        "dense speed, measured interleaved in one process. Sparse (layer-wise) rows keep dense shapes: their zeros "
+        "dense speed, measured interleaved in one process. Spread: (max − min) ÷ median of the prefill repeats, "
+        f"the larger of dense and pruned; ⚠ above {NOISY_SPREAD}: the machine was not quiet, rerun that row "
+        "with --force before reading its × columns. Sparse (layer-wise) rows keep dense shapes: their zeros "
         "save nothing in dense kernels.",
     ]
     return "\n".join(lines) + "\n"
@@ -452,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         help="no dense copy in memory (large models): dense speed and floors measured before pruning",
     )
     p.add_argument("--readme", type=Path, help="rewrite this file's generated section for --model")
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="run no job: rebuild the table (and --readme) from the finished jobs of --model "
+        "measured with these settings",
+    )
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: one job's spec (JSON) in this process
     args = p.parse_args(argv)
     if args.job:
@@ -489,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ran: list[Path] = []
     failed = []
-    for ratio in args.ratios:
+    for ratio in [] if args.table_only else args.ratios:
         for method in args.methods:
             spec = {
                 **settings,
@@ -537,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     env["torch_threads"] = next(
         (r["torch_threads"] for r in rows if "torch_threads" in r), env["torch_threads"]
     )
+    if args.table_only and not rows:
+        raise SystemExit(
+            f"--table-only: no finished job of {args.model} under {root / 'jobs'} measured with these "
+            f"settings ({settings}, --threads {args.threads}); run the jobs first (without --table-only)"
+        )
     table = markdown(rows, env, settings)
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench.json").write_text(

@@ -100,9 +100,15 @@ def test_markdown_table_rows_passes_and_failures():
         {"method": "admm", "ratio": 0.5, "error": "ConfigError: bad"},
         _row("sparsegpt", sparse=True, pattern="2:4", peak_gpu_mb=900.0, peak_gpu_over_start_mb=120.0),
     ]
+    rows[0]["dense"]["prefill_spread"], rows[0]["pruned"]["prefill_spread"] = 0.12, 0.31
+    rows[1]["dense"]["prefill_spread"], rows[1]["pruned"]["prefill_spread"] = 0.2, 0.1
     md = bench.markdown(rows, ENV, SETTINGS)
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 5  # header + one line per row
+    assert {line.count("|") for line in lines} == {15}  # every row as wide as the header
+    # spread: the larger of dense and pruned, flagged above NOISY_SPREAD; "–" where not recorded
+    assert lines[1].endswith("| 0.31 ⚠ |") and lines[2].endswith("| 0.20 |")
+    assert lines[3].endswith("| – |")
     assert "| GPU 900 (+120) |" in md and "| 500 (+10) |" in md  # GPU peak where measured, else RSS
     assert "**1.90×**" in md and "150.0 = 150 passes × 1.00" in md
     assert "wanda (unstructured) `method.batch_size=4`" in md
@@ -126,6 +132,28 @@ def test_bench_refuses_an_unknown_method_before_running_anything(tmp_path, capsy
         bench.main(["--methods", "nope", "--out", str(tmp_path)])
     assert "'nope' is not a method config; allowed:" in capsys.readouterr().err
     assert not (tmp_path / "tiny_llama").exists()
+
+
+def test_table_only_rebuilds_the_readme_from_finished_jobs_and_runs_none(tmp_path, capsys):
+    settings = {"model": "tiny_llama", "seq_len": 256, "batch_size": 4, "decode_tokens": 32, "repeats": 5}
+    jobs = tmp_path / "tiny_llama" / "jobs"
+    jobs.mkdir(parents=True)
+    done = _row("wanda", spec={**settings, "threads": 1}, sparse=True, pattern="unstructured")
+    (jobs / "wanda-0.5-x.json").write_text(json.dumps(done))
+    other = _row("magnitude", spec={**settings, "seq_len": 64, "threads": 1})  # other settings
+    (jobs / "magnitude-0.5-y.json").write_text(json.dumps(other))
+    readme = tmp_path / "perf.md"
+    start, end = bench.README_START.format(model="tiny_llama"), bench.README_END.format(model="tiny_llama")
+    readme.write_text(f"{start}\nold\n{end}\n")
+    # every method at 50% is missing: a run without --table-only would start all of them
+    args = ["--threads", "1", "--out", str(tmp_path), "--readme", str(readme), "--table-only"]
+    assert bench.main(args) == 0
+    assert sorted(f.name for f in jobs.iterdir()) == ["magnitude-0.5-y.json", "wanda-0.5-x.json"]
+    assert "[bench] wanda ratio=0.5 ..." not in capsys.readouterr().out
+    table = readme.read_text()
+    assert "| wanda (unstructured) | 0.5 |" in table and "| magnitude" not in table
+    with pytest.raises(SystemExit, match="--table-only: no finished job of tiny_llama"):
+        bench.main(["--threads", "2", "--out", str(tmp_path), "--table-only"])
 
 
 def test_plot_writes_a_png(tmp_path):
