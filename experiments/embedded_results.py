@@ -33,11 +33,17 @@ from prunelab.runner import run
 TASKS = ("prunelab_ending", "prunelab_cloze", "prunelab_order")
 SEEDS = (0, 1, 2)
 
-# LoRAShear with one 100-step text stage instead of text (70) + instruction (30)
-TEXT_ONLY = (
-    "method.recovery.stages=[{name:text,format:text,"
-    "sources:[embedded:reference,embedded:docstrings,embedded:comments],max_steps:100}]"
-)
+
+def text_only(steps: int) -> str:
+    """LoRAShear's recovery as one plain-text stage of ``steps`` steps: its whole recovery
+    budget (the instruction stage's steps included), so only the format changes."""
+    return (
+        "method.recovery.stages=[{name:text,format:text,"
+        f"sources:[embedded:reference,embedded:docstrings,embedded:comments],max_steps:{steps}}}]"
+    )
+
+
+TEXT_ONLY = text_only(100)  # lorashear.yaml's 70 + 30
 
 # table -> rows: (label, overrides, several seeds?)
 TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
@@ -238,6 +244,8 @@ BUDGETS: dict[str, dict] = {
         "*": ["eval=smollm2", "recovery=lora_smollm2"],
         "force": ["recovery.max_steps=40", "recovery.batch_size=8"],
         "methods": {m: f"{m}_smollm2" for m in ("loraprune", "lorashear", "atp")},
+        # lorashear_smollm2.yaml's recovery is 17 + 7 steps
+        "replace": {TEXT_ONLY: text_only(24)},
     },
 }
 
@@ -247,7 +255,7 @@ def with_budget(overrides: list[str]) -> list[str]:
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "tiny_llama")
     budget = BUDGETS.get(model, {})
     merged = {o.split("=", 1)[0]: o for o in budget.get("*", [])}
-    merged.update({o.split("=", 1)[0]: o for o in overrides})
+    merged.update({o.split("=", 1)[0]: budget.get("replace", {}).get(o, o) for o in overrides})
     method = merged.get("method", "method=llm_pruner").split("=", 1)[1]
     if method in budget.get("methods", {}):
         merged["method"] = f"method={budget['methods'][method]}"
