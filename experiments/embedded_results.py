@@ -13,7 +13,7 @@ training tokens for the training methods).
     python experiments/embedded_results.py atp                         # ATP vs two-stage, domain data
     python experiments/embedded_results.py llm_pruner --model smollm2_135m --ratios 0.2 0.5
 
-Random rows are mean ± std over seeds 0, 1, 2. Tables are printed as markdown and written
+Random rows are mean ± std over seeds 0, 1, 2; ``--seeds 0 1 2`` does the same for any row. Tables are printed as markdown and written
 to <output-root>/results_<table>_<model>.md (+ .json with every number).
 """
 
@@ -32,6 +32,7 @@ from prunelab.runner import run
 
 TASKS = ("prunelab_ending", "prunelab_cloze", "prunelab_order")
 SEEDS = (0, 1, 2)
+DEFAULT_SEED = 0  # conf/config.yaml's
 
 
 def text_only(steps: int) -> str:
@@ -275,6 +276,14 @@ def job(overrides: list[str], output_root: str) -> dict:
     return run(cfg, Path(output_root) / "runs" / prunelab.cli._run_dir_name(",".join(sorted(overrides))))
 
 
+def seeded_jobs(base: list[str], seeded: bool, seeds: list[int] | None) -> list[list[str]]:
+    """One override list per seed: ``seeds`` if given, else SEEDS for random rows and the
+    config's seed for the rest. A row that ran before without a seed override keeps its run
+    directory (no ``seed=`` in its name) for the default seed."""
+    seeds = seeds or (list(SEEDS) if seeded else [DEFAULT_SEED])
+    return [[*base, *([f"seed={s}"] if seeded or s != DEFAULT_SEED else [])] for s in seeds]
+
+
 def stats(vals: list[float]) -> tuple[float, float]:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
@@ -315,6 +324,13 @@ def main() -> None:
     p.add_argument(
         "--only", nargs="+", help="rows whose label starts with one of these (layerwise: settings)"
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run every chosen row with these seeds (calibration windows, training order) and "
+        f"report mean ± std; default: {' '.join(map(str, SEEDS))} for random rows, the config's seed for the rest",
+    )
     args = p.parse_args()
     if args.table == "layerwise":
         layerwise_table(args.model, args.output_root, args.only)
@@ -328,13 +344,10 @@ def main() -> None:
             if args.only and label not in args.only:
                 continue
             base = [f"model={args.model}", f"ratio={ratio}", *overrides]
-            results = (
-                [job([*base, f"seed={s}"], args.output_root) for s in SEEDS]
-                if seeded
-                else [job(base, args.output_root)]
-            )
+            results = [job(o, args.output_root) for o in seeded_jobs(base, seeded, args.seeds)]
             dense = results[0]["dense"]
-            rows.append((label + (f" ({len(SEEDS)} seeds)" if seeded else ""), ratio, summarise(results)))
+            n = len(results)
+            rows.append((label + (f" ({n} seeds)" if n > 1 else ""), ratio, summarise(results)))
 
     dense_avg = statistics.mean(dense["zeroshot"][t]["acc"] for t in TASKS)
     tok = args.table == "lorashear"  # equal-token comparisons show the tokens

@@ -53,3 +53,12 @@ def test_real_model_rows_get_the_budget_variants_and_the_forced_recovery(script)
         "model=tiny_llama",
         "method=loraprune",
     ]
+
+
+def test_seeded_jobs_keep_old_run_directories_and_add_the_other_seeds(script):
+    assert script.DEFAULT_SEED == compose([]).seed
+    base = ["model=m", "method=llm_pruner"]
+    assert script.seeded_jobs(base, False, None) == [base]  # the row as it always ran
+    assert script.seeded_jobs(base, False, [0, 1, 2]) == [base, [*base, "seed=1"], [*base, "seed=2"]]
+    # random rows have always named every seed, the default one included
+    assert script.seeded_jobs(base, True, None) == [[*base, f"seed={s}"] for s in (0, 1, 2)]
