@@ -56,7 +56,7 @@ def test_real_model_rows_get_the_budget_variants_and_the_forced_recovery(script)
 
 
 def test_seeded_jobs_keep_old_run_directories_and_add_the_other_seeds(script):
-    assert script.DEFAULT_SEED == compose([]).seed
+    assert compose([]).seed == script.DEFAULT_SEED
     base = ["model=m", "method=llm_pruner"]
     assert script.seeded_jobs(base, False, None) == [base]  # the row as it always ran
     assert script.seeded_jobs(base, False, [0, 1, 2]) == [base, [*base, "seed=1"], [*base, "seed=2"]]
