@@ -44,7 +44,8 @@ def text_only(steps: int) -> str:
     )
 
 
-TEXT_ONLY = text_only(100)  # lorashear.yaml's 70 + 30
+# the row's marker: with_budget replaces it by text_only(<the job's method's recovery steps>)
+TEXT_ONLY = "method.recovery.stages=<text only>"
 
 # table -> rows: (label, overrides, several seeds?)
 TABLES: dict[str, list[tuple[str, list[str], bool]]] = {
@@ -245,8 +246,6 @@ BUDGETS: dict[str, dict] = {
         "*": ["eval=smollm2", "recovery=lora_smollm2"],
         "force": ["recovery.max_steps=40", "recovery.batch_size=8"],
         "methods": {m: f"{m}_smollm2" for m in ("loraprune", "lorashear", "atp")},
-        # lorashear_smollm2.yaml's recovery is 17 + 7 steps
-        "replace": {TEXT_ONLY: text_only(24)},
     },
 }
 
@@ -256,7 +255,7 @@ def with_budget(overrides: list[str]) -> list[str]:
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "tiny_llama")
     budget = BUDGETS.get(model, {})
     merged = {o.split("=", 1)[0]: o for o in budget.get("*", [])}
-    merged.update({o.split("=", 1)[0]: budget.get("replace", {}).get(o, o) for o in overrides})
+    merged.update({o.split("=", 1)[0]: o for o in overrides})
     method = merged.get("method", "method=llm_pruner").split("=", 1)[1]
     if method in budget.get("methods", {}):
         merged["method"] = f"method={budget['methods'][method]}"
@@ -264,6 +263,13 @@ def with_budget(overrides: list[str]) -> list[str]:
         o.split("=", 1)[0] for o in overrides
     }:
         merged.update({o.split("=", 1)[0]: o for o in budget.get("force", [])})
+    key = TEXT_ONLY.split("=", 1)[0]
+    # the text-only ablation trains as many steps as the job's method recovers for (embedded 100, SmolLM2 24)
+    if merged.get(key) == TEXT_ONLY:
+        from prunelab.api import compose as compose_run
+
+        rest = [o for k, o in merged.items() if k != key]
+        merged[key] = text_only(sum(int(st.max_steps) for st in compose_run(rest).method.recovery.stages))
     return list(merged.values())
 
 
